@@ -1,0 +1,18 @@
+"""Attention implementations sharing one signature (see :mod:`.dense` for the contract).
+
+``get(name)`` returns the function; the model receives it and never knows which one it runs.
+"""
+
+from longrope_jax.attention.dense import dense_attention
+
+IMPLEMENTATIONS = {"dense": dense_attention}
+
+
+def get(name: str):
+    try:
+        return IMPLEMENTATIONS[name]
+    except KeyError:
+        raise ValueError(f"attention: expected one of {sorted(IMPLEMENTATIONS)}, got {name!r}") from None
+
+
+__all__ = ["dense_attention", "get", "IMPLEMENTATIONS"]

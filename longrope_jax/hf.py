@@ -1,0 +1,385 @@
+"""Hugging Face directories <-> (ModelConfig, params).
+
+One place for HF key names. Reads ``config.json`` in the transformers 4.x schema
+(``rope_scaling`` + ``rope_theta``) and the 5.x schema (``rope_parameters``) with transformers
+5.x's precedence (REFERENCE.md section 5), and safetensors weights single or sharded, shard by
+shard, in float32 / bfloat16 / float16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from longrope_jax.model import ARCHITECTURES, ModelConfig
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SCALED_ROPE_TYPES = ("llama3", "yarn", "longrope")
+
+
+class HFError(ValueError):
+    """Malformed HF input; the message names the file, the field and what was expected."""
+
+
+def _require(d: Mapping[str, Any], key: str, source: str, kind=int):
+    if d.get(key) is None:
+        raise HFError(f"{source}: field {key!r} is missing (expected {kind.__name__})")
+    v = d[key]
+    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+        raise HFError(f"{source}: field {key!r}: expected a positive integer, got {v!r}")
+    return v
+
+
+def rope_parameters(d: Mapping[str, Any], source: str = CONFIG) -> tuple[dict, float, float]:
+    """The standardised rope block, ``rope_theta`` and ``partial_rotary_factor`` of a config dict.
+
+    transformers 5.x precedence: ``rope_scaling`` over ``rope_parameters``; inside the block,
+    ``rope_theta`` / ``partial_rotary_factor`` win over the top-level keys; the old key ``type``
+    and the old name ``su`` are accepted; for llama3 / yarn / longrope a top-level
+    ``original_max_position_embeddings`` overrides the block's, and the block defaults to
+    ``max_position_embeddings``.
+    """
+    raw = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    if not isinstance(raw, Mapping):
+        raise HFError(f"{source}: field 'rope_scaling': expected an object, got {raw!r:.80}")
+    block = dict(raw)
+    theta = block.get("rope_theta", d.get("rope_theta", 10000.0))
+    partial = block.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    kind = block.get("rope_type", block.get("type", "default")) or "default"
+    if kind == "su":
+        kind = "longrope"
+    block["rope_type"] = kind
+    block.pop("type", None)
+    block["rope_theta"] = theta
+    if kind in SCALED_ROPE_TYPES:
+        if "original_max_position_embeddings" in d:
+            block["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        else:
+            block.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+    if not isinstance(theta, (int, float)) or theta <= 0:
+        raise HFError(f"{source}: field 'rope_theta': expected a positive number, got {theta!r}")
+    return block, float(theta), float(partial or 1.0)
+
+
+def config_from_hf(d: Mapping[str, Any], source: str = CONFIG, **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from an HF ``config.json`` dict (LlamaForCausalLM / MistralForCausalLM)."""
+    archs = d.get("architectures") or []
+    if archs:
+        arch = archs[0]
+        if arch not in ARCHITECTURES:
+            raise HFError(
+                f"{source}: field 'architectures': unsupported architecture {arch!r} "
+                f"(expected one of {sorted(ARCHITECTURES)})"
+            )
+        family = ARCHITECTURES[arch]
+    else:
+        family = d.get("model_type")
+        if family not in ("llama", "mistral"):
+            raise HFError(
+                f"{source}: field 'architectures' is missing and model_type is {family!r} "
+                f"(expected architectures {sorted(ARCHITECTURES)} or model_type 'llama'/'mistral')"
+            )
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise HFError(f"{source}: field 'hidden_act': expected 'silu', got {act!r}")
+    hidden = _require(d, "hidden_size", source)
+    heads = _require(d, "num_attention_heads", source)
+    kv = d.get("num_key_value_heads") or heads
+    head_dim = d.get("head_dim") or hidden // heads
+    max_pos = d.get("max_position_embeddings", 2048 if family == "llama" else 131072)
+    block, theta, partial = rope_parameters(d, source)
+    sliding = None
+    if family == "mistral":
+        sliding = d.get("sliding_window", 4096)
+        if d.get("use_sliding_window") is False:
+            sliding = None
+    if heads % kv:
+        raise HFError(f"{source}: field 'num_key_value_heads': {kv} does not divide num_attention_heads {heads}")
+    kw = dict(
+        vocab_size=_require(d, "vocab_size", source),
+        hidden_size=hidden,
+        intermediate_size=_require(d, "intermediate_size", source),
+        num_hidden_layers=_require(d, "num_hidden_layers", source),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        max_position_embeddings=int(max_pos),
+        rope_theta=theta,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        partial_rotary_factor=partial,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        sliding_window=sliding,
+        attention_bias=bool(d.get("attention_bias", False)),
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        architecture=family,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        rope_parameters=block,
+    )
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def read_config(path: str, **overrides) -> ModelConfig:
+    """Reads ``path/config.json``."""
+    f = os.path.join(path, CONFIG)
+    if not os.path.exists(f):
+        raise HFError(f"{f}: not found (expected an HF model directory with config.json)")
+    try:
+        with open(f) as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise HFError(f"{f}: not valid JSON ({e})") from None
+    return config_from_hf(d, f, **overrides)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights.
+
+_LAYER = {
+    "self_attn.q_proj": ("self_attn", "q_proj"),
+    "self_attn.k_proj": ("self_attn", "k_proj"),
+    "self_attn.v_proj": ("self_attn", "v_proj"),
+    "self_attn.o_proj": ("self_attn", "o_proj"),
+    "mlp.gate_proj": ("mlp", "gate_proj"),
+    "mlp.up_proj": ("mlp", "up_proj"),
+    "mlp.down_proj": ("mlp", "down_proj"),
+}
+_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
+    """HF tensor name -> (param path, HF tensor shape, is-a-linear-kernel), per layer expanded."""
+    D, H, KV, hd, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    out = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), (cfg.vocab_size, D), False)}
+    out["model.norm.weight"] = (("norm", "weight"), (D,), False)
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (("lm_head", "kernel"), (cfg.vocab_size, D), True)
+    lin = {
+        "self_attn.q_proj": (H * hd, D),
+        "self_attn.k_proj": (KV * hd, D),
+        "self_attn.v_proj": (KV * hd, D),
+        "self_attn.o_proj": (D, H * hd),
+        "mlp.gate_proj": (F, D),
+        "mlp.up_proj": (F, D),
+        "mlp.down_proj": (D, F),
+    }
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for name, shape in lin.items():
+            a, b = _LAYER[name]
+            out[p + name + ".weight"] = (("layers", a, b, "kernel", i), shape, True)
+            bias = cfg.attention_bias if name.startswith("self_attn") else cfg.mlp_bias
+            if bias:
+                out[p + name + ".bias"] = (("layers", a, b, "bias", i), shape[:1], False)
+        for name, n in _NORMS.items():
+            out[p + name + ".weight"] = (("layers", n, "weight", i), (D,), False)
+    return out
+
+
+def params_from_tensors(
+    tensors: Iterator[tuple[str, np.ndarray, str]], cfg: ModelConfig, dtype=None, source: str = ""
+) -> dict:
+    """Assembles params (plain nested dict of numpy arrays, layers stacked) from HF tensors.
+
+    ``tensors`` yields ``(hf_name, array, file)``; ``dtype`` casts (default: keep the stored
+    dtype). Every expected tensor must appear once with its HF shape.
+    """
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    expected = param_shapes(cfg)
+    params: dict = {}
+    seen: set[str] = set()
+    L = cfg.num_hidden_layers
+    for name, arr, file in tensors:
+        if name not in expected:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise HFError(f"{file}: tensor {name!r} is not part of a {cfg.architecture} model with this config")
+        path, shape, is_kernel = expected[name]
+        if tuple(arr.shape) != shape:
+            raise HFError(f"{file}: tensor {name!r}: expected shape {shape}, got {tuple(arr.shape)}")
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        if is_kernel:
+            arr = arr.T
+        node = params
+        layered = path[0] == "layers"
+        keys = path[:-1] if layered else path
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        if layered:
+            buf = node.get(keys[-1])
+            if buf is None:
+                buf = node[keys[-1]] = np.empty((L,) + arr.shape, arr.dtype)
+            buf[path[-1]] = arr
+        else:
+            node[keys[-1]] = np.ascontiguousarray(arr)
+        seen.add(name)
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        raise HFError(f"{source}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r} (expected by config.json)")
+    return params
+
+
+def tensors_from_params(params: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """HF tensor names and arrays (HF orientation) from params."""
+    for name, (path, _, is_kernel) in param_shapes(cfg).items():
+        node = params
+        layered = path[0] == "layers"
+        for k in path[:-1] if layered else path:
+            node = node[k]
+        arr = np.asarray(node[path[-1]] if layered else node)
+        yield name, (arr.T if is_kernel else arr)
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The safetensors files of an HF directory, checked to exist (index first, else single)."""
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        try:
+            with open(index) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise HFError(f"{index}: expected a JSON object with a 'weight_map' ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not os.path.exists(os.path.join(path, f)):
+                raise HFError(f"{index}: field 'weight_map' names shard {f!r}, which is missing from {path}")
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, SINGLE)
+    if os.path.exists(single):
+        return [single]
+    raise HFError(f"{path}: no {SINGLE} or {INDEX} (only safetensors weights are supported)")
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray, str]]:
+    """Yields ``(name, array, file)`` one shard at a time (bf16 comes back as ml_dtypes.bfloat16)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(f, framework="numpy") as fh:
+                keys = list(fh.keys())
+                for k in keys:
+                    try:
+                        yield k, fh.get_tensor(k), f
+                    except TypeError:  # bfloat16: numpy has no native dtype, read through flax
+                        yield k, _read_bf16(f, k), f
+        except SafetensorError as e:
+            raise HFError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt") from None
+        except OSError as e:
+            raise HFError(f"{f}: cannot read safetensors ({e})") from None
+
+
+def _read_bf16(f: str, key: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(f, framework="flax") as fh:
+        return np.asarray(fh.get_tensor(key))
+
+
+def load(path: str, dtype=None, **overrides) -> tuple[ModelConfig, dict]:
+    """Loads an HF LLaMA / Mistral directory: ``(ModelConfig, params)`` with numpy leaves."""
+    cfg = read_config(path, **overrides)
+    files = safetensors_files(path)
+    params = params_from_tensors(iter_safetensors(files), cfg, dtype, source=path)
+    return cfg, params
+
+
+# --------------------------------------------------------------------------------------------
+# Writing.
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """An HF ``config.json`` dict; the rope block is written in both schemas, identical."""
+    arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.architecture]
+    block = dict(cfg.rope_parameters or {"rope_type": "default"})
+    block["rope_theta"] = cfg.rope_theta
+    if cfg.partial_rotary_factor != 1.0:
+        block["partial_rotary_factor"] = cfg.partial_rotary_factor
+    d = {
+        "architectures": [arch],
+        "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "rope_parameters": block,
+    }
+    if block.get("rope_type", "default") != "default":
+        d["rope_scaling"] = dict(block)
+        if "original_max_position_embeddings" in block:
+            d["original_max_position_embeddings"] = block["original_max_position_embeddings"]
+    if cfg.architecture == "mistral":
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = cfg.partial_rotary_factor
+    return d
+
+
+def save(path: str, cfg: ModelConfig, params: Mapping, *, tokenizer_file: str | None = None,
+         dtype=None, shard_bytes: int = 2 * 2**30) -> None:
+    """Writes an HF directory atomically (temporary directory renamed into place).
+
+    Weights go to ``model.safetensors`` or to shards of at most ``shard_bytes`` with an index.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        with open(os.path.join(tmp, CONFIG), "w") as fh:
+            json.dump(config_to_hf(cfg), fh, indent=2)
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name, arr in tensors_from_params(params, cfg):
+            arr = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
+            if size and size + arr.nbytes > shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = arr
+            size += arr.nbytes
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(a.nbytes for s in shards for a in s.values())
+            with open(os.path.join(tmp, INDEX), "w") as fh:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+        if tokenizer_file:
+            shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+        os.chmod(tmp, 0o755)
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), 0o644)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

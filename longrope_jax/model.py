@@ -1,0 +1,258 @@
+"""Flax (Linen) LLaMA / Mistral decoder with pluggable attention and a functional RoPE.
+
+The model never knows which RoPE or attention it runs: the RoPE arrives as a ``RopeSpec`` call
+argument (so factors are traced and the search can vmap over candidates) and the attention as a
+module attribute with the contract of :mod:`longrope_jax.attention.dense`. Params are a plain
+nested dict whose leaf names follow HF's (``q_proj``, ``input_layernorm`` ...); the layers are
+stacked on a leading axis and run under ``nn.scan``.
+
+    params = Transformer(cfg).init(rng, tokens)["params"]
+    logits = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids, spec)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from longrope_jax import rope as rope_lib
+from longrope_jax.attention import dense_attention
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters (HF names where HF has one).
+
+    ``rope_parameters`` is the standardised HF rope block (``rope_type`` and its keys, with
+    ``original_max_position_embeddings`` resolved); it is excluded from hashing.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    partial_rotary_factor: float = 1.0
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    architecture: str = "llama"
+    layout: str = rope_lib.HALF
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+    rope_parameters: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat: expected one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.layout not in rope_lib.LAYOUTS:
+            raise ValueError(f"layout: expected one of {rope_lib.LAYOUTS}, got {self.layout!r}")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def rope_spec(cfg: ModelConfig) -> rope_lib.RopeSpec:
+    """The model's own RoPE, from its HF rope block."""
+    return rope_lib.from_hf(
+        cfg.rope_parameters,
+        theta=cfg.rope_theta,
+        rotary_dim=cfg.rotary_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+
+
+def _dt(name: str):
+    return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back before the scale (as transformers does)."""
+
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def _dense(features, bias, cfg, name):
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=_dt(cfg.dtype),
+        param_dtype=_dt(cfg.param_dtype),
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    attention_fn: Callable = dense_attention
+
+    @nn.compact
+    def __call__(self, x, cos, sin, positions, segment_ids):
+        """x: [B, L, D]; cos, sin: float32[B, L, P]; positions, segment_ids: int[B, L]."""
+        cfg = self.cfg
+        b, l, _ = x.shape
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = _dense(h * d, cfg.attention_bias, cfg, "q_proj")(x).reshape(b, l, h, d)
+        k = _dense(kv * d, cfg.attention_bias, cfg, "k_proj")(x).reshape(b, l, kv, d)
+        v = _dense(kv * d, cfg.attention_bias, cfg, "v_proj")(x).reshape(b, l, kv, d)
+        q = rope_lib.apply_rotary(q, cos, sin, cfg.layout)
+        k = rope_lib.apply_rotary(k, cos, sin, cfg.layout)
+        o = self.attention_fn(
+            q,
+            k,
+            v,
+            q_positions=positions,
+            kv_positions=positions,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=segment_ids,
+            sliding_window=cfg.sliding_window,
+            scale=d**-0.5,
+        )
+        return _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(o.reshape(b, l, h * d))
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "up_proj")(x)
+        return _dense(cfg.hidden_size, cfg.mlp_bias, cfg, "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block; returns ``(x, None)`` so it can be scanned."""
+
+    cfg: ModelConfig
+    attention_fn: Callable = dense_attention
+
+    @nn.compact
+    def __call__(self, x, cos, sin, positions, segment_ids):
+        cfg = self.cfg
+        pd = _dt(cfg.param_dtype)
+        h = RMSNorm(cfg.rms_norm_eps, pd, name="input_layernorm")(x)
+        x = x + Attention(cfg, self.attention_fn, name="self_attn")(h, cos, sin, positions, segment_ids)
+        h = RMSNorm(cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
+        x = x + MLP(cfg, name="mlp")(h)
+        return x, None
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    }[name]
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. ``__call__`` returns logits ``[B, L, V]`` or final hidden states."""
+
+    cfg: ModelConfig
+    attention_fn: Callable = dense_attention
+
+    def setup(self):
+        cfg = self.cfg
+        pd, dt = _dt(cfg.param_dtype), _dt(cfg.dtype)
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pd, embedding_init=nn.initializers.normal(0.02)
+        )
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=_remat_policy(cfg.remat))
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast,) * 4,
+            length=cfg.num_hidden_layers,
+        )(cfg, self.attention_fn)
+        self.norm = RMSNorm(cfg.rms_norm_eps, pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
+
+    def __call__(self, tokens, positions=None, segment_ids=None, rope=None, return_hidden: bool = False):
+        """
+        Args:
+          tokens: int32[B, L].
+          positions: int32[B, L] global positions (default ``arange(L)``), any order.
+          segment_ids: int32[B, L] document ids for packed rows, or None.
+          rope: RopeSpec without candidate axes (vmap the call over candidates), default the
+            model's own.
+          return_hidden: return the final normed hidden states ``[B, L, D]`` instead of logits.
+        """
+        b, l = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        spec = rope_spec(self.cfg) if rope is None else rope
+        if spec.long_factor.ndim != 1:
+            raise ValueError(
+                f"rope: expected a single spec (factors [P]), got factors {spec.long_factor.shape}: "
+                "vmap the model over the candidate axis"
+            )
+        cos, sin = rope_lib.cos_sin(positions, spec)
+        x = self.embed_tokens(tokens)
+        x, _ = self.layers(x, cos, sin, positions, segment_ids)
+        x = self.norm(x)
+        return x if return_hidden else self.project(x)
+
+    def project(self, hidden):
+        """Hidden states ``[..., D]`` -> logits ``[..., V]`` (tied or untied head)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random params (a plain nested dict) for ``cfg``; used for tiny test models."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return Transformer(cfg).init(jax.random.PRNGKey(seed), tokens)["params"]

@@ -1,0 +1,42 @@
+"""longrope-jax: LongRoPE context-window extension for LLaMA / Mistral in JAX / Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="longrope-jax",
+    version="0.1.0",
+    description="LongRoPE non-uniform RoPE rescaling search, progressive fine-tuning and HF export in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["longrope_jax", "longrope_jax.*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "ml-collections",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "gguf>=0.10",
+    ],
+    extras_require={
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+        "tfds": ["tensorflow-datasets"],
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "transformers>=5.0",
+            "accelerate",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+    },
+    entry_points={"console_scripts": ["longrope-jax=longrope_jax.cli:main"]},
+)
