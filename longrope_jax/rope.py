@@ -73,7 +73,7 @@ def stack(specs: Sequence[RopeSpec]) -> RopeSpec:
     statics = {(s.theta, s.rotary_dim, s.original_max, s.dynamic_scale, s.dynamic_max) for s in specs}
     if len(statics) != 1:
         raise RopeError(f"cannot stack RoPE specs with different static fields: {sorted(map(str, statics))}")
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *specs)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.replace(method="") for s in specs])
     return stacked.replace(method="+".join(s.method for s in specs))
 
 
@@ -397,7 +397,7 @@ def check_factors(values: Any, n: int, *, source: str, field: str) -> np.ndarray
     bad = np.flatnonzero(~np.isfinite(arr) | (arr <= 0))
     if bad.size:
         i = int(bad[0])
-        raise RopeError(f"{source}: {field}[{i}]: expected a finite factor > 0, got {arr[i]!r}")
+        raise RopeError(f"{source}: {field}[{i}]: expected a finite factor > 0, got {float(arr[i])!r}")
     return arr
 
 

@@ -1,0 +1,72 @@
+"""``longrope-jax ppl`` end to end: JSON lines on stdout, table on stderr, clear errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from longrope_jax import cli, evaluate, hf
+from longrope_jax.factors import resolve_rope
+from longrope_jax.tokenizer import Tokenizer
+
+from tiny import make_hf_dir
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 40)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    d = make_hf_dir(str(root), max_position_embeddings=64)
+    data = root / "doc.txt"
+    data.write_text(TEXT)
+    return d, str(data)
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, [json.loads(line) for line in out.splitlines() if line.strip()], err
+
+
+def test_ppl_json_lines_match_library(tiny, capsys):
+    d, data = tiny
+    rc, recs, err = _run(["ppl", "--model", d, "--data", data, "--length", "48", "--length", "96",
+                          "--rope", "none", "--rope", "yarn:2", "--rope", "pi:2"], capsys)
+    assert rc == 0 and len(recs) == 6
+    assert [(r["length"], r["rope"]) for r in recs] == [(L, r) for L in (48, 96) for r in ("none", "yarn:2", "pi:2")]
+    cfg, params = hf.load(d)
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    ids = np.asarray(tok.encode(TEXT)[:96], np.int32)[None]
+    ref = evaluate.perplexity(params, cfg, ids, resolve_rope("yarn:2", cfg, 96))
+    got = recs[4]
+    assert got["predictions"] == 95 and got["documents"] == [data]
+    np.testing.assert_allclose(got["ppl"], ref["ppl"], rtol=1e-6)
+    assert recs[3]["beyond_window"] is True and recs[4]["beyond_window"] is False
+    assert got["tokenizer"]["adds_special_tokens"] is False
+    assert "ppl" in err and "yarn:2" in err and "beyond window" in err
+
+
+def test_ppl_short_document_is_a_clear_error(tiny, capsys):
+    d, data = tiny
+    rc, recs, err = _run(["ppl", "--model", d, "--data", data, "--length", "100000"], capsys)
+    assert rc == 2 and not recs
+    assert f"{data}: expected 1 document(s) of at least 100000 tokens, found 0" in err
+
+
+def test_ppl_bad_rope_value(tiny, capsys):
+    d, data = tiny
+    rc, _, err = _run(["ppl", "--model", d, "--data", data, "--length", "32", "--rope", "warp:9"], capsys)
+    assert rc == 2 and "--rope warp:9: expected none, pi:S" in err
+
+
+def test_entry_point_subprocess(tiny):
+    d, data = tiny
+    p = subprocess.run([sys.executable, "-m", "longrope_jax", "ppl", "--model", d, "--data", data,
+                        "--length", "32"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rec = json.loads(p.stdout.splitlines()[0])
+    assert rec["rope"] == "none" and rec["ppl"] > 1

@@ -1,0 +1,62 @@
+"""Documents and evaluation windows (the perplexity protocol)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from longrope_jax.data import DataError, read_documents, windows
+
+
+class CharTok:
+    """One token per character: lengths are easy to reason about."""
+
+    def encode(self, text):
+        return [ord(c) % 256 for c in text]
+
+
+def test_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("y" * 20)
+    docs = read_documents(str(tmp_path))
+    assert [d.text for d in docs] == ["x" * 10, "y" * 20]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in ["aa", "bbb"]) + "\n")
+    docs = read_documents(str(jl))
+    assert [d.name for d in docs] == [f"{jl}:1", f"{jl}:2"] and docs[1].text == "bbb"
+    pydoc = read_documents("pydoc:")
+    assert len(pydoc) == 1 and len(pydoc[0].text) > 400_000
+
+
+def test_windows_take_first_tokens_skip_short_and_seeded_choice(tmp_path):
+    for i in range(6):
+        (tmp_path / f"{i}.txt").write_text(chr(65 + i) * (5 if i == 0 else 30))
+    docs = read_documents(str(tmp_path))
+    w = windows(docs, CharTok(), 16, 3, seed=1)
+    assert w.tokens.shape == (3, 16) and w.tokens.dtype == np.int32
+    assert w.skipped_short == 1 and w.available == 5
+    assert w.documents == sorted(w.documents)
+    assert windows(docs, CharTok(), 16, 3, seed=1).documents == w.documents
+    assert {tuple(windows(docs, CharTok(), 16, 3, seed=s).documents) for s in range(8)} != {tuple(w.documents)}
+    for row, name in zip(w.tokens, w.documents):
+        assert len(set(row.tolist())) == 1
+
+
+def test_document_shorter_than_length_is_a_clear_error(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("z" * 100)
+    with pytest.raises(DataError, match=r"short.txt: expected 1 document\(s\) of at least 128 tokens, found 0 "
+                                        r"\(1 shorter; the longest has 100 tokens\)"):
+        windows(read_documents(str(f)), CharTok(), 128, 1, source=str(f))
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        read_documents(str(tmp_path / "nope.txt"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
+        read_documents(str(bad))
+    with pytest.raises(DataError, match="--length: expected at least 2"):
+        windows([], CharTok(), 1, 1)

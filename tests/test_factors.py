@@ -1,0 +1,62 @@
+"""The factors file and ``--rope`` values."""
+
+import json
+
+import numpy as np
+import pytest
+
+from longrope_jax import factors, rope
+from tiny import tiny_config
+
+P = 4  # tiny_config: head_dim 8
+
+
+def _file(tmp_path, **kw):
+    d = {"format": factors.FORMAT, "rope_type": "longrope", "rope_theta": 10000.0, "rotary_dim": 8,
+         "original_max_position_embeddings": 64, "max_position_embeddings": 256,
+         "long_factor": [1.0, 1.5, 2.0, 4.0], "short_factor": [1.0, 1.0, 1.1, 1.2], "attention_factor": None,
+         "start_tokens": 0, "per_length": {}}
+    d.update(kw)
+    f = tmp_path / "factors.json"
+    f.write_text(json.dumps(d))
+    return str(f)
+
+
+def test_file_to_spec(tmp_path):
+    f = _file(tmp_path, per_length={"128": {"long_factor": [1.0, 1.2, 1.4, 2.0], "start_tokens": 4}})
+    cfg = tiny_config()
+    s = factors.resolve_rope(f, cfg, length=100)
+    np.testing.assert_allclose(s.long_factor, [1.0, 1.2, 1.4, 2.0])
+    assert int(s.start_tokens) == 4 and s.original_max == 64
+    np.testing.assert_allclose(float(s.attention_factor), np.sqrt(1 + np.log(4) / np.log(64)), rtol=1e-6)
+    s = factors.resolve_rope(f, cfg, length=200)  # beyond the largest entry: top-level set
+    np.testing.assert_allclose(s.long_factor, [1.0, 1.5, 2.0, 4.0])
+    np.testing.assert_allclose(s.short_factor, [1.0, 1.0, 1.1, 1.2])
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("long_factor", [1.0, 2.0, 3.0], r"long_factor: expected 4 factors \(rotary_dim / 2\), got 3"),
+    ("long_factor", [1.0, float("nan"), 2.0, 3.0], r"long_factor\[1\]: expected a finite factor > 0, got nan"),
+    ("short_factor", [1.0, 0.0, 2.0, 3.0], r"short_factor\[1\]: expected a finite factor > 0, got 0.0"),
+    ("long_factor", [1.0, -2.0, 2.0, 3.0], r"long_factor\[1\]: expected a finite factor > 0, got -2.0"),
+    ("format", "longrope-factors/2", r"field 'format': expected 'longrope-factors/1'"),
+    ("rotary_dim", 16, r"field 'rotary_dim': expected 8 \(the model's rotary dim\), got 16"),
+])
+def test_bad_factor_files(tmp_path, field, value, msg):
+    f = _file(tmp_path, **{field: value})
+    with pytest.raises(factors.FactorsError, match=msg) as e:
+        factors.resolve_rope(f, tiny_config())
+    assert str(f) in str(e.value)
+
+
+def test_rope_values():
+    cfg = tiny_config()
+    assert factors.resolve_rope("none", cfg).method == "none"
+    np.testing.assert_allclose(factors.resolve_rope("pi:4", cfg).long_factor, [4.0] * P)
+    np.testing.assert_allclose(factors.resolve_rope("ntk:4", cfg).long_factor, rope.ntk_factors(8, 4.0), rtol=1e-6)
+    assert factors.resolve_rope("dynamic:2", cfg).dynamic_scale == 2.0
+    assert abs(float(factors.resolve_rope("yarn:4", cfg).attention_factor) - (0.1 * np.log(4) + 1)) < 1e-6
+    assert factors.resolve_rope("llama3:8", cfg).method == "llama3:8"
+    for bad in ("pi:x", "pi:-1", "bogus", "yarn:0"):
+        with pytest.raises(factors.FactorsError, match=r"--rope"):
+            factors.resolve_rope(bad, cfg)

@@ -1,0 +1,39 @@
+"""Tiny models and tokenizers written as HF directories by our own code (no torch needed)."""
+
+import os
+
+from longrope_jax import hf
+from longrope_jax.model import ModelConfig, init_params
+
+
+def byte_tokenizer_file(path: str) -> str:
+    """A byte-level BPE tokenizer with one token per byte (vocab 256) saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    f = os.path.join(path, "tokenizer.json")
+    tok.save(f)
+    return f
+
+
+def tiny_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rope_theta=10000.0,
+                tie_word_embeddings=True, rope_parameters={"rope_type": "default"})
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_hf_dir(root: str, name: str = "tiny", seed: int = 0, **kw) -> str:
+    """Writes a tiny random LLaMA as an HF directory with a byte tokenizer; returns its path."""
+    cfg = tiny_config(**kw)
+    params = init_params(cfg, seed)
+    os.makedirs(root, exist_ok=True)
+    tf = byte_tokenizer_file(root)
+    out = os.path.join(root, name)
+    hf.save(out, cfg, params, tokenizer_file=tf)
+    return out
