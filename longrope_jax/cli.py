@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="documents per length (seeded choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--field", default="text", help="JSONL field holding the text")
-    p.add_argument("--attention", default="dense")
-    p.add_argument("--q-chunk", type=int, default=None, help="query rows per attention step (memory bound)")
+    p.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise"],
+                   help="auto: dense up to 2048 tokens, blockwise beyond")
+    p.add_argument("--q-chunk", type=int, default=None,
+                   help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 2048")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per projection+loss step")
     p.set_defaults(func=cmd_ppl)
     return parser

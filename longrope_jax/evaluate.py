@@ -19,7 +19,18 @@ from longrope_jax.model import ModelConfig, Transformer
 
 def _attention(name: str, q_chunk: int | None):
     fn = attention_lib.get(name)
-    return functools.partial(fn, q_chunk=q_chunk) if q_chunk else fn
+    if not q_chunk:
+        return fn
+    if name == "blockwise":
+        return functools.partial(fn, block_q=q_chunk, block_kv=q_chunk)
+    return functools.partial(fn, q_chunk=q_chunk)
+
+
+def pick_attention(name: str, length: int) -> str:
+    """``auto``: the dense reference up to 2048 tokens, blockwise beyond."""
+    if name != "auto":
+        return name
+    return "dense" if length <= 2048 else "blockwise"
 
 
 def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int):
@@ -82,7 +93,7 @@ def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention:
 
 
 def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samples: int = 1, seed: int = 0,
-            param_dtype: str = "float32", attention: str = "dense", q_chunk: int | None = None,
+            param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
             loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True,
             field: str = "text", log=None):
     """The ``ppl`` job: yields one result dict per (length, rope), in the order given.
@@ -108,11 +119,12 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
         w = windows(docs, m.tokenizer, length, samples, seed, source=data)
         if w.skipped_short:
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
-        qc = q_chunk if q_chunk is not None else (1024 if length > 2048 else None)
+        attn = pick_attention(attention, length)
+        qc = q_chunk if q_chunk is not None else (512 if length > 2048 else None)
         for r in ropes:
             spec = resolve_rope(r, m.cfg, length)
             t1 = time.time()
-            res = perplexity(m.params, m.cfg, w.tokens, spec, attention=attention, q_chunk=qc,
+            res = perplexity(m.params, m.cfg, w.tokens, spec, attention=attn, q_chunk=qc,
                              loss_chunk=loss_chunk)
             dt = time.time() - t1
             rec = {
@@ -134,7 +146,7 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
                 "beyond_window": (length > m.cfg.max_position_embeddings and r == "none"),
                 "original_window": m.cfg.max_position_embeddings,
                 "param_dtype": param_dtype,
-                "attention": attention,
+                "attention": attn,
                 "seconds": round(dt, 2),
             }
             log(f"length {length} rope {r}: ppl {res['ppl']:.4f} ({res['predictions'] / dt:.0f} tok/s, "

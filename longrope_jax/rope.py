@@ -81,10 +81,18 @@ def stack(specs: Sequence[RopeSpec]) -> RopeSpec:
 # The pure function.
 
 
+def _exponent(rotary_dim: int) -> np.ndarray:
+    """``2i / d`` as transformers computes it: float32[P], an IEEE float32 division.
+
+    Computed with numpy on purpose: XLA rewrites a division by a broadcast scalar into a multiply
+    by its reciprocal, which is off by an ulp for most ``d`` that are not powers of two (96).
+    """
+    return np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+
+
 def _pos_freq(theta: float, rotary_dim: int) -> jax.Array:
-    """``base ** (2i / d)``: float32[P], computed as transformers does (float32 power)."""
-    exponent = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / jnp.float32(rotary_dim)
-    return jnp.power(jnp.float32(theta), exponent)
+    """``base ** (2i / d)``: float32[P], transformers' float32 power (here correctly rounded)."""
+    return jnp.asarray(np.power(np.float64(np.float32(theta)), _exponent(rotary_dim).astype(np.float64)), jnp.float32)
 
 
 def inv_freq(spec: RopeSpec, seq_len: jax.Array | int) -> jax.Array:
@@ -98,8 +106,9 @@ def inv_freq(spec: RopeSpec, seq_len: jax.Array | int) -> jax.Array:
         base = jnp.float32(spec.theta) * ((jnp.float32(s) * seq / jnp.float32(lmax)) - jnp.float32(s - 1)) ** (
             jnp.float32(d / (d - 2))
         )
-        exponent = jnp.arange(0, d, 2, dtype=jnp.float32) / jnp.float32(d)
-        inv = 1.0 / jnp.power(base, exponent)
+        inv = 1.0 / jnp.power(base, jnp.asarray(_exponent(d)))
+        # Up to the window: exactly the unscaled frequencies (XLA's traced pow is an ulp off them).
+        inv = jnp.where(seq > jnp.float32(lmax), inv, 1.0 / _pos_freq(spec.theta, d))
         return jnp.broadcast_to(inv, spec.long_factor.shape)
     if spec.original_max is None:  # no short/long pair
         factors = spec.long_factor.astype(jnp.float32)

@@ -82,3 +82,7 @@ def test_perplexity_matches_transformers_2048(hf_model, ours, text):
     res = evaluate.perplexity(ours.params, ours.cfg, ids, model_lib.rope_spec(ours.cfg), q_chunk=512)
     assert res["predictions"] == 2047
     assert abs(res["ppl"] / np.exp(loss) - 1) <= 1e-3
+    blk = evaluate.perplexity(ours.params, ours.cfg, ids, model_lib.rope_spec(ours.cfg), attention="blockwise",
+                              q_chunk=512)
+    assert abs(blk["ppl"] / np.exp(loss) - 1) <= 1e-3
+    assert abs(blk["nll"] - res["nll"]) <= 1e-5

@@ -3,9 +3,10 @@
 ``get(name)`` returns the function; the model receives it and never knows which one it runs.
 """
 
+from longrope_jax.attention.blockwise import blockwise_attention
 from longrope_jax.attention.dense import dense_attention
 
-IMPLEMENTATIONS = {"dense": dense_attention}
+IMPLEMENTATIONS = {"dense": dense_attention, "blockwise": blockwise_attention}
 
 
 def get(name: str):
@@ -15,4 +16,4 @@ def get(name: str):
         raise ValueError(f"attention: expected one of {sorted(IMPLEMENTATIONS)}, got {name!r}") from None
 
 
-__all__ = ["dense_attention", "get", "IMPLEMENTATIONS"]
+__all__ = ["blockwise_attention", "dense_attention", "get", "IMPLEMENTATIONS"]
