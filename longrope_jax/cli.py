@@ -25,20 +25,48 @@ def _table(rows: list[dict]) -> str:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF directory, .gguf file, 'smollm2', or Hub id")
+    p.add_argument("--config", help="ml_collections config file (get_config()); --config.KEY=VALUE overrides")
+    p.add_argument("--model", help="HF directory, .gguf file, 'smollm2', or Hub id")
     p.add_argument("--tokenizer", help="tokenizer.json overriding the model's own")
-    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"])
     p.add_argument("--no-sliding-window", action="store_true", help="switch Mistral's sliding window off")
 
 
-def cmd_ppl(args) -> int:
+PPL_DEFAULTS = dict(model=None, data=None, length=None, rope=["none"], samples=1, seed=0, field="text",
+                    tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
+                    q_chunk=None, loss_chunk=1024)
+
+
+def settings(args, extra: list[str], defaults: dict, required: tuple[str, ...]) -> dict:
+    """Flags over ``--config FILE`` (with ``--config.key=value`` overrides) over defaults."""
+    from longrope_jax import config_files
+
+    s = dict(defaults)
+    if args.config:
+        c = config_files.apply_overrides(config_files.load(args.config), extra, args.config)
+        s.update({k: (v if v not in ("", 0) or k not in ("tokenizer", "q_chunk") else None)
+                  for k, v in c.to_dict().items() if k in defaults})
+    elif extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    for k in defaults:
+        v = getattr(args, k, None)
+        if v is not None and v is not False:
+            s[k] = v
+    missing = [k for k in required if not s.get(k)]
+    if missing:
+        raise ValueError(f"missing --{missing[0].replace('_', '-')} (or a --config file that sets it)")
+    return s
+
+
+def cmd_ppl(args, extra) -> int:
     from longrope_jax.evaluate import run_ppl
 
+    s = settings(args, extra, PPL_DEFAULTS, ("model", "data", "length"))
     rows = []
-    for rec in run_ppl(args.model, args.data, args.length, args.rope or ["none"], samples=args.samples,
-                       seed=args.seed, param_dtype=args.param_dtype, attention=args.attention,
-                       q_chunk=args.q_chunk, loss_chunk=args.loss_chunk, tokenizer=args.tokenizer,
-                       sliding_window=not args.no_sliding_window, field=args.field, log=_log):
+    for rec in run_ppl(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"],
+                       seed=s["seed"], param_dtype=s["param_dtype"], attention=s["attention"],
+                       q_chunk=s["q_chunk"], loss_chunk=s["loss_chunk"], tokenizer=s["tokenizer"],
+                       sliding_window=not s["no_sliding_window"], field=s["field"], log=_log):
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     _log(_table(rows))
@@ -51,29 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ppl", help="perplexity of a model under RoPE scalings at given lengths")
     _add_model_flags(p)
-    p.add_argument("--data", required=True, help="text file, .jsonl, directory, or 'pydoc:'")
-    p.add_argument("--length", type=int, action="append", required=True, help="tokens per window (repeatable)")
+    p.add_argument("--data", help="text file, .jsonl, directory, or 'pydoc:'")
+    p.add_argument("--length", type=int, action="append", help="tokens per window (repeatable)")
     p.add_argument("--rope", action="append",
                    help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json (repeatable)")
-    p.add_argument("--samples", type=int, default=1, help="documents per length (seeded choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--field", default="text", help="JSONL field holding the text")
-    p.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise"],
+    p.add_argument("--samples", type=int, help="documents per length (seeded choice; default 1)")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--field", help="JSONL field holding the text (default 'text')")
+    p.add_argument("--attention", choices=["auto", "dense", "blockwise"],
                    help="auto: dense up to 2048 tokens, blockwise beyond")
     p.add_argument("--q-chunk", type=int, default=None,
                    help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 2048")
-    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per projection+loss step")
+    p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
     p.set_defaults(func=cmd_ppl)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     from longrope_jax.cache import enable_compilation_cache
 
     enable_compilation_cache()
     try:
-        return args.func(args)
+        return args.func(args, extra)
     except (ValueError, FileNotFoundError) as e:
         _log(f"longrope-jax {args.command}: error: {e}")
         return 2

@@ -70,3 +70,16 @@ def test_entry_point_subprocess(tiny):
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout.splitlines()[0])
     assert rec["rope"] == "none" and rec["ppl"] > 1
+
+
+def test_ppl_config_file_with_dotted_overrides(tiny, capsys):
+    d, data = tiny
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs", "ppl", "smollm2_beyond_window.py")
+    rc, recs, err = _run(["ppl", "--config", cfg, f"--config.model={d}", f"--config.data={data}",
+                          "--config.length=[40]", "--config.rope=['none', 'ntk:2']", "--seed", "3"], capsys)
+    assert rc == 0, err
+    assert [(r["length"], r["rope"], r["seed"]) for r in recs] == [(40, "none", 3), (40, "ntk:2", 3)]
+    rc, _, err = _run(["ppl", "--config", cfg, "--config.bogus=1"], capsys)
+    assert rc == 2 and "--config.bogus: " in err and "has no field 'bogus'" in err
+    rc, _, err = _run(["ppl", "--data", data, "--length", "32"], capsys)
+    assert rc == 2 and "missing --model" in err
