@@ -133,8 +133,12 @@ class Attention(nn.Module):
     attention_fn: Callable = dense_attention
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, segment_ids):
-        """x: [B, L, D]; cos, sin: float32[B, L, P]; positions, segment_ids: int[B, L]."""
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
+        """x: [B, L, D]; cos, sin: float32[B, L, P]; positions, segment_ids: int[B, L].
+
+        With a ``cache`` (one layer of :func:`init_cache`), the new keys/values are written at
+        ``cache["index"]`` and the queries attend to everything cached; returns ``(out, cache)``.
+        """
         cfg = self.cfg
         b, l, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -143,18 +147,27 @@ class Attention(nn.Module):
         v = _dense(kv * d, cfg.attention_bias, cfg, "v_proj")(x).reshape(b, l, kv, d)
         q = rope_lib.apply_rotary(q, cos, sin, cfg.layout)
         k = rope_lib.apply_rotary(k, cos, sin, cfg.layout)
+        kv_pos, kv_seg = positions, segment_ids
+        if cache is not None:
+            i = cache["index"]
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, i, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, i, 0, 0))
+            kv_pos = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, i))
+            kv_seg = segment_ids = None
+            cache = {"k": k, "v": v, "positions": kv_pos, "index": i + l}
         o = self.attention_fn(
             q,
             k,
             v,
             q_positions=positions,
-            kv_positions=positions,
+            kv_positions=kv_pos,
             q_segment_ids=segment_ids,
-            kv_segment_ids=segment_ids,
+            kv_segment_ids=kv_seg,
             sliding_window=cfg.sliding_window,
             scale=d**-0.5,
         )
-        return _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(o.reshape(b, l, h * d))
+        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(o.reshape(b, l, h * d))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -175,14 +188,17 @@ class Block(nn.Module):
     attention_fn: Callable = dense_attention
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, segment_ids):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
         cfg = self.cfg
         pd = _dt(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, pd, name="input_layernorm")(x)
-        x = x + Attention(cfg, self.attention_fn, name="self_attn")(h, cos, sin, positions, segment_ids)
+        a = Attention(cfg, self.attention_fn, name="self_attn")(h, cos, sin, positions, segment_ids, cache)
+        if cache is not None:
+            a, cache = a
+        x = x + a
         h = RMSNorm(cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h)
-        return x, None
+        return x, cache
 
 
 def _remat_policy(name: str):
@@ -213,14 +229,15 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4,
+            in_axes=(nn.broadcast,) * 4 + (0,),
             length=cfg.num_hidden_layers,
         )(cfg, self.attention_fn)
         self.norm = RMSNorm(cfg.rms_norm_eps, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
 
-    def __call__(self, tokens, positions=None, segment_ids=None, rope=None, return_hidden: bool = False):
+    def __call__(self, tokens, positions=None, segment_ids=None, rope=None, return_hidden: bool = False,
+                 cache=None):
         """
         Args:
           tokens: int32[B, L].
@@ -229,6 +246,7 @@ class Transformer(nn.Module):
           rope: RopeSpec without candidate axes (vmap the call over candidates), default the
             model's own.
           return_hidden: return the final normed hidden states ``[B, L, D]`` instead of logits.
+          cache: a KV cache from :func:`init_cache`; then returns ``(output, new_cache)``.
         """
         b, l = tokens.shape
         if positions is None:
@@ -241,9 +259,10 @@ class Transformer(nn.Module):
             )
         cos, sin = rope_lib.cos_sin(positions, spec)
         x = self.embed_tokens(tokens)
-        x, _ = self.layers(x, cos, sin, positions, segment_ids)
+        x, new_cache = self.layers(x, cos, sin, positions, segment_ids, cache)
         x = self.norm(x)
-        return x if return_hidden else self.project(x)
+        out = x if return_hidden else self.project(x)
+        return out if cache is None else (out, new_cache)
 
     def project(self, hidden):
         """Hidden states ``[..., D]`` -> logits ``[..., V]`` (tied or untied head)."""
@@ -256,3 +275,19 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
     """Random params (a plain nested dict) for ``cfg``; used for tiny test models."""
     tokens = jnp.zeros((1, 8), jnp.int32)
     return Transformer(cfg).init(jax.random.PRNGKey(seed), tokens)["params"]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for ``max_len`` tokens, layers stacked on the leading axis.
+
+    k, v: [layers, B, max_len, KV, D]; positions: int32[layers, B, max_len] (empty slots hold
+    int32 max, so causal masking hides them); index: int32[layers] (next write offset).
+    """
+    n, kv, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    dtype = dtype or _dt(cfg.dtype)
+    return {
+        "k": jnp.zeros((n, batch, max_len, kv, d), dtype),
+        "v": jnp.zeros((n, batch, max_len, kv, d), dtype),
+        "positions": jnp.full((n, batch, max_len), jnp.iinfo(jnp.int32).max, jnp.int32),
+        "index": jnp.zeros((n,), jnp.int32),
+    }

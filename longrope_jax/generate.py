@@ -1,0 +1,110 @@
+"""Greedy decoding with a KV cache that stays correct across the short/long switch.
+
+Under a spec with a short/long pair, a call uses the long factors iff ``max(position) + 1 >
+original_max``. Cached keys were rotated with the factors of the call that wrote them, so when a
+step first needs the long factors the whole prefix is re-encoded with them before continuing
+(the bug transformers, vLLM and llama.cpp each had). The result equals re-encoding the whole
+sequence at every step. Dynamic NTK recomputes its base from the length at every call; like
+transformers, cached keys are not re-encoded for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longrope_jax import rope as rope_lib
+from longrope_jax.model import ModelConfig, Transformer, init_cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(params, tokens, spec, cache, *, cfg: ModelConfig):
+    b, l = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions, rope=spec, cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _step(params, token, position, spec, cache, *, cfg: ModelConfig):
+    """token: int32[B]; position: int32 scalar -> (logits float32[B, V], cache)."""
+    b = token.shape[0]
+    positions = jnp.full((b, 1), position, jnp.int32)
+    logits, cache = Transformer(cfg).apply({"params": params}, token[:, None], positions, rope=spec, cache=cache)
+    return logits[:, -1].astype(jnp.float32), cache
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[int]  # the new tokens
+    reencoded_at: list[int]  # positions at which the prefix was re-encoded with the long factors
+    step_logits: list[np.ndarray] | None = None  # float32[V] per new token, if requested
+
+
+def _needs_long(spec: rope_lib.RopeSpec, seq_len: int) -> bool:
+    return spec.original_max is not None and seq_len > spec.original_max
+
+
+def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spec: rope_lib.RopeSpec,
+           *, eos_token_id=None, keep_logits: bool = False, progress=None) -> Generation:
+    """Greedy continuation of ``prompt`` (one sequence) for up to ``max_new_tokens`` tokens."""
+    if not prompt:
+        raise ValueError("generate: the prompt encodes to no tokens")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens: expected at least 1, got {max_new_tokens}")
+    spec = spec.replace(method="")
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
+    seq = list(prompt)
+    max_len = len(prompt) + max_new_tokens
+    cache = init_cache(cfg, 1, max_len)
+    logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg)
+    long_mode = _needs_long(spec, len(seq))
+    out, reenc, kept = [], [], []
+    for _ in range(max_new_tokens):
+        nxt = int(jnp.argmax(logits[0]))
+        if keep_logits:
+            kept.append(np.asarray(logits[0]))
+        out.append(nxt)
+        seq.append(nxt)
+        if progress:
+            progress(nxt)
+        if nxt in eos or len(out) == max_new_tokens:
+            break
+        p = len(seq) - 1  # position of the token just produced
+        if not long_mode and _needs_long(spec, p + 1):
+            cache = init_cache(cfg, 1, max_len)
+            logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg)
+            long_mode = True
+            reenc.append(p)
+        else:
+            logits, cache = _step(params, jnp.asarray([nxt], jnp.int32), jnp.int32(p), spec, cache, cfg=cfg)
+    return Generation(out, reenc, kept if keep_logits else None)
+
+
+def run_generate(model: str, prompt: str, max_new_tokens: int, rope: str = "longrope", *,
+                 param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
+                 stream=None) -> dict:
+    """The ``generate`` job: returns a result dict; ``stream`` receives decoded text pieces."""
+    from longrope_jax.factors import resolve_rope
+    from longrope_jax.loading import load_model
+
+    m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
+    if m.tokenizer is None:
+        raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
+    ids = m.tokenizer.encode(prompt)
+    spec = resolve_rope(rope, m.cfg, len(ids) + max_new_tokens)
+    done: list[int] = []
+
+    def show(t):
+        if stream:
+            before = m.tokenizer.decode(done)
+            done.append(t)
+            stream(m.tokenizer.decode(done)[len(before):])
+
+    g = greedy(m.params, m.cfg, ids, max_new_tokens, spec, eos_token_id=m.cfg.eos_token_id, progress=show)
+    return {"model": model, "rope": rope, "prompt_tokens": len(ids), "new_tokens": len(g.tokens),
+            "tokens": g.tokens, "completion": m.tokenizer.decode(g.tokens), "reencoded_at": g.reencoded_at}
