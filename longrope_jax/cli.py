@@ -73,6 +73,22 @@ def cmd_ppl(args, extra) -> int:
     return 0
 
 
+def cmd_generate(args, extra) -> int:
+    from longrope_jax.generate import run_generate
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+
+    def stream(piece):
+        print(piece, end="", file=sys.stderr, flush=True)
+
+    rec = run_generate(args.model, args.prompt, args.max_new_tokens, args.rope, param_dtype=args.param_dtype or "float32",
+                       tokenizer=args.tokenizer, sliding_window=not args.no_sliding_window, stream=stream)
+    print(file=sys.stderr)
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 2048")
     p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
     p.set_defaults(func=cmd_ppl)
+
+    p = sub.add_parser("generate", help="greedy continuation of a prompt (KV cache, short/long aware)")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--rope", default="longrope",
+                   help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -83,3 +83,12 @@ def test_ppl_config_file_with_dotted_overrides(tiny, capsys):
     assert rc == 2 and "--config.bogus: " in err and "has no field 'bogus'" in err
     rc, _, err = _run(["ppl", "--data", data, "--length", "32"], capsys)
     assert rc == 2 and "missing --model" in err
+
+
+def test_generate_command(tiny, capsys):
+    d, _ = tiny
+    rc, recs, err = _run(["generate", "--model", d, "--prompt", "The quick brown", "--max-new-tokens", "5"], capsys)
+    assert rc == 0, err
+    (rec,) = recs
+    assert rec["new_tokens"] == 5 and len(rec["tokens"]) == 5 and rec["prompt_tokens"] == 15
+    assert rec["completion"] in err
