@@ -74,6 +74,114 @@ def window_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "dens
     return total / (tokens.shape[1] - 1)
 
 
+def _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk):
+    model = Transformer(cfg, _attention(attention, q_chunk))
+    hidden = model.apply({"params": params}, tokens, rope=spec, return_hidden=True)
+    return chunked_nll(model, params, hidden[:, :-1], tokens[:, 1:], loss_chunk) / (tokens.shape[1] - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk"))
+def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = "blockwise",
+                   q_chunk: int | None = None, loss_chunk: int = 1024):
+    """Mean NLL of K candidate RoPE specs on S windows in one call: float32[K, S].
+
+    ``specs`` carries a leading candidate axis (``rope.stack``); the weights are shared by every
+    candidate (vmap with unbatched params), never copied. New factor values reuse the compiled
+    function: it is compiled once per (K, S, L, model) shape.
+    """
+    return jax.vmap(lambda sp: _nll_one_spec(params, tokens, sp, cfg, attention, q_chunk, loss_chunk))(specs)
+
+
+def item_bytes(cfg: ModelConfig, length: int, block: int = 512, loss_chunk: int = 1024) -> int:
+    """Estimated peak activation bytes of one (candidate, window) pair in a forward pass.
+
+    Inference keeps one layer's activations at a time: the residual stream, q/k/v, the MLP
+    intermediates, one attention block's float32 scores, cos/sin, and one loss chunk's logits.
+    """
+    f32 = 4
+    d, f, h, kv, hd, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                          cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
+    per_token = 4 * d + 2 * h * hd + 4 * kv * hd + 3 * f + 2 * cfg.rotary_dim
+    attn_block = 3 * h * min(block, length) * min(block, length)
+    loss = 2 * min(loss_chunk, length) * v
+    return int(f32 * (length * per_token + attn_block + loss))
+
+
+def default_budget() -> int:
+    """Bytes the evaluator may use: 80% of the first device's free memory where it reports one,
+    else 4 GiB (set ``memory_budget`` explicitly on CPU hosts)."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+    except Exception:  # backends without memory stats
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(0.8 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return 4 << 30
+
+
+def plan(k: int, s: int, per_item: int, budget: int, n_devices: int = 1) -> tuple[int, int]:
+    """(candidates per call, windows per call): as few calls as fit ``budget`` bytes per device.
+
+    Calls are balanced (K = 10 at most 4 per call gives 3 calls of 4, the last padded); with
+    several devices the candidates per call are a multiple of the device count.
+    """
+    budget = max(budget, per_item)
+    if s * per_item > budget:
+        return 1, max(1, budget // per_item)
+    cap = n_devices * max(1, budget // (s * per_item))
+    calls = -(-k // cap)
+    kc = -(-k // calls)
+    if n_devices > 1:
+        kc = -(-kc // n_devices) * n_devices
+    return kc, s
+
+
+def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
+          attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
+          devices=None) -> np.ndarray:
+    """NLL of K candidates on S windows: float64[K, S], split into as few calls as fit the budget.
+
+    Candidates go through in their given order, ``kc`` at a time (the last call padded by
+    repeating the last candidate, so every call has one shape and one compilation); results do
+    not depend on the split. With several devices, each call's candidates are spread over them.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    k = specs.long_factor.shape[0]
+    s, length = tokens.shape
+    specs = specs.replace(method="")
+    devices = list(devices) if devices is not None else jax.local_devices()
+    nd = len(devices)
+    per_item = item_bytes(cfg, length, q_chunk or 512, loss_chunk)
+    kc, sc = plan(k, s, per_item, memory_budget or default_budget(), nd)
+    shard = None
+    if nd > 1 and kc % nd == 0:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.asarray(devices), ("candidates",))
+        shard = NamedSharding(mesh, PartitionSpec("candidates"))
+        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+        tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
+    n_calls = -(-k // kc)
+    pad = n_calls * kc - k
+    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a, specs)
+    wpad = -(-s // sc) * sc - s  # pad windows too, so every call has one shape
+    if wpad:
+        tokens = jnp.concatenate([tokens, jnp.repeat(tokens[-1:], wpad, axis=0)])
+    out = np.zeros((k, s), np.float64)
+    for c in range(n_calls):
+        chunk = jax.tree.map(lambda a: a[c * kc:(c + 1) * kc], padded)
+        if shard is not None:
+            chunk = jax.device_put(chunk, shard)
+        rows = []
+        for w in range(0, s, sc):
+            rows.append(np.asarray(candidates_nll(params, tokens[w:w + sc], chunk, cfg=cfg, attention=attention,
+                                                  q_chunk=q_chunk, loss_chunk=loss_chunk), np.float64))
+        res = np.concatenate(rows, axis=1)[:, :s]
+        take = min(kc, k - c * kc)
+        out[c * kc:c * kc + take] = res[:take]
+    return out
+
+
 def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention: str = "dense",
                q_chunk: int | None = None, loss_chunk: int = 1024, batch: int = 1) -> dict:
     """Perplexity of windows ``tokens: int32[S, L]`` under ``spec``, ``batch`` windows per call.

@@ -1,0 +1,98 @@
+"""The vectorised candidate evaluator and the chunked loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longrope_jax import evaluate, rope
+from longrope_jax.model import Transformer, init_params
+
+from tiny import tiny_config
+
+L = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = tiny_config(max_position_embeddings=16, num_hidden_layers=2)
+    params = jax.tree.map(lambda a: a * 5.0 if a.ndim > 1 else a, init_params(cfg, 1))
+    tokens = np.random.default_rng(0).integers(0, 256, (3, L)).astype(np.int32)
+    return cfg, params, tokens
+
+
+def _candidates(cfg, k, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(k):
+        f = np.sort(rng.uniform(1.0, 4.0, cfg.rotary_dim // 2))
+        out.append(rope.longrope(cfg.rope_theta, cfg.rotary_dim, f, original_max=16, max_position_embeddings=64,
+                                 start_tokens=int(rng.integers(0, 3)) * 2, attention_factor=float(rng.uniform(1, 1.3))))
+    return rope.stack(out)
+
+
+def test_chunked_loss_equals_full_loss(model):
+    cfg, params, tokens = model
+    m = Transformer(cfg)
+    logits = m.apply({"params": params}, jnp.asarray(tokens))
+    lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    full = -jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0].sum(-1)
+    hidden = m.apply({"params": params}, jnp.asarray(tokens), return_hidden=True)
+    for chunk in (5, 16, 47, 1024):
+        got = evaluate.chunked_nll(m, params, hidden[:, :-1], jnp.asarray(tokens[:, 1:]), chunk)
+        np.testing.assert_allclose(got, full, rtol=1e-6)
+
+
+def test_candidate_batch_equals_one_by_one(model):
+    cfg, params, tokens = model
+    specs = _candidates(cfg, 5)
+    got = evaluate.score(params, cfg, tokens, specs, attention="dense")
+    for i in range(5):
+        one = jax.tree.map(lambda a: a[i], specs)
+        ref = evaluate.window_nll(params, jnp.asarray(tokens), one, cfg=cfg, attention="dense")
+        np.testing.assert_allclose(got[i], ref, rtol=2e-6)
+    assert np.ptp(got[:, 0]) > 1e-3  # the candidates really differ
+
+
+def test_new_factor_values_never_recompile(model):
+    cfg, params, tokens = model
+    kw = dict(cfg=cfg, attention="blockwise", q_chunk=16)
+    evaluate.candidates_nll(params, jnp.asarray(tokens), _candidates(cfg, 4, 0).replace(method=""), **kw)
+    before = evaluate.candidates_nll._cache_size()
+    for seed in (1, 2, 3):
+        evaluate.candidates_nll(params, jnp.asarray(tokens), _candidates(cfg, 4, seed).replace(method=""), **kw)
+    assert evaluate.candidates_nll._cache_size() == before
+
+
+def test_split_does_not_change_results(model):
+    cfg, params, tokens = model
+    specs = _candidates(cfg, 7)
+    per = evaluate.item_bytes(cfg, L, 16)
+    results = []
+    for budget in (per * 3, per * 9, per * 21, per):  # kc = 1, 3, 7 candidates; last: windows split too
+        kc = evaluate.plan(7, 3, per, budget)[0]
+        assert kc == (1 if budget < 3 * per else -(-7 // -(-7 // (budget // (3 * per)))))
+        results.append(evaluate.score(params, cfg, tokens, specs, memory_budget=budget, attention="blockwise",
+                                      q_chunk=16, devices=jax.local_devices()[:1]))
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=1e-6)
+
+
+def test_multi_device_spreads_candidates(model):
+    cfg, params, tokens = model
+    assert len(jax.local_devices()) == 8
+    specs = _candidates(cfg, 8)
+    one = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16,
+                         devices=jax.local_devices()[:1])
+    many = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16)
+    np.testing.assert_allclose(many, one, rtol=1e-6)
+
+
+def test_plan():
+    assert evaluate.plan(10, 4, 100, 10_000) == (10, 4)
+    assert evaluate.plan(10, 4, 100, 1_000) == (2, 4)
+    assert evaluate.plan(10, 1, 100, 400) == (4, 1)
+    assert evaluate.plan(10, 4, 100, 250) == (1, 2)
+    assert evaluate.plan(10, 4, 100, 10) == (1, 1)
+    assert evaluate.plan(64, 2, 100, 1_000, n_devices=8) == (32, 2)
+    assert evaluate.plan(3, 2, 100, 1_000, n_devices=8) == (8, 2)
