@@ -34,7 +34,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 PPL_DEFAULTS = dict(model=None, data=None, length=None, rope=["none"], samples=1, seed=0, field="text",
                     tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
-                    q_chunk=None, loss_chunk=1024)
+                    q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None)
 
 
 def settings(args, extra: list[str], defaults: dict, required: tuple[str, ...]) -> dict:
@@ -66,10 +66,19 @@ def cmd_ppl(args, extra) -> int:
     for rec in run_ppl(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"],
                        seed=s["seed"], param_dtype=s["param_dtype"], attention=s["attention"],
                        q_chunk=s["q_chunk"], loss_chunk=s["loss_chunk"], tokenizer=s["tokenizer"],
-                       sliding_window=not s["no_sliding_window"], field=s["field"], log=_log):
+                       sliding_window=not s["no_sliding_window"], field=s["field"],
+                       memory_budget=int(s["memory_budget_gib"] * 2**30) if s["memory_budget_gib"] else None,
+                       log=_log):
         print(json.dumps(rec), flush=True)
         rows.append(rec)
     _log(_table(rows))
+    if s["plot"]:
+        import os
+
+        from longrope_jax.plots import ppl_vs_length
+
+        path = ppl_vs_length(rows, os.path.join(s["out"] or ".", "ppl_vs_length.png"))
+        _log(f"wrote {path}")
     return 0
 
 
@@ -107,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-chunk", type=int, default=None,
                    help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 2048")
     p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
+    p.add_argument("--memory-budget-gib", type=float,
+                   help="memory the evaluator may use per device (default: 80%% of free device memory, 4 GiB on CPU)")
+    p.add_argument("--plot", action="store_true", help="write ppl_vs_length.png under --out")
+    p.add_argument("--out", help="directory for files (plots)")
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt (KV cache, short/long aware)")

@@ -201,16 +201,23 @@ def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention:
             "predictions": int(tokens.shape[0] * (tokens.shape[1] - 1))}
 
 
+def _static_key(spec):
+    return (spec.theta, spec.rotary_dim, spec.original_max, spec.dynamic_scale, spec.dynamic_max)
+
+
 def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samples: int = 1, seed: int = 0,
             param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
             loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True,
-            field: str = "text", log=None):
+            field: str = "text", memory_budget: int | None = None, log=None):
     """The ``ppl`` job: yields one result dict per (length, rope), in the order given.
 
-    Follows the perplexity protocol of REFERENCE.md section 8; ``log`` receives progress lines.
+    Follows the perplexity protocol of REFERENCE.md section 8. At each length, the ``--rope``
+    values that share a spec structure (none, PI, NTK, YaRN, llama3, factor files of one model)
+    are stacked and scored together by the candidate evaluator. ``log`` receives progress lines.
     """
     import time
 
+    from longrope_jax import rope as rope_lib
     from longrope_jax.data import read_documents, windows
     from longrope_jax.factors import resolve_rope
     from longrope_jax.loading import load_model
@@ -230,23 +237,35 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
         attn = pick_attention(attention, length)
         qc = q_chunk if q_chunk is not None else (512 if length > 2048 else None)
-        for r in ropes:
-            spec = resolve_rope(r, m.cfg, length)
+        specs = {r: resolve_rope(r, m.cfg, length) for r in ropes}
+        groups: dict = {}
+        for r, sp in specs.items():
+            groups.setdefault(_static_key(sp), []).append(r)
+        nll, secs = {}, {}
+        for names in groups.values():
             t1 = time.time()
-            res = perplexity(m.params, m.cfg, w.tokens, spec, attention=attn, q_chunk=qc,
-                             loss_chunk=loss_chunk)
+            res = score(m.params, m.cfg, w.tokens, rope_lib.stack([specs[r] for r in names]),
+                        memory_budget=memory_budget, attention=attn, q_chunk=qc, loss_chunk=loss_chunk)
             dt = time.time() - t1
-            rec = {
+            tokens = len(names) * w.tokens.size
+            log(f"length {length}: scored {', '.join(names)} on {w.tokens.shape[0]} window(s) in {dt:.1f}s "
+                f"({tokens / dt:.0f} tok/s incl. compilation)")
+            for i, r in enumerate(names):
+                nll[r], secs[r] = res[i], dt / len(names)
+        for r in ropes:
+            per = nll[r]
+            mean = float(per.mean())
+            yield {
                 "model": model,
                 "model_sha256": m.sha256,
                 "data": data,
                 "length": length,
                 "rope": r,
-                "method": spec.method,
-                "ppl": res["ppl"],
-                "nll": res["nll"],
-                "nll_per_window": res["nll_per_window"],
-                "predictions": res["predictions"],
+                "method": specs[r].method,
+                "ppl": math.exp(mean),
+                "nll": mean,
+                "nll_per_window": per.tolist(),
+                "predictions": int(w.tokens.shape[0] * (length - 1)),
                 "documents": w.documents,
                 "documents_skipped_short": w.skipped_short,
                 "documents_available": w.available,
@@ -256,8 +275,5 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
                 "original_window": m.cfg.max_position_embeddings,
                 "param_dtype": param_dtype,
                 "attention": attn,
-                "seconds": round(dt, 2),
+                "seconds": round(secs[r], 2),
             }
-            log(f"length {length} rope {r}: ppl {res['ppl']:.4f} ({res['predictions'] / dt:.0f} tok/s, "
-                f"{dt:.1f}s incl. compilation)")
-            yield rec

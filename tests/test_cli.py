@@ -92,3 +92,12 @@ def test_generate_command(tiny, capsys):
     (rec,) = recs
     assert rec["new_tokens"] == 5 and len(rec["tokens"]) == 5 and rec["prompt_tokens"] == 15
     assert rec["completion"] in err
+
+
+def test_ppl_plot(tiny, capsys, tmp_path):
+    d, data = tiny
+    rc, recs, err = _run(["ppl", "--model", d, "--data", data, "--length", "32", "--length", "80", "--rope", "none",
+                          "--rope", "ntk:2", "--plot", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    png = tmp_path / "ppl_vs_length.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
