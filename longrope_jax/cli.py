@@ -98,6 +98,25 @@ def cmd_generate(args, extra) -> int:
     return 0
 
 
+def cmd_passkey(args, extra) -> int:
+    from longrope_jax.passkey import run_passkey
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    res = run_passkey(args.model, args.lengths, args.trials, args.rope, seed=args.seed,
+                      param_dtype=args.param_dtype or "float32", tokenizer=args.tokenizer,
+                      sliding_window=not args.no_sliding_window, out_dir=args.out, log=_log)
+    for row in res["by_depth"]:
+        print(json.dumps(dict(row, model=res["model"], rope=res["rope"])), flush=True)
+    print(json.dumps({k: v for k, v in res.items() if k != "by_depth"}), flush=True)
+    _log("  length  accuracy")
+    for n, acc in res["accuracy"].items():
+        _log(f"{n:>8}  {acc:8.0%}")
+    if res.get("heatmap"):
+        _log(f"wrote {res['heatmap']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope", default="longrope",
                    help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
+    _add_model_flags(p)
+    p.add_argument("--lengths", type=int, nargs="+", required=True)
+    p.add_argument("--trials", type=int, default=10, help="trials per length, at stratified random depths")
+    p.add_argument("--rope", default="none",
+                   help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="directory for passkey.png")
+    p.set_defaults(func=cmd_passkey)
     return parser
 
 

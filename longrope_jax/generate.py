@@ -17,16 +17,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longrope_jax import attention as attention_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax.model import ModelConfig, Transformer, init_cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefill(params, tokens, spec, cache, *, cfg: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
+def _prefill(params, tokens, spec, cache, *, cfg: ModelConfig, attention: str = "dense"):
     b, l = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions, rope=spec, cache=cache)
-    return logits[:, -1].astype(jnp.float32), cache
+    model = Transformer(cfg, attention_lib.get(attention))
+    hidden, cache = model.apply({"params": params}, tokens, positions, rope=spec, cache=cache, return_hidden=True)
+    logits = model.apply({"params": params}, hidden[:, -1], method=Transformer.project)
+    return logits.astype(jnp.float32), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -50,8 +53,12 @@ def _needs_long(spec: rope_lib.RopeSpec, seq_len: int) -> bool:
 
 
 def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spec: rope_lib.RopeSpec,
-           *, eos_token_id=None, keep_logits: bool = False, progress=None) -> Generation:
-    """Greedy continuation of ``prompt`` (one sequence) for up to ``max_new_tokens`` tokens."""
+           *, eos_token_id=None, keep_logits: bool = False, progress=None, attention: str = "auto") -> Generation:
+    """Greedy continuation of ``prompt`` (one sequence) for up to ``max_new_tokens`` tokens.
+
+    ``attention`` is used for the prompt (and re-encode) pass; ``auto`` picks blockwise beyond
+    2048 tokens. Decoding steps attend one query to the cache densely.
+    """
     if not prompt:
         raise ValueError("generate: the prompt encodes to no tokens")
     if max_new_tokens < 1:
@@ -61,7 +68,8 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
     seq = list(prompt)
     max_len = len(prompt) + max_new_tokens
     cache = init_cache(cfg, 1, max_len)
-    logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg)
+    attn = "dense" if attention == "auto" and max_len <= 2048 else ("blockwise" if attention == "auto" else attention)
+    logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn)
     long_mode = _needs_long(spec, len(seq))
     out, reenc, kept = [], [], []
     for _ in range(max_new_tokens):
@@ -77,7 +85,7 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
         p = len(seq) - 1  # position of the token just produced
         if not long_mode and _needs_long(spec, p + 1):
             cache = init_cache(cfg, 1, max_len)
-            logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg)
+            logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn)
             long_mode = True
             reenc.append(p)
         else:

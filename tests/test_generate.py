@@ -38,13 +38,14 @@ def _reference(params, cfg, prompt, n, spec):
     return seq[len(prompt):], logits
 
 
-@pytest.mark.parametrize("arch,window", [("llama", None), ("mistral", 6)])
-def test_generation_across_original_window_equals_full_reencode(arch, window):
+@pytest.mark.parametrize("arch,window,attention", [("llama", None, "dense"), ("mistral", 6, "dense"),
+                                                   ("llama", None, "blockwise")])
+def test_generation_across_original_window_equals_full_reencode(arch, window, attention):
     cfg, params = _longrope_model(arch, window)
     spec = model_lib.rope_spec(cfg)
     prompt = [3, 17, 200, 45, 9, 88, 121, 7, 64, 5]
     n = 20  # crosses L_orig = 16
-    g = generate.greedy(params, cfg, prompt, n, spec, keep_logits=True)
+    g = generate.greedy(params, cfg, prompt, n, spec, keep_logits=True, attention=attention)
     ref_tokens, ref_logits = _reference(params, cfg, prompt, n, spec)
     assert g.tokens == ref_tokens
     assert g.reencoded_at == [L_ORIG]

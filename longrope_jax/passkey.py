@@ -1,0 +1,143 @@
+"""Passkey retrieval: a random 5-digit key hidden at a depth in repeated filler, asked for at the end.
+
+The standard test of the position-interpolation / LongRoPE papers: the prompt is an instruction,
+filler sentences up to the target length with the key sentence inserted at a fractional depth,
+and the question; the answer is decoded greedily and counts as retrieved when the key's digits
+appear in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclasses.dataclass
+class Trial:
+    length: int
+    depth: float  # requested fraction of the filler before the needle
+    key: str
+    prompt_tokens: int
+    answer: str
+    correct: bool
+
+
+def build_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
+    """Token ids of a passkey prompt of about ``length`` tokens (never more)."""
+    intro = tokenizer.encode(INTRO)
+    needle = tokenizer.encode(NEEDLE.format(key=key))
+    question = tokenizer.encode(QUESTION)
+    filler_unit = tokenizer.encode(FILLER)
+    room = length - len(intro) - len(needle) - len(question)
+    if room < 0:
+        raise ValueError(f"--lengths: {length} tokens cannot hold the passkey prompt "
+                         f"(needs at least {length - room} tokens)")
+    filler = (filler_unit * (room // len(filler_unit) + 1))[:room]
+    cut = int(round(depth * room))
+    # Keep the needle on a sentence boundary of the filler, so it reads as a sentence.
+    unit = len(filler_unit)
+    cut = min(room, (cut // unit) * unit)
+    return intro + filler[:cut] + needle + filler[cut:] + question
+
+
+def run_trials(params, cfg, tokenizer, spec_for_length, lengths: list[int], trials: int, seed: int = 0,
+               log=None) -> list[Trial]:
+    """``trials`` trials per length at stratified random depths, each with a fresh random key."""
+    from longrope_jax.generate import greedy
+
+    log = log or (lambda msg: None)
+    rng = np.random.default_rng(seed)
+    out = []
+    for length in lengths:
+        spec = spec_for_length(length)
+        ok = 0
+        for t in range(trials):
+            depth = float((t + rng.uniform()) / trials)
+            key = str(int(rng.integers(10000, 100000)))
+            ids = build_prompt(tokenizer, length, depth, key)
+            g = greedy(params, cfg, ids, 8, spec)
+            answer = tokenizer.decode(g.tokens)
+            correct = key in answer.replace(" ", "")
+            ok += correct
+            out.append(Trial(length, depth, key, len(ids), answer, bool(correct)))
+            log(f"length {length} trial {t + 1}/{trials} depth {depth:.2f}: "
+                f"{'ok' if correct else 'miss'} (key {key}, answer {answer!r}); {ok}/{t + 1} so far")
+    return out
+
+
+def summarise(trials: list[Trial], bins: int = 5) -> list[dict]:
+    """Accuracy per (length, depth bin)."""
+    rows = []
+    for length in dict.fromkeys(t.length for t in trials):
+        ts = [t for t in trials if t.length == length]
+        nb = min(bins, len(ts))
+        for b in range(nb):
+            lo, hi = b / nb, (b + 1) / nb
+            sel = [t for t in ts if lo <= t.depth < hi or (b == nb - 1 and t.depth == 1.0)]
+            if sel:
+                rows.append({"length": length, "depth_lo": lo, "depth_hi": hi, "trials": len(sel),
+                             "accuracy": sum(t.correct for t in sel) / len(sel)})
+    return rows
+
+
+def heatmap(rows: list[dict], path: str, title: str) -> str:
+    """A PNG heat map of accuracy: depth bins (rows) by length (columns)."""
+    from longrope_jax.plots import _pyplot, _save
+
+    plt = _pyplot()
+    lengths = list(dict.fromkeys(r["length"] for r in rows))
+    depths = sorted({(r["depth_lo"], r["depth_hi"]) for r in rows})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        grid[depths.index((r["depth_lo"], r["depth_hi"])), lengths.index(r["length"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.5 * len(depths) + 2.5))
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{lo:.1f}-{hi:.1f}" for lo, hi in depths])
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not math.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "none", *, seed: int = 0,
+                param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
+                out_dir: str | None = None, log=None) -> dict:
+    """The ``passkey`` job: trials, per-length accuracy, per-(length, depth) accuracy, heat map."""
+    import os
+
+    from longrope_jax.factors import resolve_rope
+    from longrope_jax.loading import load_model
+
+    if trials < 1:
+        raise ValueError(f"--trials: expected at least 1, got {trials}")
+    m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
+    if m.tokenizer is None:
+        raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
+    ts = run_trials(m.params, m.cfg, m.tokenizer, lambda n: resolve_rope(rope, m.cfg, n), lengths, trials,
+                    seed, log)
+    rows = summarise(ts)
+    result = {
+        "model": model, "rope": rope, "seed": seed, "trials_per_length": trials,
+        "accuracy": {str(n): sum(t.correct for t in ts if t.length == n) / trials for n in lengths},
+        "by_depth": rows,
+        "trials": [dataclasses.asdict(t) for t in ts],
+    }
+    if out_dir:
+        result["heatmap"] = heatmap(rows, os.path.join(out_dir, "passkey.png"), f"passkey: {model}, rope {rope}")
+    return result
