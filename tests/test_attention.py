@@ -61,3 +61,45 @@ def test_dense_query_chunking_is_exact():
     q, k, v, pos = _inputs(1)
     kw = dict(q_positions=pos, kv_positions=pos, sliding_window=20)
     np.testing.assert_allclose(dense_attention(q, k, v, **kw, q_chunk=16), dense_attention(q, k, v, **kw), atol=1e-6)
+
+
+FUSED = {
+    "causal_gqa": dict(),
+    "mha": dict(kv=6),
+    "window": dict(window=9),
+    "segments": dict(segments=True),
+}
+
+
+@pytest.mark.parametrize("impl,name", [(i, n) for i in ("splash_interpret", "xla") for n in FUSED
+                                       if not (i == "xla" and n == "segments")])  # no segments there
+def test_fused_equals_blockwise(impl, name):
+    """The TPU splash kernel (Pallas interpret mode) and jax.nn.dot_product_attention's argument
+    mapping (its XLA path; cuDNN takes the same call on GPU) against the blockwise kernel."""
+    from longrope_jax.attention import fused_attention
+
+    c = FUSED[name]
+    q, k, v, pos = _inputs(2, b=2, l=150, kv=c.get("kv", 2))
+    seg = None
+    if c.get("segments"):
+        seg = jnp.broadcast_to((jnp.arange(150) >= 64).astype(jnp.int32), pos.shape)
+        pos = pos - 64 * seg
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+              sliding_window=c.get("window"))
+    ref = blockwise_attention(q, k, v, **kw, block_q=32, block_kv=32)
+    got = fused_attention(q, k, v, **kw, implementation=impl, block=128)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+
+
+def test_fused_clear_errors():
+    from longrope_jax.attention import fused_attention
+
+    q, k, v, pos = _inputs(3, l=16)
+    seg = jnp.zeros_like(pos)
+    with pytest.raises(ValueError, match="segment ids are not supported"):
+        fused_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+                        implementation="xla")
+    with pytest.raises(ValueError, match="no fused kernel on backend 'cpu'"):
+        fused_attention(q, k, v, q_positions=pos, kv_positions=pos)
+    with pytest.raises(ValueError, match="same length"):
+        fused_attention(q, k[:, :8], v[:, :8], q_positions=pos, kv_positions=pos[:, :8], implementation="xla")

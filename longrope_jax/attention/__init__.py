@@ -5,8 +5,9 @@
 
 from longrope_jax.attention.blockwise import blockwise_attention
 from longrope_jax.attention.dense import dense_attention
+from longrope_jax.attention.fused import fused_attention
 
-IMPLEMENTATIONS = {"dense": dense_attention, "blockwise": blockwise_attention}
+IMPLEMENTATIONS = {"dense": dense_attention, "blockwise": blockwise_attention, "fused": fused_attention}
 
 
 def get(name: str):
@@ -16,4 +17,4 @@ def get(name: str):
         raise ValueError(f"attention: expected one of {sorted(IMPLEMENTATIONS)}, got {name!r}") from None
 
 
-__all__ = ["blockwise_attention", "dense_attention", "get", "IMPLEMENTATIONS"]
+__all__ = ["blockwise_attention", "dense_attention", "fused_attention", "get", "IMPLEMENTATIONS"]
