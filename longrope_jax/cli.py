@@ -117,6 +117,17 @@ def cmd_passkey(args, extra) -> int:
     return 0
 
 
+def cmd_convert(args, extra) -> int:
+    from longrope_jax.convert import run
+
+    if extra:
+        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+    rec = run(args.model, args.out, factors=args.factors, to=args.to, overwrite=args.overwrite,
+              allow_drop_start_tokens=args.allow_drop_start_tokens, shard_bytes=args.shard_bytes, log=_log)
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for passkey.png")
     p.set_defaults(func=cmd_passkey)
+
+    p = sub.add_parser("convert", help="HF dir / GGUF -> checkpoint; checkpoint (+ factors) -> HF directory")
+    p.add_argument("--model", required=True, help="HF directory, .gguf file, 'smollm2', checkpoint, or Hub id")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--factors", help="factors.json (longrope-factors/1): attached to a checkpoint, written to HF")
+    p.add_argument("--to", choices=["checkpoint", "hf"],
+                   help="default: hf for a checkpoint source, checkpoint otherwise")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--allow-drop-start-tokens", action="store_true",
+                   help="export factors with start_tokens > 0 to HF without them (HF cannot express them)")
+    p.add_argument("--shard-bytes", type=int, default=2 * 2**30, help="HF export: largest safetensors shard")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -335,6 +335,38 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     return d
 
 
+def write_weights(out_dir: str, cfg: ModelConfig, params: Mapping, *, dtype=None,
+                  shard_bytes: int = 2 * 2**30) -> list[str]:
+    """Writes the weights into an existing directory: ``model.safetensors``, or shards of at most
+    ``shard_bytes`` with an index. ``dtype`` casts (default: keep each tensor's dtype). Returns the
+    file names written."""
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, arr in tensors_from_params(params, cfg):
+        arr = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
+        if size and size + arr.nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, SINGLE), metadata={"format": "pt"})
+        return [SINGLE]
+    weight_map = {}
+    files = []
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        files.append(fname)
+    total = sum(a.nbytes for s in shards for a in s.values())
+    with open(os.path.join(out_dir, INDEX), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    return files + [INDEX]
+
+
 def save(path: str, cfg: ModelConfig, params: Mapping, *, tokenizer_file: str | None = None,
          dtype=None, shard_bytes: int = 2 * 2**30) -> None:
     """Writes an HF directory atomically (temporary directory renamed into place).
@@ -344,34 +376,13 @@ def save(path: str, cfg: ModelConfig, params: Mapping, *, tokenizer_file: str | 
     import shutil
     import tempfile
 
-    from safetensors.numpy import save_file
-
     parent = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         with open(os.path.join(tmp, CONFIG), "w") as fh:
             json.dump(config_to_hf(cfg), fh, indent=2)
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, arr in tensors_from_params(params, cfg):
-            arr = np.ascontiguousarray(arr if dtype is None else arr.astype(dtype))
-            if size and size + arr.nbytes > shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = arr
-            size += arr.nbytes
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SINGLE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(a.nbytes for s in shards for a in s.values())
-            with open(os.path.join(tmp, INDEX), "w") as fh:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+        write_weights(tmp, cfg, params, dtype=dtype, shard_bytes=shard_bytes)
         if tokenizer_file:
             shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
         os.chmod(tmp, 0o755)

@@ -85,7 +85,8 @@ def load_model(
     """Loads a model for longrope-jax.
 
     Args:
-      path: an HF directory, a ``.gguf`` file, ``smollm2``, or a Hub id (needs network).
+      path: an HF directory, a ``.gguf`` file, ``smollm2``, a longrope-jax checkpoint directory, or
+        a Hub id (needs network).
       param_dtype / dtype: parameter and compute dtypes (``float32``, ``bfloat16``).
       tokenizer: a ``tokenizer.json`` overriding the model's own.
       sliding_window: False switches Mistral's sliding window off (as LongRoPE did).
@@ -95,6 +96,10 @@ def load_model(
     given = path
     path = resolve_path(path)
     sha = None
+    from longrope_jax import checkpoint
+
+    if checkpoint.is_checkpoint(path):
+        return _from_checkpoint(path, given, param_dtype, dtype, tokenizer, sliding_window, to_device)
     if os.path.isfile(path) and path.endswith(".gguf"):
         path, sha = gguf_to_cache(path)
     elif not os.path.exists(path):
@@ -114,6 +119,25 @@ def load_model(
         params = jax.tree.map(jax.numpy.asarray, params)
     tok = Tokenizer.from_file(tokenizer) if tokenizer else load_for(path)
     return LoadedModel(cfg, params, tok, given, sha)
+
+
+def _from_checkpoint(path, given, param_dtype, dtype, tokenizer, sliding_window, to_device) -> LoadedModel:
+    """A longrope-jax checkpoint (:mod:`longrope_jax.checkpoint`), cast to ``param_dtype`` as HF
+    directories are."""
+    from longrope_jax import checkpoint
+
+    cfg, params, meta = checkpoint.restore(path)
+    cfg = cfg.replace(param_dtype=param_dtype, dtype=dtype or param_dtype)
+    if not sliding_window:
+        cfg = cfg.replace(sliding_window=None)
+    import jax
+
+    params = jax.tree.map(lambda a: a.astype(np.dtype(param_dtype)), params)
+    if to_device:
+        params = jax.tree.map(jax.numpy.asarray, params)
+    tok_json = meta["tokenizer_paths"].get("tokenizer.json")
+    tok = Tokenizer.from_file(tokenizer or tok_json) if (tokenizer or tok_json) else None
+    return LoadedModel(cfg, params, tok, given, (meta.get("source") or {}).get("sha256"))
 
 
 def _hub_download(repo_id: str) -> str:
