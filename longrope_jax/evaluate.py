@@ -237,7 +237,7 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
         attn = pick_attention(attention, length)
         qc = q_chunk if q_chunk is not None else (512 if length > 2048 else None)
-        specs = {r: resolve_rope(r, m.cfg, length) for r in ropes}
+        specs = {r: resolve_rope(r, m.cfg, length, m.factors) for r in ropes}
         groups: dict = {}
         for r, sp in specs.items():
             groups.setdefault(_static_key(sp), []).append(r)

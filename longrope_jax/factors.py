@@ -114,17 +114,18 @@ def to_spec(d: Mapping[str, Any], length: int | None = None, path: str = "factor
 ROPE_KINDS = ("none", "pi", "ntk", "dynamic", "yarn", "llama3")
 
 
-def resolve_rope(value: str, cfg, length: int | None = None) -> rope_lib.RopeSpec:
+def resolve_rope(value: str, cfg, length: int | None = None, model_factors: Mapping | None = None) -> rope_lib.RopeSpec:
     """A ``--rope`` value -> RopeSpec for model config ``cfg`` (section 8 of REFERENCE.md).
 
     ``none``, ``pi:S``, ``ntk:S``, ``dynamic:S``, ``yarn:S``, ``llama3:S`` (S over the model's
-    ``max_position_embeddings``), ``longrope`` (the model's own config) or a factors file path.
+    ``max_position_embeddings``), ``longrope`` (the factors attached to a checkpoint,
+    ``model_factors``, else the model's own config) or a factors file path.
     """
     from longrope_jax.model import rope_spec
 
     theta, rd, lmax = cfg.rope_theta, cfg.rotary_dim, cfg.max_position_embeddings
     if value == "longrope":
-        return rope_spec(cfg)
+        return to_spec(model_factors, length, "checkpoint factors") if model_factors else rope_spec(cfg)
     if value == "none":
         return rope_lib.default(theta, rd)
     kind, sep, arg = value.partition(":")

@@ -104,7 +104,7 @@ def run_generate(model: str, prompt: str, max_new_tokens: int, rope: str = "long
     if m.tokenizer is None:
         raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
     ids = m.tokenizer.encode(prompt)
-    spec = resolve_rope(rope, m.cfg, len(ids) + max_new_tokens)
+    spec = resolve_rope(rope, m.cfg, len(ids) + max_new_tokens, m.factors)
     done: list[int] = []
 
     def show(t):

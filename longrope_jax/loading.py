@@ -32,6 +32,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     source: str  # the path as given
     sha256: str | None = None  # of the GGUF file, when the source was one
+    factors: dict | None = None  # a factors file attached to a checkpoint (``--rope longrope`` uses it)
 
 
 def smollm2_path() -> str:
@@ -137,7 +138,8 @@ def _from_checkpoint(path, given, param_dtype, dtype, tokenizer, sliding_window,
         params = jax.tree.map(jax.numpy.asarray, params)
     tok_json = meta["tokenizer_paths"].get("tokenizer.json")
     tok = Tokenizer.from_file(tokenizer or tok_json) if (tokenizer or tok_json) else None
-    return LoadedModel(cfg, params, tok, given, (meta.get("source") or {}).get("sha256"))
+    return LoadedModel(cfg, params, tok, given, (meta.get("source") or {}).get("sha256"),
+                       (meta.get("rope") or {}).get("factors"))
 
 
 def _hub_download(repo_id: str) -> str:

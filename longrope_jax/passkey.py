@@ -129,7 +129,7 @@ def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "none",
     m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
     if m.tokenizer is None:
         raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
-    ts = run_trials(m.params, m.cfg, m.tokenizer, lambda n: resolve_rope(rope, m.cfg, n), lengths, trials,
+    ts = run_trials(m.params, m.cfg, m.tokenizer, lambda n: resolve_rope(rope, m.cfg, n, m.factors), lengths, trials,
                     seed, log)
     rows = summarise(ts)
     result = {

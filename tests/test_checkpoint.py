@@ -295,3 +295,21 @@ def test_outdir_check_messages(tmp_path):
         cfg = tiny_config()
         export.save_hf(str(tmp_path / "x"), cfg, init_params(cfg), tokenizer_files=[str(tmp_path / "f")])
     assert not (tmp_path / "x").exists()
+
+
+def test_checkpoint_factors_drive_rope_longrope(tmp_path, capsys):
+    """Factors attached at conversion are what ``--rope longrope`` uses on the checkpoint."""
+    src = tiny_src(tmp_path)
+    f = factors_file(tmp_path / "factors.json", start_tokens=2)
+    ck = str(tmp_path / "ck")
+    rc, _, err = run_cli(["convert", "--model", src, "--out", ck, "--factors", f], capsys)
+    assert rc == 0, err
+    text = tmp_path / "doc.txt"
+    text.write_text("Some text to score, long enough for a window of ninety tokens. " * 4)
+    rc, a, err = run_cli(["ppl", "--model", ck, "--data", str(text), "--length", "90", "--rope", "longrope"], capsys)
+    assert rc == 0, err
+    rc, b, err = run_cli(["ppl", "--model", src, "--data", str(text), "--length", "90", "--rope", f], capsys)
+    assert rc == 0, err
+    rc, c, err = run_cli(["ppl", "--model", src, "--data", str(text), "--length", "90", "--rope", "longrope"], capsys)
+    assert a[0]["ppl"] == pytest.approx(b[0]["ppl"], rel=1e-6)
+    assert abs(a[0]["ppl"] - c[0]["ppl"]) > 1e-4  # the source's own (default) RoPE differs
