@@ -27,7 +27,10 @@ setup(
     extras_require={
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
-        "tfds": ["tensorflow-datasets"],
+        # tfds.data_source / tfds.testing.mock_data work without TensorFlow (>=4.9.4 for as_data_source_fn);
+        # download_and_prepare imports importlib_resources, which tensorflow-datasets does not declare on
+        # Python >= 3.9. Building a dataset whose builder reads with tf.io (pg19) also needs tensorflow.
+        "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources"],
         "test": [
             "pytest",
             "torch==2.13.0",
@@ -36,6 +39,9 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            # tests/test_data_tfds.py: the tfds extra (about 210 MB, mostly pyarrow; no TensorFlow)
+            "tensorflow-datasets>=4.9.4",
+            "importlib_resources",
         ],
     },
     entry_points={"console_scripts": ["longrope-jax=longrope_jax.cli:main"]},

@@ -1,21 +1,40 @@
 """Documents for evaluation, following the perplexity protocol (REFERENCE.md section 8).
 
 A text file is one document, a JSONL line is one document (field ``text``), a directory holds one
-document per file, and ``pydoc:`` is a long English text every Python installation has (the
-standard library's pydoc topics, joined in sorted order). Each document contributes its first N
-tokens; shorter ones are skipped and counted.
+document per file, ``pydoc:`` is a long English text every Python installation has (the
+standard library's pydoc topics, joined in sorted order), and ``tfds:NAME[:SPLIT]`` reads a
+TensorFlow Datasets split (optional extra ``tfds``; e.g. ``tfds:pg19:validation``). Each document
+contributes its first N tokens; shorter ones are skipped and counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-from typing import Iterable
+import re
+from typing import Callable, Iterable
 
 import numpy as np
 
 BUILTIN_PYDOC = "pydoc:"
+TFDS_PREFIX = "tfds:"
+# Documents read from a TFDS split unless ``max_documents`` says otherwise: all of PG19's
+# validation (50 books) and test (100 books) splits, without reading all of a large corpus.
+TFDS_MAX_DOCUMENTS = 100
+TFDS_SPLITS = ("validation", "test", "train")  # the default split: the first of these there is
+# The text feature when ``field`` is the default "text" and the dataset has no feature of that name.
+TFDS_TEXT_FIELDS = {
+    "pg19": "book_text",
+    "scientific_papers": "article",
+    "big_patent": "description",
+    "multi_news": "document",
+    "booksum": "document",
+}
+TFDS_INSTALL_HINT = "pip install -c constraints.txt 'longrope-jax[tfds]'"
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -24,7 +43,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    name: str  # file path, ``path:line`` for JSONL, or ``pydoc:topics``
+    name: str  # file path, ``path:line`` for JSONL, ``pydoc:topics``, or ``tfds:NAME:SPLIT:INDEX``
     text: str
 
 
@@ -59,8 +78,182 @@ def _file(path: str, field: str) -> Iterable[Document]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def read_documents(source: str, field: str = "text") -> list[Document]:
-    """Documents from a text file, a JSONL file, a directory (sorted, recursive) or ``pydoc:``."""
+_TFDS_VERSION = re.compile(r"\d+\.(\d+|\*)\.(\d+|\*)")
+
+
+def parse_tfds(source: str) -> tuple[str, str | None]:
+    """``tfds:NAME[/CONFIG][:VERSION][:SPLIT]`` -> (TFDS name, split or None).
+
+    SPLIT may use TFDS's split syntax (``validation[:10]``, ``train+test``).
+    """
+    rest = source[len(TFDS_PREFIX):]
+    name, _, split = rest.partition(":")
+    head, _, tail = split.partition(":")
+    if _TFDS_VERSION.fullmatch(head):
+        name, split = f"{name}:{head}", tail
+    if not name or not re.fullmatch(r"[\w.\-/:*]+", name):
+        raise DataError(f"{source}: expected tfds:NAME[:SPLIT], e.g. tfds:pg19:validation")
+    return name, split or None
+
+
+def _is_string_feature(f) -> bool:
+    try:
+        return tuple(f.shape) == () and np.dtype(f.np_dtype) == np.dtype(object)
+    except (AttributeError, TypeError):
+        return False
+
+
+def _describe_features(features) -> str:
+    parts = []
+    for k, f in features.items():
+        if _is_string_feature(f):
+            kind = type(f).__name__ if type(f).__name__ != "Tensor" else "string"
+        else:
+            try:
+                kind = f"{type(f).__name__} {np.dtype(f.np_dtype).name}{list(f.shape) if f.shape else ''}"
+            except (AttributeError, TypeError):
+                kind = type(f).__name__
+        parts.append(f"{k} ({kind})")
+    return ", ".join(parts)
+
+
+def _tfds_field(tfds, features, field: str, name: str, source: str, log) -> str:
+    """The feature holding the text: ``field``, else (for the default "text") a per-dataset default
+    or the only Text / string feature."""
+    strings = [k for k, f in features.items() if _is_string_feature(f)]
+    if field in strings:
+        return field
+    if field in features.keys():
+        raise DataError(f"{source}: feature {field!r} is not text; string features: {', '.join(strings) or 'none'} "
+                        f"(features: {_describe_features(features)}); pick one with --field")
+    if field == "text":
+        base = name.split(":")[0].split("/")[0]
+        texts = [k for k in strings if isinstance(features[k], tfds.features.Text)]
+        choice = TFDS_TEXT_FIELDS.get(base) if TFDS_TEXT_FIELDS.get(base) in strings else None
+        choice = choice or (texts[0] if len(texts) == 1 else strings[0] if len(strings) == 1 else None)
+        if choice:
+            log(f"{source}: reading feature {choice!r} ({name} has no 'text' feature)")
+            return choice
+    raise DataError(f"{source}: no string feature {field!r}; pass --field with one of: {', '.join(strings) or 'none'} "
+                    f"(features: {_describe_features(features)})")
+
+
+def _tfds_split(builder, name: str, split: str | None, source: str, notice) -> str:
+    known = list(builder.info.splits)  # empty until prepared (and under tfds.testing.mock_data)
+    if split is None:
+        if not known:
+            return TFDS_SPLITS[0]
+        split = next((s for s in TFDS_SPLITS if s in known), sorted(known)[0])
+        if split != TFDS_SPLITS[0]:
+            notice(f"{source}: {name} has no {TFDS_SPLITS[0]!r} split; reading {split!r} (splits: "
+                   f"{', '.join(sorted(known))}; choose one with tfds:{name}:SPLIT)")
+        return split
+    if known:
+        for base in re.findall(r"(?:^|\+)\s*([^\[+\s]+)", split):
+            if base not in known:
+                raise DataError(f"{source}: {name} has no split {base!r} (splits: {', '.join(sorted(known))})")
+    return split
+
+
+def _tfds_text(value, where: str) -> str:
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if isinstance(value, (bytes, np.bytes_)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 text ({e})") from None
+    if isinstance(value, str):
+        return str(value)
+    raise DataError(f"{where}: expected a string, got {type(value).__name__}")
+
+
+def _tfds(source: str, field: str, max_documents: int | None, info, notice) -> list[Document]:
+    """A TFDS split's first ``max_documents`` examples (default TFDS_MAX_DOCUMENTS).
+
+    Reads through ``builder.as_data_source`` (ArrayRecord, random access, no TensorFlow needed),
+    so only the examples used are read. A dataset that is not prepared yet is downloaded and
+    prepared as ArrayRecord under the TFDS data dir (``TFDS_DATA_DIR``, default
+    ~/tensorflow_datasets); datasets already prepared as TFRecord are read with ``tfds.as_numpy``,
+    which needs TensorFlow.
+    """
+    name, split = parse_tfds(source)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(f"{source}: TensorFlow Datasets is not installed ({e}); {TFDS_INSTALL_HINT}") from None
+    limit = TFDS_MAX_DOCUMENTS if max_documents is None else max_documents
+    try:
+        builder = tfds.builder(name)
+    except ValueError as e:  # DatasetNotFoundError, unknown config or version
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{source}: {first} (see https://www.tensorflow.org/datasets/catalog; some builders "
+                        f"need TensorFlow: pip install tensorflow)") from None
+    if not builder.is_prepared():
+        builder = tfds.builder(name, file_format="array_record")
+        info(f"{source}: {name} is not prepared under {builder.data_dir}; downloading and preparing it "
+             f"(once; set TFDS_DATA_DIR to use a prepared copy)")
+        try:
+            builder.download_and_prepare()
+        except ImportError as e:
+            if (e.name or "").split(".")[0] == "tensorflow":
+                raise DataError(f"{source}: preparing {name} needs TensorFlow (its TFDS builder reads with tf.io): "
+                                f"pip install tensorflow, or set TFDS_DATA_DIR to a copy prepared with "
+                                f"file_format='array_record'") from e
+            raise DataError(f"{source}: preparing {name} needs a package that is missing ({e}); "
+                            f"{TFDS_INSTALL_HINT}") from e
+        except Exception as e:  # noqa: BLE001 - network, disk, manual downloads: say which dataset failed
+            raise DataError(f"{source}: could not download and prepare {name}: {type(e).__name__}: {e}") from e
+    split = _tfds_split(builder, name, split, source, notice)
+    field = _tfds_field(tfds, builder.info.features, field, name, source, info)
+    prefix = f"{TFDS_PREFIX}{name}:{split}"
+    try:
+        ds = builder.as_data_source(split=split)
+    except NotImplementedError:  # prepared as TFRecord: no random access
+        ds = None
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{source}: cannot read split {split!r} of {name}: {e}") from None
+    docs = []
+    if ds is not None:
+        total = len(ds)
+        for i in range(min(total, limit)):
+            docs.append(Document(f"{prefix}:{i}", _tfds_text(ds[i][field], f"{prefix}:{i}: {field}")))
+    else:
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            raise DataError(f"{source}: {name} is prepared under {builder.data_dir} as {builder.info.file_format}, "
+                            "which only TensorFlow reads: pip install tensorflow, or prepare it again with "
+                            "file_format='array_record' in another TFDS_DATA_DIR") from None
+        total = None
+        ds = builder.as_dataset(split=split, shuffle_files=False).take(limit)
+        for i, ex in enumerate(tfds.as_numpy(ds)):
+            docs.append(Document(f"{prefix}:{i}", _tfds_text(ex[field], f"{prefix}:{i}: {field}")))
+    if not docs:
+        raise DataError(f"{source}: split {split!r} of {name} holds no documents")
+    if total is not None and total > len(docs):
+        info(f"{source}: read the first {len(docs)} of {total} documents (max_documents={limit})")
+    return docs
+
+
+def read_documents(source: str, field: str = "text", *, max_documents: int | None = None,
+                   log: Callable[[str], None] | None = None) -> list[Document]:
+    """Documents from a text file, a JSONL file, a directory (sorted, recursive), ``pydoc:`` or
+    ``tfds:NAME[:SPLIT]``.
+
+    ``max_documents`` keeps the first ones (in the source's order); for ``tfds:`` it defaults to
+    TFDS_MAX_DOCUMENTS, as corpora like PG19 are large. ``log`` receives notices (which split or
+    feature was chosen, how many documents were read); by default they go to this module's logger.
+    """
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"max_documents: expected at least 1, got {max_documents}")
+    if source.startswith(TFDS_PREFIX):
+        return _tfds(source, field, max_documents, log or logger.info, log or logger.warning)
+    docs = _read(source, field, max_documents)
+    return docs if max_documents is None else docs[:max_documents]
+
+
+def _read(source: str, field: str, max_documents: int | None) -> list[Document]:
     if source == BUILTIN_PYDOC or source == "pydoc":
         return [Document("pydoc:topics", _pydoc_text())]
     if os.path.isdir(source):
@@ -70,12 +263,22 @@ def read_documents(source: str, field: str = "text") -> list[Document]:
             for f in sorted(files):
                 if not f.startswith("."):
                     docs.extend(_file(os.path.join(root, f), field))
+                    if max_documents is not None and len(docs) >= max_documents:
+                        return docs
         if not docs:
             raise DataError(f"{source}: directory holds no documents")
         return docs
     if not os.path.exists(source):
-        raise DataError(f"{source}: not found (expected a text file, a .jsonl file, a directory or 'pydoc:')")
-    return list(_file(source, field))
+        raise DataError(f"{source}: not found (expected a text file, a .jsonl file, a directory, 'pydoc:' "
+                        f"or 'tfds:NAME[:SPLIT]')")
+    if max_documents is None:
+        return list(_file(source, field))
+    docs = []
+    for d in _file(source, field):
+        docs.append(d)
+        if len(docs) >= max_documents:
+            break
+    return docs
 
 
 @dataclasses.dataclass
