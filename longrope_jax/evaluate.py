@@ -229,7 +229,7 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
         raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
     log(f"loaded {model} in {time.time() - t0:.1f}s: {m.cfg.num_hidden_layers} layers, window "
         f"{m.cfg.max_position_embeddings}")
-    docs = read_documents(data, field)
+    docs = read_documents(data, field, log=log)
     tok_info = m.tokenizer.describe()
     for length in lengths:
         w = windows(docs, m.tokenizer, length, samples, seed, source=data)
