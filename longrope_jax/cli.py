@@ -128,6 +128,15 @@ def cmd_convert(args, extra) -> int:
     return 0
 
 
+def cmd_search(args, extra) -> int:
+    from longrope_jax.search.job import run_search
+    from longrope_jax.search.settings import resolve
+
+    res = run_search(**resolve(args.config, extra, vars(args)), log=_log)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export factors with start_tokens > 0 to HF without them (HF cannot express them)")
     p.add_argument("--shard-bytes", type=int, default=2 * 2**30, help="HF export: largest safetensors shard")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("search", help="LongRoPE evolutionary search of rescale factors and start tokens")
+    _add_model_flags(p)
+    p.add_argument("--data", help="text file, .jsonl, directory, or 'pydoc:'")
+    p.add_argument("--target-length", type=int, help="tokens per search window (beyond the model's window)")
+    p.add_argument("--out", help="directory for factors.json, summary.json, log.jsonl, PNGs (a log there is resumed)")
+    p.add_argument("--samples", type=int, help="documents (one window each; default 5, the paper's)")
+    p.add_argument("--seed", type=int, help="seeds the windows and the search (default 0)")
+    p.add_argument("--max-evals", type=int, help="stop after this many evaluations (logged ones included)")
+    p.add_argument("--time-budget", type=float, help="stop after this many seconds (checked between generations)")
+    p.add_argument("--memory-budget-gib", type=float,
+                   help="memory the evaluator may use per device (default: 80%% of free device memory, 4 GiB on CPU)")
+    p.add_argument("--field", help="JSONL field holding the text (default 'text')")
+    p.add_argument("--attention", choices=["auto", "dense", "blockwise"],
+                   help="auto: dense up to 2048 tokens, blockwise beyond")
+    p.add_argument("--q-chunk", type=int, default=None, help="attention block size (default 512 beyond 2048)")
+    p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

@@ -1,0 +1,47 @@
+"""LongRoPE evolutionary search with the paper's settings (Ding et al. 2024, section 3.2 / REFERENCE.md 2).
+
+    longrope-jax search --config configs/search/default.py --model smollm2 --data DOCS.jsonl \
+        --target-length 16384 --out runs/smollm2-16k [--config.population=32 ...]
+
+These are also the built-in defaults of ``longrope-jax search`` (``longrope_jax.search.settings``;
+a test keeps the two equal).
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    # The job: set these here or with --model / --data / --target-length / --out.
+    c.model = None
+    c.data = None
+    c.target_length = None
+    c.out = None
+    c.samples = 5  # the paper: 5 PG19 validation documents, one window each
+    c.seed = 0
+    c.field = "text"
+    c.tokenizer = None
+    c.param_dtype = "float32"
+    c.no_sliding_window = False
+    c.attention = "auto"
+    c.q_chunk = None
+    c.loss_chunk = 1024
+    c.memory_budget_gib = None
+    c.max_evals = None  # budgets: None = run all iterations
+    c.time_budget = None
+    # The algorithm (the paper's table of settings).
+    c.population = 64
+    c.iterations = 40
+    c.mutations = 16
+    c.crossovers = 16
+    c.parents = 32
+    c.mutation_prob = 0.3
+    c.crossover_prob = 0.3  # each pair from the second parent with probability 0.3 * 0.5
+    c.crossover_tries = 20
+    c.mutation_tries = 1000
+    c.step = 0.01
+    c.factor_range = "paper"  # [1, 1.25 s]; "official": [1, 1 + s] (s = target length / window)
+    c.start_tokens = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
+    c.start_token_prob = 0.3
+    c.seed_factors = []  # extra initial candidates: factors.json files
+    return c

@@ -1,0 +1,371 @@
+"""The evolutionary loop: generations, the JSONL log, resume, budgets, progress.
+
+The algorithm is deterministic given ``seed``: generation ``g`` draws from
+``np.random.default_rng([seed, g])`` and its parents are the previous population sorted by
+perplexity (a stable sort, ties in population order). So a search is a fixed sequence of
+candidates, and its log is a prefix of that sequence:
+
+- every evaluated candidate is appended to the log as one JSON line (flushed and fsynced);
+- resuming replays the algorithm from generation 0, taking the logged score of each candidate
+  instead of evaluating it (and checking that the log's candidates are the ones the replay
+  proposes), then evaluates from the first unlogged one;
+- so a search killed at any point (an exception, a budget, a signal) loses at most the batch in
+  flight, and a resumed search ends exactly where an uninterrupted one does, with the same log.
+
+Each generation's new candidates go to ``fitness`` in one call (the evaluator scores them
+together); a vector already scored is never proposed again. ``fitness(candidates)`` returns, per
+candidate, a perplexity (lower is better) or a mapping with ``"ppl"`` and extra JSON-able fields
+that are logged with it. Non-finite perplexities rank last (logged as null).
+
+``max_evals`` counts every evaluation of the search, logged ones included (a resumed search with
+the same flag stops at the same candidate); it may end the search inside a generation.
+``time_budget`` is this call's wall-clock seconds, checked before each evaluation batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from longrope_jax.search import operators
+from longrope_jax.search.genome import Candidate, SearchError, Space, from_record
+from longrope_jax.search.settings import SearchSettings
+
+LOG_FORMAT = "longrope-search-log/1"
+ALGORITHM = "longrope-evolution/1"
+
+Fitness = Callable[[Sequence[Candidate]], Sequence[Any]]
+
+
+@dataclasses.dataclass
+class Scored:
+    candidate: Candidate
+    ppl: float  # inf when the fitness was not finite
+    record: dict  # the log record
+
+
+@dataclasses.dataclass
+class EvolveResult:
+    best: Scored | None  # None when nothing was evaluated
+    history: list[Scored]  # every evaluated candidate, in evaluation order
+    generations: list[dict]  # per completed (or cut) generation: best so far, median, evaluations
+    stopped: str  # "completed", "max_evals", "time_budget" or "interrupted"
+    evaluations: int  # all evaluations of the search (logged ones included)
+    new_evaluations: int  # evaluated by this call
+    replayed: int  # taken from the log
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# The log.
+
+
+class SearchLog:
+    """An append-only JSONL log: a header line, then one record per evaluated candidate.
+
+    Opening an existing log reads its records; a last line cut short by a crash is dropped (and
+    truncated away before appending). A header that differs from this search's is an error.
+    """
+
+    def __init__(self, path: str | None, header: Mapping[str, Any]):
+        self.path = path
+        self.header = json.loads(json.dumps(header))
+        self.records: list[dict] = []
+        self._fh = None
+        if path is None:
+            return
+        good = 0  # bytes of complete, valid lines
+        if os.path.exists(path):
+            with open(path, "rb") as fh:
+                data = fh.read()
+            lines = data.split(b"\n")[:-1]  # the last piece has no newline: torn by a crash, dropped
+            for i, raw in enumerate(lines):
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError:
+                    raise SearchError(f"{path}: line {i + 1}: not valid JSON (the log is corrupt)") from None
+                if i == 0:
+                    _check_header(path, obj, self.header)
+                elif not isinstance(obj, dict) or "factors" not in obj or "start_tokens" not in obj:
+                    raise SearchError(f"{path}: line {i + 1}: expected a candidate record")
+                else:
+                    self.records.append(obj)
+                good += len(raw) + 1
+        if good == 0:
+            self._fh = open(path, "wb")
+            self._write(self.header)
+        else:
+            self._fh = open(path, "r+b")
+            self._fh.truncate(good)
+            self._fh.seek(good)
+
+    def _write(self, obj):
+        self._fh.write(json.dumps(obj).encode() + b"\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, record: dict):
+        self.records.append(record)
+        if self._fh is not None:
+            self._write(record)
+
+    def close(self):
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def check_log(path: str, header: Mapping[str, Any]) -> None:
+    """Raises SearchError when ``path`` holds the log of another search (checks the header only)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as fh:
+        first = fh.readline()
+    if not first.endswith(b"\n"):
+        return  # empty, or a header torn by a crash: rewritten
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        raise SearchError(f"{path}: line 1: not valid JSON (the log is corrupt)") from None
+    _check_header(path, obj, json.loads(json.dumps(header)))
+
+
+def _check_header(path, obj, header):
+    if not isinstance(obj, dict) or obj.get("format") != LOG_FORMAT:
+        raise SearchError(f"{path}: line 1: expected a {LOG_FORMAT} header, got {str(obj)[:120]}")
+    if obj != header:
+        diffs = _diff(obj, header)
+        raise SearchError(f"{path}: the log belongs to a different search ({'; '.join(diffs[:3])}); "
+                          f"use another --out directory or the same settings")
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [f"{prefix.rstrip('.')}: log has {json.dumps(a)[:60]}, this search {json.dumps(b)[:60]}"]
+
+
+def make_header(space: Space, settings: SearchSettings, seed: int, seeds: Sequence[tuple[str, Candidate]],
+                context: Mapping[str, Any] | None = None) -> dict:
+    """The log's first line: everything that determines the sequence of candidates and scores."""
+    s = settings.to_dict()
+    s.pop("seed_factors", None)  # their values are in "seeds"
+    s.pop("iterations", None)  # generation g never depends on it: a finished search can be extended
+    return {"format": LOG_FORMAT, "algorithm": ALGORITHM, "seed": seed, "settings": s,
+            "space": space.describe(), "seeds": {name: c.key for name, c in seeds},
+            "context": dict(context or {})}
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Stop(Exception):
+    def __init__(self, reason):
+        self.reason = reason
+
+
+def _ppl_of(value) -> tuple[float, dict]:
+    extra = {}
+    if isinstance(value, Mapping):
+        extra = {k: v for k, v in value.items() if k != "ppl"}
+        value = value["ppl"]
+    v = float(value)
+    return (v if math.isfinite(v) else math.inf), extra
+
+
+def _rank(x: Scored) -> float:
+    return x.ppl
+
+
+def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitness, settings: SearchSettings, *,
+           seed: int = 0, log_path: str | None = None, context: Mapping[str, Any] | None = None,
+           max_evals: int | None = None, time_budget: float | None = None, progress: bool = True,
+           on_generation: Callable[[EvolveResult], None] | None = None, clock: Callable[[], float] = time.monotonic,
+           log: Callable[[str], None] | None = None) -> EvolveResult:
+    """Runs (or resumes) the search; returns the best candidate and the history.
+
+    Args:
+      space: the search space; every candidate is checked against it before evaluation.
+      seeds: named initial candidates (PI, NTK, YaRN, ...); the rest of the initial population
+        are mutations of them, in turn.
+      fitness: scores a list of candidates (one call per generation).
+      settings: the algorithm's knobs.
+      seed: the search seed (generation g draws from ``default_rng([seed, g])``).
+      log_path: the JSONL log (created, or resumed when it exists); None keeps it in memory.
+      context: JSON-able facts of the fitness (model, windows, ...) written into the log header,
+        so a log is only ever resumed by the same search.
+      max_evals / time_budget: budgets (see the module docstring).
+      on_generation: called with the result so far after each generation.
+      clock: seconds, for the time budget.
+    """
+    settings.validate()
+    log = log or (lambda msg: None)
+    t0 = clock()
+    wall0 = time.time()
+    seeds = [(name, operators.check(c, space)) for name, c in seeds]
+    if not seeds:
+        raise SearchError("the search needs at least one seed candidate")
+    journal = SearchLog(log_path, make_header(space, settings, seed, seeds, context))
+    logged = list(journal.records)  # the replay's source (the journal's list grows as we append)
+    if logged:
+        log(f"resuming from {log_path}: {len(logged)} evaluation(s) logged")
+    state = {"evals": 0, "new": 0, "replayed": 0}
+    history: list[Scored] = []
+    generations: list[dict] = []
+    seen: set[str] = set()
+
+    def result(stopped: str) -> EvolveResult:
+        best = min(history, key=_rank) if history else None
+        return EvolveResult(best, list(history), list(generations), stopped, state["evals"], state["new"],
+                            state["replayed"], time.time() - wall0)
+
+    def evaluate(batch: list[tuple[Candidate, dict]], generation: int) -> list[Scored]:
+        """Scores a generation's candidates: logged ones from the log, the rest in one call."""
+        out: list[Scored] = []
+        i = 0
+        while i < len(batch) and state["evals"] < len(logged):  # replay
+            c, meta = batch[i]
+            rec = logged[state["evals"]]
+            got = from_record(rec, space)
+            if got != c or rec.get("generation") != generation:
+                raise SearchError(f"{log_path}: record {state['evals'] + 1}: expected candidate {c.key} of "
+                                  f"generation {generation}, found {got.key} of generation "
+                                  f"{rec.get('generation')}: the log was written by a different search")
+            ppl = rec.get("ppl")
+            out.append(Scored(c, math.inf if ppl is None else float(ppl), rec))
+            state["evals"] += 1
+            state["replayed"] += 1
+            i += 1
+        todo = batch[i:]
+        if not todo:
+            return out
+        stop = None
+        if max_evals is not None and state["evals"] + len(todo) > max_evals:
+            todo, stop = todo[:max(0, max_evals - state["evals"])], "max_evals"
+        if todo and time_budget is not None and clock() - t0 >= time_budget:
+            todo, stop = [], "time_budget"
+        if todo:
+            cands = [c for c, _ in todo]
+            try:
+                values = list(fitness(cands))
+            except KeyboardInterrupt:
+                history.extend(out)
+                raise _Stop("interrupted") from None
+            if len(values) != len(cands):
+                raise SearchError(f"fitness returned {len(values)} values for {len(cands)} candidates")
+            for (c, meta), v in zip(todo, values):
+                ppl, extra = _ppl_of(v)
+                rec = {"eval": state["evals"], "generation": generation, **meta,
+                       "start_tokens": c.start_tokens, "factors": space.factors(c).tolist(),
+                       "ppl": ppl if math.isfinite(ppl) else None}
+                rec.update({k: v for k, v in extra.items() if k not in rec})
+                journal.append(rec)
+                out.append(Scored(c, ppl, rec))
+                state["evals"] += 1
+                state["new"] += 1
+        if stop:
+            history.extend(out)
+            raise _Stop(stop)
+        return out
+
+    def propose(c: Candidate | None, meta: dict, batch: list):
+        if c is None:
+            return
+        operators.check(c, space)  # the constraint, enforced before any evaluation
+        seen.add(c.key)
+        batch.append((c, meta))
+
+    def note_generation(g: int, population: list[Scored]):
+        finite = [x.ppl for x in population if math.isfinite(x.ppl)]
+        best = min(history, key=_rank).ppl if history else math.inf
+        row = {"generation": g, "best_ppl": best if math.isfinite(best) else None,
+               "median_ppl": float(np.median(finite)) if finite else None, "evaluations": state["evals"]}
+        generations.append(row)
+        if bar is not None:
+            med = row["median_ppl"]
+            bar.set_postfix({"best": f"{best:.4g}", "median": f"{math.inf if med is None else med:.4g}",
+                             "evals": state["evals"]})
+            bar.update(1)
+        if on_generation is not None:
+            on_generation(result("running"))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=settings.iterations + 1, desc="search", unit="gen", file=sys.stderr, dynamic_ncols=True)
+    stopped = "completed"
+    try:
+        # Generation 0: the seeds, then mutations of them in turn.
+        rng = np.random.default_rng([seed, 0])
+        batch: list = []
+        for name, c in seeds:
+            if c.key not in seen:
+                propose(c, {"origin": f"seed:{name}"}, batch)
+        j = 0
+        while len(batch) < settings.population:
+            name, parent = seeds[j % len(seeds)]
+            propose(operators.mutate(parent, space, rng, seen, prob=settings.mutation_prob,
+                                     start_prob=settings.start_token_prob, tries=settings.mutation_tries),
+                    {"origin": "mutation", "parents": [f"seed:{name}"]}, batch)
+            j += 1
+            if j >= settings.population * 4:  # the space is (nearly) exhausted around the seeds
+                break
+        population = evaluate(batch, 0)
+        history.extend(population)
+        note_generation(0, population)
+
+        for g in range(1, settings.iterations + 1):
+            parents = sorted(population, key=_rank)[:settings.parents]
+            rng = np.random.default_rng([seed, g])
+            batch = []
+            for _ in range(settings.mutations):
+                i = int(rng.integers(len(parents)))
+                c = operators.mutate(parents[i].candidate, space, rng, seen, prob=settings.mutation_prob,
+                                     start_prob=settings.start_token_prob, tries=settings.mutation_tries)
+                propose(c, {"origin": "mutation", "parents": [parents[i].record["eval"]]}, batch)
+            for _ in range(settings.crossovers):
+                if len(parents) < 2:
+                    i1 = i2 = 0
+                    c = None
+                else:
+                    i1, i2 = sorted(int(x) for x in rng.choice(len(parents), 2, replace=False))
+                    c = operators.crossover(parents[i1].candidate, parents[i2].candidate, space, rng, seen,
+                                            prob=settings.crossover_prob, tries=settings.crossover_tries)
+                if c is not None:
+                    propose(c, {"origin": "crossover",
+                                "parents": [parents[i1].record["eval"], parents[i2].record["eval"]]}, batch)
+                else:
+                    c = operators.mutate(parents[i1].candidate, space, rng, seen, prob=settings.mutation_prob,
+                                         start_prob=settings.start_token_prob, tries=settings.mutation_tries)
+                    propose(c, {"origin": "crossover->mutation", "parents": [parents[i1].record["eval"]]}, batch)
+            children = evaluate(batch, g)
+            history.extend(children)
+            population = parents + children
+            note_generation(g, population)
+    except _Stop as e:
+        stopped = e.reason
+        if history and (not generations or generations[-1]["evaluations"] != state["evals"]):
+            best = min(history, key=_rank).ppl
+            generations.append({"generation": len(generations), "best_ppl": best if math.isfinite(best) else None,
+                                "median_ppl": None, "evaluations": state["evals"], "partial": True})
+    finally:
+        if bar is not None:
+            bar.close()
+        journal.close()
+    res = result(stopped)
+    log(f"search {stopped}: {res.evaluations} evaluation(s) ({res.new_evaluations} new, {res.replayed} from "
+        f"the log)" + (f", best ppl {res.best.ppl:.4f}" if res.best else ""))
+    return res

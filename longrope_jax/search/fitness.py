@@ -1,0 +1,113 @@
+"""The search's fitness: perplexity of candidates on fixed windows through the candidate evaluator.
+
+A candidate becomes a LongRoPE spec (``rope.longrope``): long factors = ``base_factors *
+candidate factors`` (``base_factors`` is 1 unless a progressive search multiplies onto earlier
+factors), short factors 1, start tokens = the candidate's ``n_hat``, ``original_max`` = the model's
+window, ``max_position_embeddings`` = the target length and the default attention factor
+``sqrt(1 + ln s / ln L_orig)``; exactly the spec ``factors.to_spec`` builds from the factors file
+the search writes. A generation's candidates are stacked and scored by ``evaluate.score`` in as
+few calls as the memory budget allows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from longrope_jax import evaluate, rope as rope_lib
+from longrope_jax.search.genome import Candidate, Space
+
+
+def _per_candidate(nll: np.ndarray) -> list[dict]:
+    out = []
+    for row in np.asarray(nll, np.float64):
+        mean = float(row.mean())
+        ppl = math.exp(mean) if mean < 700 else math.inf
+        out.append({"ppl": ppl, "nll": mean, "nll_per_window": row.tolist()})
+    return out
+
+
+class PerplexityFitness:
+    """``fitness(candidates) -> [{"ppl", "nll", "nll_per_window"}]`` on windows ``tokens: int32[S, L]``.
+
+    Args:
+      params, cfg: the model (weights are shared by every call; never reloaded).
+      tokens: int32[S, L] the search windows (L = the target length).
+      space: the search space (grid -> factor values).
+      original_max: the model's original window (the switching threshold).
+      base_factors: float64[P] multiplied onto every candidate's factors (None: 1).
+      attention_factor: None for the LongRoPE default from the two lengths.
+      memory_budget, attention, q_chunk, loss_chunk: passed to ``evaluate.score`` (``attention``
+        ``auto`` picks as ``ppl`` does).
+    """
+
+    def __init__(self, params, cfg, tokens, space: Space, *, original_max: int, base_factors=None,
+                 attention_factor: float | None = None, memory_budget: int | None = None, attention: str = "auto",
+                 q_chunk: int | None = None, loss_chunk: int = 1024):
+        self.params, self.cfg, self.space = params, cfg, space
+        self.tokens = np.asarray(tokens, np.int32)
+        self.length = int(self.tokens.shape[1])
+        self.original_max = int(original_max)
+        p = cfg.rotary_dim // 2
+        self.base = np.ones(p) if base_factors is None else np.asarray(base_factors, np.float64)
+        if self.base.shape != (p,):
+            raise ValueError(f"base_factors: expected {p} factors, got shape {self.base.shape}")
+        self.attention_factor = attention_factor
+        self.memory_budget = memory_budget
+        self.attention = evaluate.pick_attention(attention, self.length)
+        self.q_chunk = q_chunk if q_chunk is not None else (512 if self.length > 2048 else None)
+        self.loss_chunk = loss_chunk
+
+    def long_factor(self, c: Candidate) -> np.ndarray:
+        """The long factors a candidate stands for: float64[P] (rounded as the file stores them)."""
+        return np.round(self.base * self.space.factors(c), 10)
+
+    def spec(self, c: Candidate) -> rope_lib.RopeSpec:
+        p = self.cfg.rotary_dim // 2
+        return rope_lib.longrope(self.cfg.rope_theta, self.cfg.rotary_dim, self.long_factor(c), np.ones(p),
+                                 original_max=self.original_max, max_position_embeddings=self.length,
+                                 attention_factor=self.attention_factor, start_tokens=int(c.start_tokens),
+                                 source="search candidate")
+
+    def score_specs(self, specs: Sequence[rope_lib.RopeSpec]) -> np.ndarray:
+        """NLL of specs sharing one static structure: float64[K, S]."""
+        return evaluate.score(self.params, self.cfg, self.tokens, rope_lib.stack(list(specs)),
+                              memory_budget=self.memory_budget, attention=self.attention, q_chunk=self.q_chunk,
+                              loss_chunk=self.loss_chunk)
+
+    def __call__(self, candidates: Sequence[Candidate]) -> list[dict]:
+        if not candidates:
+            return []
+        return _per_candidate(self.score_specs([self.spec(c) for c in candidates]))
+
+
+def baseline_names(scale: float) -> list[str]:
+    """The baselines' ``--rope`` names at ``scale``, in the order they are reported."""
+    return ["none", f"pi:{scale:g}", f"ntk:{scale:g}", f"yarn:{scale:g}", f"dynamic:{scale:g}"]
+
+
+def baseline_specs(cfg, scale: float, original_max: int) -> dict[str, rope_lib.RopeSpec]:
+    """The baselines by their ``--rope`` names: none, PI, NTK, YaRN and dynamic NTK at ``scale``."""
+    theta, rd = cfg.rope_theta, cfg.rotary_dim
+    specs = [rope_lib.default(theta, rd), rope_lib.pi(theta, rd, scale), rope_lib.ntk(theta, rd, scale),
+             rope_lib.yarn(theta, rd, scale, original_max), rope_lib.dynamic_ntk(theta, rd, scale, original_max)]
+    return dict(zip(baseline_names(scale), specs))
+
+
+def score_baselines(fitness: PerplexityFitness, scale: float) -> dict[str, dict]:
+    """Perplexity of every baseline on the search windows: ``{name: {"ppl", "nll", "nll_per_window"}}``.
+
+    Specs of one static structure are scored together (none/PI/NTK/YaRN; dynamic NTK alone).
+    """
+    specs = baseline_specs(fitness.cfg, scale, fitness.original_max)
+    groups: dict = {}
+    for name, sp in specs.items():
+        groups.setdefault((sp.theta, sp.rotary_dim, sp.original_max, sp.dynamic_scale, sp.dynamic_max),
+                          []).append(name)
+    out = {}
+    for names in groups.values():
+        for name, rec in zip(names, _per_candidate(fitness.score_specs([specs[n] for n in names]))):
+            out[name] = rec
+    return {name: out[name] for name in specs}

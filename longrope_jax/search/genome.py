@@ -1,0 +1,166 @@
+"""Candidates of the LongRoPE search: per-pair factors on a step grid, plus a start-token count.
+
+A factor is stored as an integer ``k`` on a grid anchored at zero, ``lambda = k * step`` (so
+``1.0`` is ``k = 100`` at step 0.01): equality, history keys and the monotone constraint are then
+exact integer comparisons, and every value written to a file is ``round(k * step, 10)``, which
+reads back to the same ``k``.
+
+The search space (:class:`Space`) holds an inclusive grid range per pair (``lo[i] <= k_i <=
+hi[i]``; LongRoPE2-style searches can narrow or pin single dims) and the allowed start-token
+values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+# The paper's start-token search set (REFERENCE.md section 1).
+PAPER_START_TOKENS = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+# Factor ranges by name: upper bound as a function of the scale s (lower bound 1.0).
+FACTOR_RANGES = {
+    "paper": lambda s: 1.25 * s,  # the paper: [1, 1.25 s]
+    "official": lambda s: 1.0 + s,  # the official code: [1, 1 + s]
+}
+
+
+class SearchError(ValueError):
+    """A malformed search input (settings, seed factors, log); the message names the source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One point of the search space.
+
+    grid: int[P] factor grid indices (``lambda_i = grid[i] * step``), non-decreasing when valid.
+    start_tokens: ``n_hat``, positions below it keep the unscaled angles.
+    """
+
+    grid: tuple[int, ...]
+    start_tokens: int = 0
+
+    @property
+    def key(self) -> str:
+        """The history key: identical for identical vectors, distinct otherwise."""
+        return f"{self.start_tokens}|" + ",".join(map(str, self.grid))
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """Where candidates live.
+
+    lo, hi: int[P] inclusive grid bounds per pair.
+    step: grid step of the factors (the paper's 0.01).
+    start_tokens: allowed ``n_hat`` values (one value: start tokens are not searched).
+    """
+
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+    step: float = 0.01
+    start_tokens: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        if len(self.lo) != len(self.hi) or not self.lo:
+            raise SearchError(f"search space: lo and hi need one bound per pair, got {len(self.lo)} and "
+                              f"{len(self.hi)}")
+        bad = [i for i, (a, b) in enumerate(zip(self.lo, self.hi)) if a > b]
+        if bad:
+            raise SearchError(f"search space: pair {bad[0]}: empty factor range "
+                              f"[{self.value(self.lo[bad[0]])}, {self.value(self.hi[bad[0]])}]")
+        if not (self.step > 0 and math.isfinite(self.step)):
+            raise SearchError(f"search space: step: expected a positive number, got {self.step!r}")
+        if not self.start_tokens or any(not isinstance(t, int) or t < 0 for t in self.start_tokens):
+            raise SearchError(f"search space: start_tokens: expected integers >= 0, got {self.start_tokens!r}")
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.lo)
+
+    def value(self, k) -> float | np.ndarray:
+        """Grid index (or indices) -> factor value(s), rounded to 10 decimals."""
+        v = np.round(np.asarray(k, np.float64) * self.step, 10)
+        return float(v) if v.ndim == 0 else v
+
+    def factors(self, c: Candidate) -> np.ndarray:
+        """The candidate's factors: float64[P]."""
+        return self.value(c.grid)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) factor bounds per pair: float64[P] each."""
+        return self.value(self.lo), self.value(self.hi)
+
+    def describe(self) -> dict:
+        """A JSON-able description (used in the log header and the summary)."""
+        lo, hi = self.bounds()
+        return {"step": self.step, "factor_min": lo.tolist(), "factor_max": hi.tolist(),
+                "start_tokens": list(self.start_tokens)}
+
+
+def space_for(num_pairs: int, scale: float, *, step: float = 0.01, factor_range: str = "paper",
+              start_tokens: Sequence[int] = PAPER_START_TOKENS) -> Space:
+    """The search space for ``num_pairs`` factors at scale ``s = target / original window``.
+
+    ``factor_range``: ``"paper"`` ([1, 1.25 s]) or ``"official"`` ([1, 1 + s]), the same for every
+    pair. Bounds are snapped inwards onto the grid.
+    """
+    if factor_range not in FACTOR_RANGES:
+        raise SearchError(f"factor_range: expected one of {sorted(FACTOR_RANGES)}, got {factor_range!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 1):
+        raise SearchError(f"scale: expected a number > 1 (target length over the original window), got {scale!r}")
+    if not (isinstance(step, (int, float)) and math.isfinite(step) and step > 0):
+        raise SearchError(f"step: expected a positive number, got {step!r}")
+    lo = math.ceil(1.0 / step - 1e-9)
+    hi = math.floor(FACTOR_RANGES[factor_range](scale) / step + 1e-9)
+    return Space((lo,) * num_pairs, (hi,) * num_pairs, float(step), tuple(int(t) for t in start_tokens))
+
+
+def to_grid(values, space: Space) -> np.ndarray:
+    """Factor values -> nearest grid indices: int64[P] (not clipped)."""
+    return np.rint(np.asarray(values, np.float64) / space.step).astype(np.int64)
+
+
+def from_factors(values, space: Space, start_tokens: int | None = None, *, clip: bool = True,
+                 source: str = "factors") -> Candidate:
+    """A candidate from factor values: rounded onto the grid (clipped into range when ``clip``).
+
+    Raises SearchError naming ``source`` and the pair when the values are not ``P`` finite
+    numbers, not non-decreasing after rounding, or (``clip=False``) outside the range; a start
+    token count outside the space's set is an error as well.
+    """
+    try:
+        arr = np.asarray(values, np.float64)
+    except (TypeError, ValueError):
+        raise SearchError(f"{source}: expected {space.num_pairs} factors, got {values!r:.80}") from None
+    if arr.ndim != 1 or arr.shape[0] != space.num_pairs:
+        raise SearchError(f"{source}: expected {space.num_pairs} factors (rotary_dim / 2), got "
+                          f"{arr.shape[0] if arr.ndim == 1 else 'shape ' + str(arr.shape)}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise SearchError(f"{source}: pair {int(bad[0])}: expected a finite factor, got {arr[bad[0]]!r}")
+    k = to_grid(arr, space)
+    lo, hi = np.asarray(space.lo), np.asarray(space.hi)
+    if clip:
+        k = np.clip(k, lo, hi)
+    else:
+        out = np.flatnonzero((k < lo) | (k > hi))
+        if out.size:
+            i = int(out[0])
+            raise SearchError(f"{source}: pair {i}: factor {arr[i]:g} is outside the search range "
+                              f"[{space.value(lo[i]):g}, {space.value(hi[i]):g}]")
+    down = np.flatnonzero(np.diff(k) < 0)
+    if down.size:
+        i = int(down[0])
+        raise SearchError(f"{source}: pair {i + 1}: factors must be non-decreasing, got {arr[i]:g} then "
+                          f"{arr[i + 1]:g}")
+    n = (0 if 0 in space.start_tokens else min(space.start_tokens)) if start_tokens is None else start_tokens
+    if n not in space.start_tokens:
+        raise SearchError(f"{source}: start_tokens: {n!r} is not in the search set {list(space.start_tokens)}")
+    return Candidate(tuple(int(x) for x in k), int(n))
+
+
+def from_record(record: dict, space: Space) -> Candidate:
+    """The candidate of a log record (``factors`` and ``start_tokens``), exactly as logged."""
+    return Candidate(tuple(int(x) for x in to_grid(record["factors"], space)), int(record["start_tokens"]))

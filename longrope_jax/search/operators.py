@@ -1,0 +1,95 @@
+"""Mutation, crossover and the constraints every candidate satisfies before it is evaluated.
+
+Pure functions of ``(candidates, space, rng, seen)``; ``seen`` is the set of history keys (every
+vector already scored or already proposed this generation), so an operator only ever returns a
+new vector. The operators follow the official LongRoPE search code (REFERENCE.md section 2):
+
+- mutation: each pair with probability ``prob`` is redrawn uniformly on the grid between its
+  neighbours' current values (the first pair down to its lower bound, the last up to its upper
+  bound), so the vector stays monotone; the start-token count moves to another value of its set
+  with probability ``start_prob``; redrawn (from the parent) until the vector is new.
+- crossover: the child starts as parent A; each pair takes parent B's value with probability
+  ``prob * 0.5``, the start-token count is either parent's; up to ``tries`` tries for a new valid
+  child, else ``None`` (the caller then mutates A).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from longrope_jax.search.genome import Candidate, SearchError, Space
+
+
+def violation(c: Candidate, space: Space) -> str | None:
+    """Why ``c`` is not a valid candidate of ``space`` (None when it is)."""
+    g = np.asarray(c.grid, np.int64)
+    if g.shape != (space.num_pairs,):
+        return f"expected {space.num_pairs} factors, got {g.shape[0] if g.ndim == 1 else g.shape}"
+    out = np.flatnonzero((g < np.asarray(space.lo)) | (g > np.asarray(space.hi)))
+    if out.size:
+        i = int(out[0])
+        return (f"pair {i}: factor {space.value(g[i]):g} outside [{space.value(space.lo[i]):g}, "
+                f"{space.value(space.hi[i]):g}]")
+    down = np.flatnonzero(np.diff(g) < 0)
+    if down.size:
+        i = int(down[0])
+        return f"pair {i + 1}: not non-decreasing ({space.value(g[i]):g} then {space.value(g[i + 1]):g})"
+    if c.start_tokens not in space.start_tokens:
+        return f"start_tokens {c.start_tokens} not in {list(space.start_tokens)}"
+    return None
+
+
+def is_valid(c: Candidate, space: Space) -> bool:
+    return violation(c, space) is None
+
+
+def check(c: Candidate, space: Space) -> Candidate:
+    """Returns ``c``; raises SearchError when it breaks the range or the monotone constraint."""
+    why = violation(c, space)
+    if why:
+        raise SearchError(f"candidate {c.key}: {why}")
+    return c
+
+
+def _mutate_once(parent: Candidate, space: Space, rng: np.random.Generator, prob: float,
+                 start_prob: float) -> Candidate:
+    g = np.asarray(parent.grid, np.int64).copy()
+    p = g.shape[0]
+    for i in range(p):
+        if rng.random() < prob:
+            lo = space.lo[i] if i == 0 else max(space.lo[i], int(g[i - 1]))
+            hi = space.hi[i] if i == p - 1 else min(space.hi[i], int(g[i + 1]))
+            g[i] = rng.integers(lo, hi + 1)
+    n = parent.start_tokens
+    if len(space.start_tokens) > 1 and rng.random() < start_prob:
+        others = [t for t in space.start_tokens if t != n]
+        n = others[int(rng.integers(len(others)))]
+    return Candidate(tuple(int(x) for x in g), int(n))
+
+
+def mutate(parent: Candidate, space: Space, rng: np.random.Generator, seen, *, prob: float = 0.3,
+           start_prob: float = 0.3, tries: int = 1000) -> Candidate | None:
+    """A new valid candidate near ``parent`` (its key not in ``seen``), or None after ``tries``
+    draws that all landed on known vectors (a nearly exhausted neighbourhood)."""
+    for _ in range(tries):
+        child = _mutate_once(parent, space, rng, prob, start_prob)
+        if child.key not in seen:
+            return child
+    return None
+
+
+def crossover(a: Candidate, b: Candidate, space: Space, rng: np.random.Generator, seen, *, prob: float = 0.3,
+              tries: int = 20) -> Candidate | None:
+    """A new valid child of ``a`` (the better parent) taking pairs from ``b``; None when the
+    parents are equal or ``tries`` tries gave no new monotone vector."""
+    if a.grid == b.grid and a.start_tokens == b.start_tokens:
+        return None
+    ga, gb = np.asarray(a.grid, np.int64), np.asarray(b.grid, np.int64)
+    for _ in range(tries):
+        take = rng.random(ga.shape[0]) < prob * 0.5
+        g = np.where(take, gb, ga)
+        n = b.start_tokens if rng.random() < 0.5 else a.start_tokens
+        child = Candidate(tuple(int(x) for x in g), int(n))
+        if np.all(np.diff(g) >= 0) and child.key not in seen:
+            return child
+    return None

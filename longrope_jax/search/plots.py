@@ -1,0 +1,58 @@
+"""PNGs of a search: best perplexity per generation, and the best factors against the baselines."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from longrope_jax.plots import _pyplot, _save
+
+
+def progress(generations: Sequence[Mapping], path: str, baselines: Mapping[str, float] | None = None,
+             title: str = "LongRoPE search") -> str:
+    """Best-so-far and median perplexity per generation; baselines as horizontal lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gens = [g for g in generations if g.get("best_ppl") is not None]
+    ax.plot([g["generation"] for g in gens], [g["best_ppl"] for g in gens], marker="o", label="best so far")
+    med = [g for g in gens if g.get("median_ppl") is not None]
+    if med:
+        ax.plot([g["generation"] for g in med], [g["median_ppl"] for g in med], linestyle="--", color="grey",
+                label="population median")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, ppl) in enumerate((baselines or {}).items()):
+        if ppl is not None and math.isfinite(ppl):
+            ax.axhline(ppl, linestyle=":", color=colours[(i + 1) % len(colours)], label=f"{name} ({ppl:.5g})")
+    ys = [y for line in ax.get_lines() for y in np.atleast_1d(line.get_ydata()) if y > 0]
+    if ys and max(ys) / min(ys) > 3:  # a log axis only where the values span a wide range
+        ax.set_yscale("log")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def factors(best: Sequence[float], references: Mapping[str, Sequence[float]], path: str,
+            title: str = "rescale factors", start_tokens: int | None = None) -> str:
+    """The searched factors per RoPE pair against reference factor vectors (PI, NTK, YaRN)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = np.arange(len(best))
+    for name, ref in references.items():
+        ax.plot(x, ref, linestyle="--", label=name)
+    label = "searched" + (f" (n_hat = {start_tokens})" if start_tokens is not None else "")
+    ax.plot(x, best, marker=".", color="black", label=label)
+    ax.set_xlabel("RoPE pair i (low i = high frequency)")
+    ax.set_ylabel("factor lambda_i")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,165 @@
+"""The search's settings: the paper's defaults, validation, and config-file resolution.
+
+``SearchSettings`` holds the algorithm's knobs with the LongRoPE paper's values (REFERENCE.md
+section 2); ``configs/search/default.py`` writes the same values out (a test keeps the two
+equal). :func:`resolve` merges, in order of precedence: command-line flags, ``--config.key=value``
+overrides, a ``--config`` file, and these defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+from longrope_jax.search.genome import FACTOR_RANGES, PAPER_START_TOKENS, SearchError
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+    """The evolutionary search's knobs (defaults: the LongRoPE paper).
+
+    population: candidates in the initial population (P).
+    iterations: generations after the initial population (T).
+    mutations / crossovers: new candidates per generation (N1 / N2).
+    parents: the top-k of the population kept as parents each generation.
+    mutation_prob: per-pair probability of a redraw in a mutation; the crossover takes each pair
+      from the second parent with half of ``crossover_prob``.
+    crossover_tries: tries for a new valid crossover child before mutating the first parent.
+    mutation_tries: draws for a new mutated vector before giving up on that child.
+    step: the factor grid step.
+    factor_range: ``paper`` ([1, 1.25 s]) or ``official`` ([1, 1 + s]).
+    start_tokens: the ``n_hat`` search set (one value: not searched).
+    start_token_prob: probability that a mutation moves ``n_hat`` to another value of the set.
+    seed_factors: factors files (longrope-factors/1) added to the initial population after PI,
+      NTK and YaRN (their long factors, rounded onto the grid; they must lie in the range and be
+      non-decreasing).
+    """
+
+    population: int = 64
+    iterations: int = 40
+    mutations: int = 16
+    crossovers: int = 16
+    parents: int = 32
+    mutation_prob: float = 0.3
+    crossover_prob: float = 0.3
+    crossover_tries: int = 20
+    mutation_tries: int = 1000
+    step: float = 0.01
+    factor_range: str = "paper"
+    start_tokens: tuple[int, ...] = PAPER_START_TOKENS
+    start_token_prob: float = 0.3
+    seed_factors: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "start_tokens", tuple(self.start_tokens))
+        object.__setattr__(self, "seed_factors", tuple(self.seed_factors))
+
+    def validate(self) -> "SearchSettings":
+        def integer(name, lo):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise SearchError(f"{name}: expected an integer >= {lo}, got {v!r}")
+
+        def prob(name):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v <= 1.0):
+                raise SearchError(f"{name}: expected a probability in [0, 1], got {v!r}")
+
+        for name, lo in (("population", 1), ("iterations", 0), ("mutations", 0), ("crossovers", 0),
+                         ("parents", 1), ("crossover_tries", 1), ("mutation_tries", 1)):
+            integer(name, lo)
+        if self.parents > self.population:
+            raise SearchError(f"parents: expected at most population ({self.population}), got {self.parents}")
+        for name in ("mutation_prob", "crossover_prob", "start_token_prob"):
+            prob(name)
+        if not isinstance(self.step, (int, float)) or not (math.isfinite(self.step) and self.step > 0):
+            raise SearchError(f"step: expected a positive number, got {self.step!r}")
+        if self.factor_range not in FACTOR_RANGES:
+            raise SearchError(f"factor_range: expected one of {sorted(FACTOR_RANGES)}, got {self.factor_range!r}")
+        st = self.start_tokens
+        if not st or any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in st) or len(set(st)) != len(st):
+            raise SearchError(f"start_tokens: expected distinct integers >= 0, got {list(st)!r}")
+        if any(not isinstance(p, str) or not p for p in self.seed_factors):
+            raise SearchError(f"seed_factors: expected a list of factors file paths, got {list(self.seed_factors)!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["start_tokens"] = list(self.start_tokens)
+        d["seed_factors"] = list(self.seed_factors)
+        return d
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> "SearchSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in m.items() if k in names}).validate()
+
+
+# Job knobs (not the algorithm's): defaults of ``longrope-jax search``. samples = 5 is the paper's
+# number of validation documents.
+JOB_DEFAULTS: dict[str, Any] = dict(
+    model=None, data=None, target_length=None, out=None, samples=5, seed=0, field="text", tokenizer=None,
+    param_dtype="float32", no_sliding_window=False, attention="auto", q_chunk=None, loss_chunk=1024,
+    memory_budget_gib=None, max_evals=None, time_budget=None,
+)
+REQUIRED = ("model", "data", "target_length", "out")
+# Values that mean "unset" in a config file (ml_collections fields keep one type).
+_UNSET_IF_FALSY = ("tokenizer", "q_chunk", "memory_budget_gib", "max_evals", "time_budget")
+
+
+def defaults() -> dict:
+    """Every key ``longrope-jax search`` knows, with its default."""
+    return {**JOB_DEFAULTS, **SearchSettings().to_dict()}
+
+
+def default_config():
+    """The defaults as an ml_collections ConfigDict (what ``configs/search/default.py`` holds)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(defaults())
+
+
+def resolve(config_path: str | None = None, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
+            ) -> dict:
+    """Settings of one search: ``flags`` (None / False: not given) over ``--config.key=value``
+    ``overrides`` over the ``config_path`` file over :func:`defaults`.
+
+    Returns the keyword arguments of :func:`longrope_jax.search.job.run_search` (the algorithm's
+    knobs gathered into ``settings``). Unknown config keys and missing required values are errors.
+    """
+    from longrope_jax import config_files
+
+    cfg = default_config()
+    source = "the default search config"
+    if config_path:
+        source = config_path
+        loaded = config_files.load(config_path).to_dict()
+        unknown = sorted(set(loaded) - set(cfg.keys()))
+        if unknown:
+            raise SearchError(f"{config_path}: unknown search setting {unknown[0]!r} (known: {sorted(cfg.keys())})")
+        for k, v in loaded.items():
+            cfg[k] = v
+    for item in overrides:
+        try:
+            config_files.apply_overrides(cfg, [item], source)
+        except TypeError as e:  # ml_collections refuses a value of another type (1.5 for an int)
+            key = item.split("=", 1)[0]
+            raise SearchError(f"{key}: {e}") from None
+    s = cfg.to_dict()
+    for k in _UNSET_IF_FALSY:
+        if s.get(k) in ("", 0, 0.0):
+            s[k] = None
+    for k, v in (flags or {}).items():
+        if k in s and v is not None and v is not False:
+            s[k] = v
+    missing = [k for k in REQUIRED if s.get(k) in (None, "")]
+    if missing:
+        raise SearchError(f"missing --{missing[0].replace('_', '-')} (or a --config file that sets it)")
+    algo = SearchSettings.from_mapping(s)
+    job = {k: s[k] for k in JOB_DEFAULTS}
+    job["settings"] = algo
+    job["sliding_window"] = not job.pop("no_sliding_window")
+    gib = job.pop("memory_budget_gib")
+    job["memory_budget"] = int(gib * 2**30) if gib else None
+    return job

@@ -1,0 +1,434 @@
+"""The LongRoPE evolutionary search: operators, the loop, log and resume, the job end to end."""
+
+import json
+import math
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from longrope_jax import cli, config_files, factors, hf
+from longrope_jax.model import init_params
+from longrope_jax.search import operators, settings as settings_lib
+from longrope_jax.search.evolve import SearchLog, evolve
+from longrope_jax.search.genome import Candidate, SearchError, Space, from_factors, space_for
+from longrope_jax.search.job import run_search
+from longrope_jax.search.settings import SearchSettings
+
+from tiny import byte_tokenizer_file, tiny_config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "search")
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and the space.
+
+
+def test_config_files_hold_the_paper_defaults():
+    default = config_files.load(os.path.join(CONFIGS, "default.py")).to_dict()
+    assert default == settings_lib.defaults()
+    s = SearchSettings()
+    assert (s.population, s.iterations, s.mutations, s.crossovers, s.parents) == (64, 40, 16, 16, 32)
+    assert (s.mutation_prob, s.step, s.factor_range) == (0.3, 0.01, "paper")
+    assert s.start_tokens == (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+    official = config_files.load(os.path.join(CONFIGS, "official.py")).to_dict()
+    assert {k for k in default if default[k] != official[k]} == {"factor_range"}
+    assert official["factor_range"] == "official"
+
+
+def test_factor_ranges():
+    paper = space_for(4, 2.0, factor_range="paper")
+    official = space_for(4, 2.0, factor_range="official")
+    assert paper.bounds()[0].tolist() == [1.0] * 4 and paper.bounds()[1].tolist() == [2.5] * 4
+    assert official.bounds()[1].tolist() == [3.0] * 4
+    assert space_for(2, 3.3).bounds()[1].tolist() == [4.12] * 2  # 1.25 * 3.3 = 4.125, snapped inwards
+    with pytest.raises(SearchError, match="factor_range: expected one of"):
+        space_for(4, 2.0, factor_range="wide")
+    with pytest.raises(SearchError, match="scale: expected a number > 1"):
+        space_for(4, 1.0)
+
+
+def test_settings_validation():
+    with pytest.raises(SearchError, match=r"parents: expected at most population \(8\), got 32"):
+        SearchSettings(population=8).validate()
+    with pytest.raises(SearchError, match="mutation_prob: expected a probability"):
+        SearchSettings(mutation_prob=1.5).validate()
+    with pytest.raises(SearchError, match="start_tokens: expected distinct integers >= 0"):
+        SearchSettings(start_tokens=(0, -4)).validate()
+    base = dict(model="m", data="d", target_length=64, out="o")
+    overrides = ["--config.population=8", "--config.parents=4", "--config.seed=3"]
+    job = settings_lib.resolve(os.path.join(CONFIGS, "official.py"), overrides, dict(base, seed=None))
+    assert job["settings"].population == 8 and job["settings"].factor_range == "official" and job["seed"] == 3
+    assert settings_lib.resolve(None, ["--config.seed=3"], dict(base, seed=5))["seed"] == 5  # flags win
+    with pytest.raises(config_files.ConfigError, match="has no field 'populaton'"):
+        settings_lib.resolve(None, ["--config.populaton=8"], base)
+    with pytest.raises(SearchError, match="missing --target-length"):
+        settings_lib.resolve(None, [], dict(base, target_length=None))
+
+
+def test_from_factors_rounds_clips_and_validates():
+    sp = space_for(4, 2.0)
+    c = from_factors([0.9, 1.234, 1.5, 2.6], sp)
+    assert c.grid == (100, 123, 150, 250) and c.start_tokens == 0
+    assert sp.factors(c).tolist() == [1.0, 1.23, 1.5, 2.5]
+    assert from_factors(sp.factors(c), sp) == c  # file values read back to the same grid point
+    with pytest.raises(SearchError, match=r"src: pair 2: factors must be non-decreasing, got 1.5 then 1.2"):
+        from_factors([1.0, 1.5, 1.2, 2.0], sp, source="src")
+    with pytest.raises(SearchError, match=r"src: pair 3: factor 2.6 is outside the search range \[1, 2.5\]"):
+        from_factors([1.0, 1.5, 2.0, 2.6], sp, clip=False, source="src")
+    with pytest.raises(SearchError, match=r"expected 4 factors \(rotary_dim / 2\), got 3"):
+        from_factors([1.0, 1.5, 2.0], sp)
+    with pytest.raises(SearchError, match="pair 1: expected a finite factor"):
+        from_factors([1.0, float("nan"), 2.0, 2.0], sp)
+    with pytest.raises(SearchError, match=r"start_tokens: 3 is not in the search set"):
+        from_factors([1.0, 1.5, 2.0, 2.0], sp, start_tokens=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Operators: never a non-monotone or out-of-range vector, never a known one.
+
+
+def _random_space(rng, p):
+    lo = np.sort(rng.integers(90, 130, p))
+    hi = lo + rng.integers(0, 60, p)
+    hi = np.maximum.accumulate(hi)
+    return Space(tuple(int(x) for x in lo), tuple(int(x) for x in hi), 0.01, (0, 1, 2, 4, 8, 64))
+
+
+def _random_candidate(rng, sp):
+    g, prev = [], -1
+    for lo, hi in zip(sp.lo, sp.hi):
+        lo = max(lo, prev)
+        prev = int(rng.integers(lo, hi + 1))
+        g.append(prev)
+    return Candidate(tuple(g), int(rng.choice(sp.start_tokens)))
+
+
+def test_mutation_stays_valid_and_new():
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        sp = _random_space(rng, int(rng.integers(1, 12))) if trial % 3 else space_for(int(rng.integers(2, 33)), 4.0)
+        parent = _random_candidate(rng, sp)
+        assert operators.is_valid(parent, sp)
+        seen = {parent.key}
+        for _ in range(10):
+            c = operators.mutate(parent, sp, rng, seen, prob=float(rng.uniform(0.05, 1.0)),
+                                 start_prob=float(rng.uniform(0, 1)))
+            if c is None:  # tiny spaces can run out of new vectors
+                break
+            assert operators.violation(c, sp) is None, (c, sp)
+            assert c.key not in seen
+            seen.add(c.key)
+
+
+def test_crossover_stays_valid_and_new():
+    rng = np.random.default_rng(1)
+    made = fell_back = 0
+    for trial in range(300):
+        sp = _random_space(rng, int(rng.integers(2, 12))) if trial % 3 else space_for(int(rng.integers(2, 33)), 8.0)
+        a, b = _random_candidate(rng, sp), _random_candidate(rng, sp)
+        seen = {a.key, b.key}
+        for _ in range(5):
+            c = operators.crossover(a, b, sp, rng, seen, prob=float(rng.uniform(0.1, 1.0)))
+            if c is None:
+                fell_back += 1
+                break
+            made += 1
+            assert operators.violation(c, sp) is None
+            assert c.key not in seen
+            assert all(x in (ya, yb) for x, ya, yb in zip(c.grid, a.grid, b.grid))
+            assert c.start_tokens in (a.start_tokens, b.start_tokens)
+            seen.add(c.key)
+    assert made > 500 and fell_back > 0
+    sp = space_for(4, 2.0)
+    a = from_factors([1, 1.5, 2, 2], sp)
+    assert operators.crossover(a, a, sp, rng, set()) is None  # equal parents: the caller mutates
+
+
+def test_mutation_gives_up_on_an_exhausted_space():
+    sp = Space((100, 100), (101, 101), 0.01, (0,))
+    every = {Candidate(g).key for g in ((100, 100), (100, 101), (101, 101))}
+    assert operators.mutate(Candidate((100, 101)), sp, np.random.default_rng(0), every, tries=50) is None
+    with pytest.raises(SearchError, match="pair 1: not non-decreasing"):
+        operators.check(Candidate((101, 100)), sp)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop on a synthetic fitness: distance to a hidden monotone vector.
+
+
+P = 6
+SPACE = space_for(P, 2.0, step=0.1, factor_range="official", start_tokens=(0, 2, 4, 8))
+TARGET = (11, 13, 19, 20, 25, 29)
+SMALL = SearchSettings(population=16, iterations=40, mutations=8, crossovers=8, parents=8)
+
+
+def _seeds(sp=SPACE):
+    return [("pi", from_factors(np.full(P, 2.0), sp)), ("ntk", from_factors(2.0 ** (np.arange(P) / (P - 1)), sp))]
+
+
+class Synthetic:
+    """Planted optimum: ``1 + |grid - TARGET|_1 + 3 [n_hat != 4]``; records every call."""
+
+    def __init__(self, fail_on_call=None, exc=RuntimeError):
+        self.calls, self.fail_on_call, self.exc = [], fail_on_call, exc
+
+    def __call__(self, cands):
+        if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
+            raise self.exc("injected failure")
+        self.calls.append([c.key for c in cands])
+        for c in cands:
+            assert operators.is_valid(c, SPACE)
+        return [1.0 + float(np.abs(np.subtract(c.grid, TARGET)).sum()) + 3.0 * (c.start_tokens != 4) for c in cands]
+
+
+def test_finds_a_planted_optimum():
+    for seed in range(3):
+        f = Synthetic()
+        res = evolve(SPACE, _seeds(), f, SMALL, seed=seed, progress=False)
+        assert res.best.ppl == 1.0, (seed, res.best)
+        assert res.best.candidate == Candidate(TARGET, 4)
+        assert res.stopped == "completed" and res.evaluations == 16 + 40 * 16
+
+
+def test_generations_are_scored_together_and_never_twice():
+    f = Synthetic()
+    res = evolve(SPACE, _seeds(), f, SMALL, seed=0, progress=False)
+    assert [len(c) for c in f.calls] == [16] + [16] * 40
+    keys = [k for call in f.calls for k in call]
+    assert len(keys) == len(set(keys)) == res.evaluations
+    bests = [g["best_ppl"] for g in res.generations]
+    assert bests == sorted(bests, reverse=True) and len(bests) == 41
+
+
+def _log_bytes(path):
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def test_seeded_runs_are_reproducible(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    st = SearchSettings(population=16, iterations=12, mutations=8, crossovers=8, parents=8)
+    ra = evolve(SPACE, _seeds(), Synthetic(), st, seed=7, log_path=a, progress=False)
+    rb = evolve(SPACE, _seeds(), Synthetic(), st, seed=7, log_path=b, progress=False)
+    evolve(SPACE, _seeds(), Synthetic(), st, seed=8, log_path=c, progress=False)
+    assert _log_bytes(a) == _log_bytes(b) and _log_bytes(a) != _log_bytes(c)
+    assert ra.best.candidate == rb.best.candidate
+    lines = _log_bytes(a).decode().splitlines()
+    assert len(lines) == ra.evaluations + 1
+    rec = json.loads(lines[1])
+    assert rec["eval"] == 0 and rec["origin"] == "seed:pi" and rec["factors"] == [2.0] * P
+
+
+@pytest.mark.parametrize("how", ["exception", "max_evals", "torn_line", "interrupt"])
+def test_interrupted_then_resumed_ends_where_uninterrupted_ends(tmp_path, how):
+    settings = SearchSettings(population=16, iterations=12, mutations=8, crossovers=8, parents=8)
+    ref_path, path = str(tmp_path / "ref.jsonl"), str(tmp_path / "log.jsonl")
+    ref = evolve(SPACE, _seeds(), Synthetic(), settings, seed=3, log_path=ref_path, progress=False)
+    if how in ("exception", "interrupt"):
+        exc = RuntimeError if how == "exception" else KeyboardInterrupt
+        f = Synthetic(fail_on_call=5, exc=exc)
+        if how == "exception":
+            with pytest.raises(RuntimeError, match="injected"):
+                evolve(SPACE, _seeds(), f, settings, seed=3, log_path=path, progress=False)
+        else:
+            part = evolve(SPACE, _seeds(), f, settings, seed=3, log_path=path, progress=False)
+            assert part.stopped == "interrupted" and part.evaluations == 16 + 3 * 16 and part.best is not None
+        done = 16 + 3 * 16  # the generation in flight is lost
+    else:
+        part = evolve(SPACE, _seeds(), Synthetic(), settings, seed=3, log_path=path, max_evals=53, progress=False)
+        assert part.stopped == "max_evals" and part.evaluations == 53  # inside generation 3
+        assert part.best.ppl == min(json.loads(x)["ppl"] for x in _log_bytes(path).decode().splitlines()[1:])
+        done = 53
+        if how == "torn_line":
+            with open(path, "ab") as fh:
+                fh.write(b'{"eval": 53, "generation": 3, "ori')
+    assert len(_log_bytes(path).decode().splitlines()) - 1 == done + (how == "torn_line")
+    f = Synthetic()
+    res = evolve(SPACE, _seeds(), f, settings, seed=3, log_path=path, progress=False)
+    assert res.replayed == done and res.new_evaluations == ref.evaluations - done
+    assert sum(len(c) for c in f.calls) == ref.evaluations - done  # nothing scored twice
+    assert _log_bytes(path) == _log_bytes(ref_path)
+    assert res.best.candidate == ref.best.candidate and res.best.ppl == ref.best.ppl
+    assert res.generations == ref.generations
+    # Resuming a finished search evaluates nothing and ends in the same place.
+    again = evolve(SPACE, _seeds(), Synthetic(), settings, seed=3, log_path=path, progress=False)
+    assert again.new_evaluations == 0 and again.best.candidate == ref.best.candidate
+
+
+def test_time_budget_stops_between_generations():
+    now = [0.0]
+    f = Synthetic()
+
+    def fitness(cands):
+        now[0] += 10.0
+        return f(cands)
+
+    res = evolve(SPACE, _seeds(), fitness, SMALL, seed=0, time_budget=35.0, clock=lambda: now[0], progress=False)
+    assert res.stopped == "time_budget" and len(f.calls) == 4 and res.evaluations == 16 + 3 * 16
+    assert res.best.ppl == min(x.ppl for x in res.history)
+
+
+def test_a_log_from_another_search_is_refused(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    evolve(SPACE, _seeds(), Synthetic(), SMALL, seed=1, log_path=path, max_evals=20, progress=False)
+    with pytest.raises(SearchError, match=r"belongs to a different search \(seed: log has 1, this search 2\)"):
+        evolve(SPACE, _seeds(), Synthetic(), SMALL, seed=2, log_path=path, progress=False)
+    with pytest.raises(SearchError, match="settings.mutations: log has 8, this search 4"):
+        evolve(SPACE, _seeds(), Synthetic(), SearchSettings(population=16, mutations=4, parents=8), seed=1,
+               log_path=path, progress=False)
+    lines = _log_bytes(path).split(b"\n")
+    lines[3] = b"{not json"
+    with open(path, "wb") as fh:
+        fh.write(b"\n".join(lines))
+    with pytest.raises(SearchError, match="line 4: not valid JSON"):
+        SearchLog(path, json.loads(lines[0]))
+
+
+def test_fitness_non_finite_ranks_last():
+    def fitness(cands):
+        return [{"ppl": float("nan") if i % 2 else 5.0 + i, "nll": 1.0} for i, _ in enumerate(cands)]
+
+    res = evolve(SPACE, _seeds(), fitness, SearchSettings(population=6, iterations=2, mutations=2, crossovers=2,
+                                                          parents=3), progress=False)
+    assert res.best.ppl == 5.0 and res.best.record["nll"] == 1.0
+    assert any(x.record["ppl"] is None and x.ppl == math.inf for x in res.history)
+
+
+# --------------------------------------------------------------------------------------------
+# The job on a tiny model, through the command line.
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    cfg = tiny_config(max_position_embeddings=32)
+    params = jax.tree.map(lambda a: a * 4.0 if a.ndim > 1 else a, init_params(cfg, 3))  # sharper attention
+    tf = byte_tokenizer_file(str(root))
+    model = str(root / "tiny")
+    hf.save(model, cfg, params, tokenizer_file=tf)
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": TEXT[i:]}) + "\n" for i in (0, 7, 19)))
+    return model, str(data), root
+
+
+SMOKE = ["--config.population=6", "--config.iterations=2", "--config.mutations=2", "--config.crossovers=2",
+         "--config.parents=4"]
+
+
+def _cli(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, [json.loads(line) for line in out.splitlines() if line.strip()], err
+
+
+def test_search_smoke_and_factors_round_trip(tiny, capsys):
+    model, data, root = tiny
+    out = str(root / "run")
+    argv = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", out, "--samples", "2",
+            "--seed", "1", *SMOKE]
+    rc, lines, err = _cli(argv, capsys)
+    assert rc == 0, err
+    (res,) = lines
+    assert res["stopped"] == "completed" and res["evaluations"] == 6 + 2 * 4 and res["new_evaluations"] == 14
+    assert set(res["baselines"]) == {"none", "pi:2", "ntk:2", "yarn:2", "dynamic:2"}
+    for f in ("factors.json", "summary.json", "log.jsonl", "search_progress.png", "search_factors.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
+    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    assert d["original_max_position_embeddings"] == 32 and d["max_position_embeddings"] == 64
+    assert d["long_factor"] == sorted(d["long_factor"]) and 1.0 <= min(d["long_factor"]) <= max(d["long_factor"]) <= 2.5
+    prov = d["provenance"]
+    assert prov["seed"] == 1 and prov["version"] and len(prov["documents"]) == 2
+    assert prov["command"].startswith("longrope-jax search --model") and "--config.population=6" in prov["command"]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
+    assert len(records) == 14 and len({(r["start_tokens"], tuple(r["factors"])) for r in records}) == 14
+    assert summary["result"]["ppl"] == res["ppl"] == min(r["ppl"] for r in records)
+    assert np.ptp([r["ppl"] for r in records]) > 1e-4  # the candidates really differ
+    assert summary["result"]["start_tokens"] == d["start_tokens"] == res["start_tokens"]
+    # The factors file scores the same through `ppl`, on the same seeded windows.
+    rc, (ppl,), err = _cli(["ppl", "--model", model, "--data", data, "--length", "64", "--samples", "2", "--seed", "1",
+                           "--rope", os.path.join(out, "factors.json")], capsys)
+    assert rc == 0, err
+    assert ppl["documents"] == summary["documents"]
+    np.testing.assert_allclose(ppl["ppl"], res["ppl"], rtol=1e-5)
+    # The same command again resumes from the log: nothing re-evaluated, the same result.
+    rc, (again,), err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert again["new_evaluations"] == 0 and again["replayed_evaluations"] == 14 and again["ppl"] == res["ppl"]
+    assert "resuming from" in err and "(from summary.json)" in err  # baselines not rescored either
+    # Another search's log in --out is refused before anything is scored.
+    rc, _, err = _cli([*argv[:-len(SMOKE)], "--config.mutation_prob=0.5", *SMOKE], capsys)
+    assert rc == 2 and "belongs to a different search (settings.mutation_prob: log has 0.3, this search 0.5)" in err
+    assert "baselines:" not in err
+
+
+def test_search_budget_stops_cleanly_and_writes_result(tiny, capsys):
+    model, data, root = tiny
+    out = str(root / "budget")
+    rc, (res,), err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--out", out,
+                            "--samples", "1", "--max-evals", "8", *SMOKE], capsys)
+    assert rc == 0, err
+    assert res["stopped"] == "max_evals" and res["evaluations"] == 8
+    d = factors.load(os.path.join(out, "factors.json"))
+    assert d["provenance"]["search"]["evaluations"] == 8
+
+
+def test_bad_seeds_are_clear_errors(tiny, capsys):
+    model, data, root = tiny
+    base = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", str(root / "bad")]
+    rc, _, err = _cli(base + ["--seed", "-1"], capsys)
+    assert rc == 2 and "--seed: expected an integer >= 0, got -1" in err
+    rc, _, err = _cli(base + ["--config.seed=-3"], capsys)
+    assert rc == 2 and "--seed: expected an integer >= 0, got -3" in err
+    rc, _, err = _cli(base + ["--config.seed=1.5"], capsys)
+    assert rc == 2 and "--config.seed: Could not override field 'seed'" in err
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--seed", "abc"])
+    assert "invalid int value: 'abc'" in capsys.readouterr().err
+    for bad in (1.5, "3", True):
+        with pytest.raises(SearchError, match="--seed: expected an integer >= 0"):
+            run_search(model, data, 64, str(root / "bad"), seed=bad)
+    rc, _, err = _cli(base[:-4] + ["--target-length", "32", "--out", str(root / "bad")], capsys)
+    assert rc == 2 and "--target-length: expected more than the original window (32 tokens), got 32" in err
+
+
+def test_bad_factor_files_are_clear_errors(tiny, tmp_path, capsys):
+    model, data, root = tiny
+    good = {"format": "longrope-factors/1", "rope_theta": 10000.0, "rotary_dim": 8,
+            "original_max_position_embeddings": 32, "max_position_embeddings": 64, "long_factor": [1, 1.2, 1.5, 2]}
+    cases = [
+        ({"long_factor": [1, 1.5, 1.2, 2]}, "pair 2: factors must be non-decreasing, got 1.5 then 1.2"),
+        ({"long_factor": [1, 1.2, 1.5, 2.7]}, r"pair 3: factor 2.7 is outside the search range \[1, 2.5\]"),
+        ({"long_factor": [1, 1.2, 2]}, "expected 4 factors"),
+        ({"long_factor": [1, 1.2, -1, 2]}, r"long_factor\[2\]: expected a finite factor > 0"),
+        ({"format": "longrope-factors/0"}, "field 'format': expected 'longrope-factors/1'"),
+        ({"start_tokens": 3}, r"start_tokens: 3 is not in the search set"),
+        ({"rope_theta": 500000.0}, "field 'rope_theta': expected 10000.0"),
+    ]
+    for i, (patch, msg) in enumerate(cases):
+        path = tmp_path / f"f{i}.json"
+        path.write_text(json.dumps(dict(good, **patch)))
+        rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--samples", "1",
+                           "--out", str(tmp_path / f"out{i}"), *SMOKE, f"--config.seed_factors=['{path}']"], capsys)
+        assert rc == 2, (patch, err)
+        assert str(path) in err and re.search(msg, err), (msg, err)
+    rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--samples", "1",
+                       "--out", str(tmp_path / "missing"), "--config.seed_factors=['/nonexistent.json']"], capsys)
+    assert rc == 2 and "/nonexistent.json: not found" in err
+
+
+def test_a_finished_search_can_be_extended(tmp_path):
+    short = SearchSettings(population=16, iterations=5, mutations=8, crossovers=8, parents=8)
+    long = SearchSettings(population=16, iterations=9, mutations=8, crossovers=8, parents=8)
+    a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
+    evolve(SPACE, _seeds(), Synthetic(), short, seed=4, log_path=a, progress=False)
+    res = evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=a, progress=False)
+    ref = evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=b, progress=False)
+    assert res.replayed == 16 + 5 * 16 and _log_bytes(a) == _log_bytes(b)
