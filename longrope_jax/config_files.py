@@ -37,7 +37,7 @@ def _parse(raw: str, current, key: str):
         raise ConfigError(f"--config.{key}: expected true or false, got {raw!r}")
     if isinstance(current, (int, float)) and not isinstance(current, bool):
         try:
-            return type(current)(raw) if isinstance(current, float) or "." not in raw else float(raw)
+            return float(raw) if isinstance(current, float) else int(raw)
         except ValueError:
             raise ConfigError(f"--config.{key}: expected a {type(current).__name__}, got {raw!r}") from None
     if isinstance(current, str):
@@ -63,5 +63,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str], path: 
         if parts[-1] not in node:
             raise ConfigError(f"--config.{key}: {path} has no field {parts[-1]!r} (fields: {sorted(node.keys())})")
         current = node[parts[-1]]
-        node[parts[-1]] = _parse(raw, current, key) if current is not None else _parse(raw, [], key)
+        value = _parse(raw, current, key) if current is not None else _parse(raw, [], key)
+        try:
+            node[parts[-1]] = value
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--config.{key}: expected a {type(current).__name__} like {current!r}, "
+                              f"got {raw!r} ({e})") from None
     return cfg

@@ -101,3 +101,10 @@ def test_ppl_plot(tiny, capsys, tmp_path):
     assert rc == 0, err
     png = tmp_path / "ppl_vs_length.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_config_override_of_wrong_type_is_a_clear_error(tiny, capsys):
+    d, data = tiny
+    cfg = os.path.join(os.path.dirname(__file__), "..", "configs", "ppl", "smollm2_beyond_window.py")
+    rc, _, err = _run(["ppl", "--config", cfg, "--config.seed=1.5"], capsys)
+    assert rc == 2 and "--config.seed: expected a int, got '1.5'" in err
