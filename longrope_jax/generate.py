@@ -57,7 +57,7 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
     """Greedy continuation of ``prompt`` (one sequence) for up to ``max_new_tokens`` tokens.
 
     ``attention`` is used for the prompt (and re-encode) pass; ``auto`` picks blockwise beyond
-    2048 tokens. Decoding steps attend one query to the cache densely.
+    512 tokens. Decoding steps attend one query to the cache densely.
     """
     if not prompt:
         raise ValueError("generate: the prompt encodes to no tokens")
@@ -68,7 +68,7 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
     seq = list(prompt)
     max_len = len(prompt) + max_new_tokens
     cache = init_cache(cfg, 1, max_len)
-    attn = "dense" if attention == "auto" and max_len <= 2048 else ("blockwise" if attention == "auto" else attention)
+    attn = "dense" if attention == "auto" and max_len <= 512 else ("blockwise" if attention == "auto" else attention)
     logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn)
     long_mode = _needs_long(spec, len(seq))
     out, reenc, kept = [], [], []
