@@ -34,6 +34,11 @@ def pick_attention(name: str, length: int) -> str:
     return "dense" if length <= 512 else "blockwise"
 
 
+def default_block(length: int, q_chunk: int | None = None) -> int | None:
+    """The attention block (``q_chunk``) used when none is given: 512 beyond 512 tokens."""
+    return q_chunk if q_chunk is not None else (512 if length > 512 else None)
+
+
 def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int):
     """Summed NLL per row. hidden: [B, T, D]; targets: int32[B, T] -> float32[B]."""
     b, t, d = hidden.shape
@@ -69,10 +74,7 @@ def window_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "dens
     Returns:
       float32[S].
     """
-    model = Transformer(cfg, _attention(attention, q_chunk))
-    hidden = model.apply({"params": params}, tokens, rope=spec, return_hidden=True)
-    total = chunked_nll(model, params, hidden[:, :-1], tokens[:, 1:], loss_chunk)
-    return total / (tokens.shape[1] - 1)
+    return _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk)
 
 
 def _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk):
@@ -202,10 +204,6 @@ def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention:
             "predictions": int(tokens.shape[0] * (tokens.shape[1] - 1))}
 
 
-def _static_key(spec):
-    return (spec.theta, spec.rotary_dim, spec.original_max, spec.dynamic_scale, spec.dynamic_max)
-
-
 def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samples: int = 1, seed: int = 0,
             param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
             loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True,
@@ -237,11 +235,11 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
         if w.skipped_short:
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
         attn = pick_attention(attention, length)
-        qc = q_chunk if q_chunk is not None else (512 if length > 512 else None)
+        qc = default_block(length, q_chunk)
         specs = {r: resolve_rope(r, m.cfg, length, m.factors) for r in ropes}
         groups: dict = {}
         for r, sp in specs.items():
-            groups.setdefault(_static_key(sp), []).append(r)
+            groups.setdefault(rope_lib.static_key(sp), []).append(r)
         nll, secs = {}, {}
         for names in groups.values():
             t1 = time.time()

@@ -68,9 +68,14 @@ class RopeSpec:
         return self.rotary_dim // 2
 
 
+def static_key(spec: RopeSpec) -> tuple:
+    """The static fields that must agree for specs to be stacked (the ``method`` label aside)."""
+    return (spec.theta, spec.rotary_dim, spec.original_max, spec.dynamic_scale, spec.dynamic_max)
+
+
 def stack(specs: Sequence[RopeSpec]) -> RopeSpec:
     """Stacks specs with identical static fields into one spec with a leading candidate axis."""
-    statics = {(s.theta, s.rotary_dim, s.original_max, s.dynamic_scale, s.dynamic_max) for s in specs}
+    statics = {static_key(s) for s in specs}
     if len(statics) != 1:
         raise RopeError(f"cannot stack RoPE specs with different static fields: {sorted(map(str, statics))}")
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.replace(method="") for s in specs])

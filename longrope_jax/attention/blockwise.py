@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from longrope_jax.attention.dense import check_heads
 from longrope_jax.attention.dense import mask as visible
 
 _BIG = jnp.iinfo(jnp.int32).max
@@ -44,9 +45,7 @@ def blockwise_attention(
     """Exact attention computed block by block. Shapes as in :mod:`.dense`."""
     b, l, h, d = q.shape
     s, kvh = k.shape[1], k.shape[2]
-    if h % kvh:
-        raise ValueError(f"attention: query heads ({h}) must be a multiple of kv heads ({kvh})")
-    g = h // kvh
+    g = check_heads(q, k)
     scale = d**-0.5 if scale is None else scale
     use_seg = q_segment_ids is not None and kv_segment_ids is not None
     bq, bk = min(block_q, l), min(block_kv, s)

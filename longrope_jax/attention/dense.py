@@ -21,6 +21,14 @@ import jax
 import jax.numpy as jnp
 
 
+def check_heads(q, k) -> int:
+    """The query group size ``H // KV``; raises when ``KV`` does not divide ``H``."""
+    h, kvh = q.shape[2], k.shape[2]
+    if h % kvh:
+        raise ValueError(f"attention: query heads ({h}) must be a multiple of kv heads ({kvh})")
+    return h // kvh
+
+
 def mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None, sliding_window=None):
     """Visibility mask bool[B, L, S]: causal by position, optional window and segments."""
     qp = q_positions[:, :, None]
@@ -63,8 +71,7 @@ def dense_attention(
     Chunking over queries does not change the arithmetic of any row.
     """
     b, l, h, d = q.shape
-    if h % k.shape[2]:
-        raise ValueError(f"attention: query heads ({h}) must be a multiple of kv heads ({k.shape[2]})")
+    check_heads(q, k)
     scale = d**-0.5 if scale is None else scale
     if q_segment_ids is None or kv_segment_ids is None:
         q_segment_ids = kv_segment_ids = None

@@ -20,6 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from longrope_jax.attention.dense import check_heads
+
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "splash", "splash_interpret")
 
 
@@ -27,8 +29,7 @@ def _check(q, k, impl):
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"fused attention ({impl}): queries and keys must have the same length "
                          f"(got {q.shape[1]} and {k.shape[1]}); use 'blockwise' with a KV cache")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"attention: query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    check_heads(q, k)
 
 
 def _jax_nn(q, k, v, segs, sliding_window, scale, impl):

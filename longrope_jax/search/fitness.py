@@ -57,7 +57,7 @@ class PerplexityFitness:
         self.attention_factor = attention_factor
         self.memory_budget = memory_budget
         self.attention = evaluate.pick_attention(attention, self.length)
-        self.q_chunk = q_chunk if q_chunk is not None else (512 if self.length > 512 else None)
+        self.q_chunk = evaluate.default_block(self.length, q_chunk)
         self.loss_chunk = loss_chunk
 
     def long_factor(self, c: Candidate) -> np.ndarray:
