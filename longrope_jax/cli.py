@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: dense up to 512 tokens, blockwise beyond")
     p.add_argument("--q-chunk", type=int, default=None, help="attention block size (default 512 beyond 512 tokens)")
     p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
+    p.add_argument("--base-factors", metavar="FILE",
+                   help="progressive search: the factors file the model was fine-tuned with (lambda_1); searches "
+                        "lambda_2 over its length and writes lambda_2 * lambda_1")
+    p.add_argument("--readjust", metavar="FILE",
+                   help="short-context readjust of an extended model's factors file: its short factors (target "
+                        "length <= the original window) or a per_length entry (above it)")
     p.set_defaults(func=cmd_search)
     return parser
 

@@ -39,13 +39,15 @@ def default_block(length: int, q_chunk: int | None = None) -> int | None:
     return q_chunk if q_chunk is not None else (512 if length > 512 else None)
 
 
-def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int):
-    """Summed NLL per row. hidden: [B, T, D]; targets: int32[B, T] -> float32[B]."""
+def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int, weights=None):
+    """Summed (``weights``-weighted) NLL per row. hidden: [B, T, D]; targets: int32[B, T];
+    weights: float32[B, T] or None (all 1) -> float32[B]."""
     b, t, d = hidden.shape
     c = min(loss_chunk, t)
     n = -(-t // c)
     pad = n * c - t
-    valid = jnp.pad(jnp.ones((b, t), jnp.float32), [(0, 0), (0, pad)])
+    w = jnp.ones((b, t), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    valid = jnp.pad(w, [(0, 0), (0, pad)])
     hidden = jnp.pad(hidden, [(0, 0), (0, pad), (0, 0)])
     targets = jnp.pad(targets, [(0, 0), (0, pad)])
 
@@ -77,22 +79,25 @@ def window_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "dens
     return _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk)
 
 
-def _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk):
+def _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk, weights=None):
     model = Transformer(cfg, _attention(attention, q_chunk))
     hidden = model.apply({"params": params}, tokens, rope=spec, return_hidden=True)
-    return chunked_nll(model, params, hidden[:, :-1], tokens[:, 1:], loss_chunk) / (tokens.shape[1] - 1)
+    total = chunked_nll(model, params, hidden[:, :-1], tokens[:, 1:], loss_chunk, weights)
+    return total / (tokens.shape[1] - 1 if weights is None else jnp.sum(weights, axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk"))
 def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = "blockwise",
-                   q_chunk: int | None = None, loss_chunk: int = 1024):
+                   q_chunk: int | None = None, loss_chunk: int = 1024, weights=None):
     """Mean NLL of K candidate RoPE specs on S windows in one call: float32[K, S].
 
     ``specs`` carries a leading candidate axis (``rope.stack``); the weights are shared by every
     candidate (vmap with unbatched params), never copied. New factor values reuse the compiled
-    function: it is compiled once per (K, S, L, model) shape.
+    function: it is compiled once per (K, S, L, model) shape. ``weights``: float32[S, L - 1] per
+    prediction (e.g. 1 on a needle's answer tokens, 0 elsewhere; the mean is weighted), or None.
     """
-    return jax.vmap(lambda sp: _nll_one_spec(params, tokens, sp, cfg, attention, q_chunk, loss_chunk))(specs)
+    return jax.vmap(lambda sp: _nll_one_spec(params, tokens, sp, cfg, attention, q_chunk, loss_chunk,
+                                             weights))(specs)
 
 
 def item_bytes(cfg: ModelConfig, length: int, block: int = 512, loss_chunk: int = 1024) -> int:
@@ -141,8 +146,10 @@ def plan(k: int, s: int, per_item: int, budget: int, n_devices: int = 1) -> tupl
 
 def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
           attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
-          devices=None) -> np.ndarray:
+          devices=None, weights=None) -> np.ndarray:
     """NLL of K candidates on S windows: float64[K, S], split into as few calls as fit the budget.
+
+    ``weights``: float32[S, L - 1] prediction weights (None: the plain mean over L - 1).
 
     Candidates go through in their given order, ``kc`` at a time (the last call padded by
     repeating the last candidate, so every call has one shape and one compilation); results do
@@ -168,8 +175,16 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     pad = n_calls * kc - k
     padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a, specs)
     wpad = -(-s // sc) * sc - s  # pad windows too, so every call has one shape
+    if weights is not None:
+        weights = jnp.asarray(weights, jnp.float32)
+        if weights.shape != (s, length - 1):
+            raise ValueError(f"weights: expected shape {(s, length - 1)} (windows, predictions), got {weights.shape}")
+        if shard is not None:
+            weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
     if wpad:
         tokens = jnp.concatenate([tokens, jnp.repeat(tokens[-1:], wpad, axis=0)])
+        if weights is not None:
+            weights = jnp.concatenate([weights, jnp.repeat(weights[-1:], wpad, axis=0)])
     out = np.zeros((k, s), np.float64)
     for c in range(n_calls):
         chunk = jax.tree.map(lambda a: a[c * kc:(c + 1) * kc], padded)
@@ -178,7 +193,9 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
         rows = []
         for w in range(0, s, sc):
             rows.append(np.asarray(candidates_nll(params, tokens[w:w + sc], chunk, cfg=cfg, attention=attention,
-                                                  q_chunk=q_chunk, loss_chunk=loss_chunk), np.float64))
+                                                  q_chunk=q_chunk, loss_chunk=loss_chunk,
+                                                  weights=None if weights is None else weights[w:w + sc]),
+                                   np.float64))
         res = np.concatenate(rows, axis=1)[:, :s]
         take = min(kc, k - c * kc)
         out[c * kc:c * kc + take] = res[:take]

@@ -96,3 +96,23 @@ def test_plan():
     assert evaluate.plan(10, 4, 100, 10) == (1, 1)
     assert evaluate.plan(64, 2, 100, 1_000, n_devices=8) == (32, 2)
     assert evaluate.plan(3, 2, 100, 1_000, n_devices=8) == (8, 2)
+
+
+def test_weighted_nll_equals_reference(model):
+    """Prediction weights (the needle fitness): the weighted mean of per-token NLL from full logits."""
+    cfg, params, tokens = model
+    specs = _candidates(cfg, 3, seed=5)
+    w = (np.random.default_rng(1).random((3, L - 1)) < 0.2).astype(np.float32)
+    w[:, -1] = 1.0  # every window scores something
+    got = evaluate.score(params, cfg, tokens, specs, attention="dense", loss_chunk=7, weights=w)
+    for k in range(3):
+        sp = jax.tree.map(lambda a: a[k], specs)
+        logits = np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), rope=sp), np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+        np.testing.assert_allclose(got[k], (nll * w).sum(1) / w.sum(1), rtol=1e-5, atol=1e-6)
+    ones = evaluate.score(params, cfg, tokens, specs, attention="dense", weights=np.ones((3, L - 1), np.float32))
+    np.testing.assert_allclose(ones, evaluate.score(params, cfg, tokens, specs, attention="dense"), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"weights: expected shape \(3, 47\)"):
+        evaluate.score(params, cfg, tokens, specs, weights=np.ones((3, L), np.float32))

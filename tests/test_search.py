@@ -432,3 +432,217 @@ def test_a_finished_search_can_be_extended(tmp_path):
     res = evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=a, progress=False)
     ref = evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=b, progress=False)
     assert res.replayed == 16 + 5 * 16 and _log_bytes(a) == _log_bytes(b)
+
+
+# --------------------------------------------------------------------------------------------
+# LongRoPE2 mode: the critical-dimension genome.
+
+
+def test_theoretical_critical_dim():
+    from longrope_jax.search.genome import theoretical_critical_dim
+
+    assert theoretical_critical_dim(128, 500000.0, 8192) == 35  # LLaMA3-8B (REFERENCE.md section 2)
+    assert theoretical_critical_dim(64, 100000.0, 8192) == 20  # SmolLM2
+
+
+def _lr2_space(rng):
+    from longrope_jax.search.genome import longrope2_space_for
+
+    p = int(rng.integers(3, 20))
+    lo = int(rng.integers(1, p - 1))
+    return longrope2_space_for(p, float(rng.choice([1.5, 2.0, 4.0])), (lo, int(rng.integers(lo, p))),
+                               step=0.05, start_tokens=(0, 4))
+
+
+def _check_lr2(c, sp):
+    assert operators.violation(c, sp) is None, (c, sp)
+    f = sp.factors(c)
+    k = c.critical_dim
+    s = sp.value(sp.lo[0])
+    assert np.all(f[k:] >= s - 1e-9) and np.all(f[k:] <= 2 * s + 1e-9) and np.all(np.diff(f) >= -1e-9)
+    np.testing.assert_allclose(f[:k], f[k] ** (np.arange(k) / k), rtol=1e-9)
+    assert f[0] == 1.0
+
+
+def test_longrope2_operators_stay_valid_canonical_and_new():
+    from longrope_jax.search.genome import critical_from_factors, from_record
+
+    rng = np.random.default_rng(7)
+    crits = set()
+    for trial in range(200):
+        sp = _lr2_space(rng)
+        a = critical_from_factors(np.sort(rng.uniform(0, 3 * sp.value(sp.hi[0]), sp.num_pairs)), sp,
+                                  int(rng.integers(sp.critical[0], sp.critical[1] + 1)))
+        b = critical_from_factors(np.sort(rng.uniform(0, 3 * sp.value(sp.hi[0]), sp.num_pairs)), sp,
+                                  int(rng.integers(sp.critical[0], sp.critical[1] + 1)))
+        _check_lr2(a, sp)
+        _check_lr2(b, sp)
+        seen = {a.key, b.key}
+        for _ in range(4):
+            for op in (lambda: operators.mutate(a, sp, rng, seen, prob=0.5),
+                       lambda: operators.crossover(a, b, sp, rng, seen, prob=0.8)):
+                c = op()
+                if c is None:
+                    continue
+                _check_lr2(c, sp)
+                assert c.key not in seen
+                seen.add(c.key)
+                crits.add(c.critical_dim != a.critical_dim)
+                rec = {"factors": sp.factors(c).tolist(), "start_tokens": c.start_tokens, "critical_dim": c.critical_dim}
+                assert from_record(json.loads(json.dumps(rec)), sp) == c  # the log replays it exactly
+    assert crits == {True, False}  # the critical dimension is searched
+    sp = _lr2_space(np.random.default_rng(0))
+    with pytest.raises(SearchError, match="no critical dimension in LongRoPE2 mode"):
+        operators.check(Candidate(sp.lo), sp)
+    c = critical_from_factors(np.full(sp.num_pairs, 100.0), sp, sp.critical[0])  # every pair at 2 s
+    broken = Candidate((sp.lo[0],) + c.grid[1:], 0, c.critical_dim)  # monotone, in range, a dead gene moved
+    with pytest.raises(SearchError, match="not in canonical form"):
+        operators.check(broken, sp)
+
+
+def test_log_headers_of_plain_searches_do_not_change():
+    """Settings added with LongRoPE2 mode stay out of a plain search's log header (old logs resume)."""
+    from longrope_jax.search.evolve import make_header
+
+    h = make_header(SPACE, SMALL, 0, _seeds())
+    assert not {"mode", "critical_range", "fitness", "needles"} & set(h["settings"])
+    h2 = make_header(SPACE, SearchSettings(mode="longrope2", fitness="needle"), 0, _seeds())
+    assert h2["settings"]["mode"] == "longrope2" and h2["settings"]["fitness"] == "needle"
+
+
+# --------------------------------------------------------------------------------------------
+# Progressive search, short-context readjust and LongRoPE2 mode on the tiny model.
+
+LAMBDA_1 = [1.0, 1.2, 1.5, 2.0]
+
+
+def _factors_file(path, **kw):
+    d = {"format": "longrope-factors/1", "rope_type": "longrope", "rope_theta": 10000.0, "rotary_dim": 8,
+         "original_max_position_embeddings": 32, "max_position_embeddings": 64, "long_factor": LAMBDA_1,
+         "short_factor": [1.0] * 4, "attention_factor": None, "start_tokens": 0,
+         "provenance": {"command": "the first search"}}
+    d.update(kw)
+    with open(path, "w") as fh:
+        json.dump(d, fh)
+    return str(path)
+
+
+def _ppl(capsys, model, data, length, rope, samples=2, seed=1):
+    rc, (line,), err = _cli(["ppl", "--model", model, "--data", data, "--length", str(length), "--samples",
+                             str(samples), "--seed", str(seed), "--rope", rope], capsys)
+    assert rc == 0, err
+    return line
+
+
+def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys):
+    model, data, root = tiny
+    base = _factors_file(root / "lambda1.json")
+    out = str(root / "progressive")
+    argv = ["search", "--model", model, "--data", data, "--target-length", "128", "--out", out, "--samples", "2",
+            "--seed", "1", "--base-factors", base, *SMOKE]
+    rc, (res,), err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert res["kind"] == "progressive" and res["scale"] == 2.0  # 128 over the base file's 64, not the model's 32
+    assert list(res["baselines"]) == ["none", "base", "base*pi:2", "base*ntk:2", "base*yarn:2"]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    lam2 = np.asarray(summary["result"]["searched_factors"])
+    assert np.all(np.diff(lam2) >= 0) and lam2.min() >= 1.0 and lam2.max() <= 2.5  # the rules apply to lambda_2
+    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    np.testing.assert_allclose(d["long_factor"], np.asarray(LAMBDA_1) * lam2, rtol=1e-9)
+    assert d["original_max_position_embeddings"] == 32 and d["max_position_embeddings"] == 128
+    assert d["provenance"]["parent"] == {"command": "the first search"}
+    assert d["provenance"]["search"]["base_factors_file"] == os.path.abspath(base)
+    assert "--base-factors" in d["provenance"]["command"]
+    records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
+    assert records[0]["origin"] == "seed:base" and records[0]["factors"] == [1.0] * 4
+    # The written factors score the search's result through `ppl`; lambda_1 alone is the "base" baseline.
+    np.testing.assert_allclose(_ppl(capsys, model, data, 128, os.path.join(out, "factors.json"))["ppl"], res["ppl"],
+                               rtol=1e-5)
+    assert res["ppl"] <= res["baselines"]["base"] + 1e-9
+    # ... and through the HF export: transformers' config block carries lambda_2 * lambda_1.
+    hf_out = str(root / "progressive_hf")
+    rc, _, err = _cli(["convert", "--model", model, "--factors", os.path.join(out, "factors.json"), "--to", "hf",
+                       "--out", hf_out], capsys)
+    assert rc == 0, err
+    cfg = json.load(open(os.path.join(hf_out, "config.json")))
+    np.testing.assert_allclose(cfg["rope_scaling"]["long_factor"], d["long_factor"], rtol=1e-9)
+    np.testing.assert_allclose(_ppl(capsys, hf_out, data, 128, "longrope")["ppl"], res["ppl"], rtol=1e-5)
+
+
+def test_readjust_writes_short_factors_or_a_per_length_entry(tiny, capsys):
+    model, data, root = tiny
+    ext = _factors_file(root / "extended.json", max_position_embeddings=128, long_factor=[1.0, 1.3, 1.8, 3.0])
+    before = {n: _ppl(capsys, model, data, n, ext)["ppl"] for n in (32, 64, 128)}
+    # At the original window: the short factors.
+    out = str(root / "readjust32")
+    rc, (res,), err = _cli(["search", "--model", model, "--data", data, "--target-length", "32", "--out", out,
+                            "--samples", "2", "--seed", "1", "--readjust", ext, *SMOKE], capsys)
+    assert rc == 0, err
+    assert res["kind"] == "readjust-short" and res["slot"] == "short"
+    assert list(res["baselines"]) == ["none", "file"]
+    np.testing.assert_allclose(res["baselines"]["file"], before[32], rtol=1e-5)
+    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    assert d["long_factor"] == [1.0, 1.3, 1.8, 3.0] and d["max_position_embeddings"] == 128
+    assert d["short_factor"] != [1.0] * 4 or res["ppl"] <= res["baselines"]["file"]
+    np.testing.assert_allclose(_ppl(capsys, model, data, 32, os.path.join(out, "factors.json"))["ppl"], res["ppl"],
+                               rtol=1e-5)
+    assert res["ppl"] <= min(res["baselines"].values()) + 1e-9  # both baselines are seeds
+    # Between the windows: a per_length entry; longer calls keep the top-level long factors.
+    out2 = str(root / "readjust64")
+    rc, (res2,), err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--out", out2,
+                             "--samples", "2", "--seed", "1", "--readjust", ext, *SMOKE], capsys)
+    assert rc == 0, err
+    assert res2["kind"] == "readjust-per_length"
+    d2 = factors.load(os.path.join(out2, "factors.json"), rotary_dim=8)
+    assert list(d2["per_length"]) == [64] and d2["short_factor"] == [1.0] * 4
+    new = os.path.join(out2, "factors.json")
+    np.testing.assert_allclose(_ppl(capsys, model, data, 64, new)["ppl"], res2["ppl"], rtol=1e-5)
+    np.testing.assert_allclose(_ppl(capsys, model, data, 128, new)["ppl"], before[128], rtol=1e-6)
+    # Errors name the flag and the expected value.
+    rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "256", "--out",
+                       str(root / "r_bad"), "--readjust", ext], capsys)
+    assert rc == 2 and "at or below its max_position_embeddings (128), got 256" in err
+    rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--out",
+                       str(root / "r_bad"), "--readjust", ext, "--base-factors", ext], capsys)
+    assert rc == 2 and "--base-factors and --readjust: give one" in err
+
+
+def test_longrope2_needle_search(tiny, capsys):
+    from longrope_jax import evaluate
+    from longrope_jax.loading import load_model
+    from longrope_jax.needle import needle_windows
+    from longrope_jax.data import read_documents, windows
+
+    model, data, root = tiny
+    out = str(root / "lr2")
+    argv = ["search", "--config", os.path.join(CONFIGS, "longrope2.py"), "--model", model, "--data", data,
+            "--target-length", "256", "--out", out, "--samples", "2", "--seed", "1", "--config.needles=1",
+            "--config.critical_range=[1, 3]", *SMOKE]
+    rc, (res,), err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert res["kind"] == "longrope2" and res["fitness"] == "needle" and 1 <= res["critical_dim"] <= 3
+    assert "LongRoPE2 mode: critical dim in [1, 3]" in err
+    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    f, k = np.asarray(d["long_factor"]), d["critical_dim"]
+    assert k == res["critical_dim"] and np.all((f[k:] >= 8.0) & (f[k:] <= 16.0))  # [s, 2s], s = 256 / 32
+    np.testing.assert_allclose(f[:k], f[k] ** (np.arange(k) / k), rtol=1e-9)
+    records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
+    assert len({r["critical_dim"] for r in records}) > 1
+    # The needle perplexity of the written file, recomputed from scratch, is the search's result.
+    m = load_model(model)
+    w = windows(read_documents(data), m.tokenizer, 256, 2, 1)
+    nw = needle_windows(m.tokenizer, w.tokens, 1, 1)
+    spec = factors.to_spec(d, 256)
+    nll = evaluate.score(m.params, m.cfg, nw.tokens, jax.tree.map(lambda a: a[None], spec), attention="dense",
+                         weights=nw.weights)
+    np.testing.assert_allclose(math.exp(nll.mean()), res["ppl"], rtol=1e-5)
+    # The plain perplexity of that file differs: the fitness really is the needles'.
+    assert abs(_ppl(capsys, model, data, 256, os.path.join(out, "factors.json"))["ppl"] - res["ppl"]) > 1e-3
+    # Resuming replays everything.
+    rc, (again,), err = _cli(argv, capsys)
+    assert rc == 0 and again["new_evaluations"] == 0 and again["ppl"] == res["ppl"], err
+    # LongRoPE2 mode does not combine with a progressive search; a bad range is named.
+    rc, _, err = _cli([*argv[:-len(SMOKE)], "--base-factors", _factors_file(root / "l1b.json")], capsys)
+    assert rc == 2 and "mode 'longrope2' searches a plain extension" in err
+    rc, _, err = _cli([*argv, "--config.critical_range=[3, 9]", "--out", str(root / "lr2bad")], capsys)
+    assert rc == 2 and "critical_range: expected within [1, 3]" in err

@@ -44,4 +44,12 @@ def get_config():
     c.start_tokens = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
     c.start_token_prob = 0.3
     c.seed_factors = []  # extra initial candidates: factors.json files
+    # Progressive / short-context search (factors.json files; see the README).
+    c.base_factors = None  # search lambda_2 on a model fine-tuned with this file's lambda_1
+    c.readjust = None  # re-search this file's short factors / a per_length entry at target_length
+    # LongRoPE2 (configs/search/longrope2.py sets these).
+    c.mode = "longrope"  # or "longrope2": critical-dimension search
+    c.critical_range = []  # longrope2: [lo, hi] of the critical-dimension gene; [] = automatic
+    c.fitness = "ppl"  # or "needle": perplexity of needle answers only
+    c.needles = 4
     return c

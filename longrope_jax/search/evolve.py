@@ -36,7 +36,7 @@ import numpy as np
 
 from longrope_jax.search import operators
 from longrope_jax.search.genome import Candidate, SearchError, Space, from_record
-from longrope_jax.search.settings import SearchSettings
+from longrope_jax.search.settings import ADDED_LATER, SearchSettings
 
 LOG_FORMAT = "longrope-search-log/1"
 ALGORITHM = "longrope-evolution/1"
@@ -162,6 +162,9 @@ def make_header(space: Space, settings: SearchSettings, seed: int, seeds: Sequen
     s = settings.to_dict()
     s.pop("seed_factors", None)  # their values are in "seeds"
     s.pop("iterations", None)  # generation g never depends on it: a finished search can be extended
+    for k, v in ADDED_LATER.items():  # logs from before these settings existed still resume
+        if s.get(k) == v:
+            s.pop(k)
     return {"format": LOG_FORMAT, "algorithm": ALGORITHM, "seed": seed, "settings": s,
             "space": space.describe(), "seeds": {name: c.key for name, c in seeds},
             "context": dict(context or {})}
@@ -270,6 +273,8 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
                 rec = {"eval": state["evals"], "generation": generation, **meta,
                        "start_tokens": c.start_tokens, "factors": space.factors(c).tolist(),
                        "ppl": ppl if math.isfinite(ppl) else None}
+                if c.critical_dim is not None:
+                    rec["critical_dim"] = c.critical_dim
                 rec.update({k: v for k, v in extra.items() if k not in rec})
                 journal.append(rec)
                 out.append(Scored(c, ppl, rec))

@@ -11,12 +11,13 @@ few calls as the memory budget allows.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Sequence
 
 import numpy as np
 
-from longrope_jax import evaluate, rope as rope_lib
+from longrope_jax import evaluate, factors as factors_lib, rope as rope_lib
 from longrope_jax.search.genome import Candidate, Space
 
 
@@ -29,22 +30,46 @@ def _per_candidate(nll: np.ndarray) -> list[dict]:
     return out
 
 
+SLOTS = ("long", "short", "per_length")
+
+
+def base_document(cfg, *, original_max: int, length: int, attention_factor: float | None = None) -> dict:
+    """The factors dict (``longrope-factors/1`` without provenance) a plain search fills in: long
+    and short factors 1, start tokens 0, switching at ``original_max``, made for ``length``."""
+    p = cfg.rotary_dim // 2
+    return {"format": factors_lib.FORMAT, "rope_type": "longrope", "rope_theta": float(cfg.rope_theta),
+            "rotary_dim": int(cfg.rotary_dim), "original_max_position_embeddings": int(original_max),
+            "max_position_embeddings": int(length), "long_factor": [1.0] * p, "short_factor": [1.0] * p,
+            "attention_factor": attention_factor, "start_tokens": 0, "critical_dim": None}
+
+
 class PerplexityFitness:
     """``fitness(candidates) -> [{"ppl", "nll", "nll_per_window"}]`` on windows ``tokens: int32[S, L]``.
+
+    A candidate is placed into a factors document (``template``) and scored with the spec
+    ``factors.to_spec(document, L)`` builds, i.e. exactly what ``ppl --rope factors.json`` uses:
+
+    - ``slot="long"``: the top-level long factors and start tokens (a plain or progressive search);
+    - ``slot="short"``: the short factors (short-context readjust at or below the original window);
+    - ``slot="per_length"``: a ``per_length[L]`` entry (readjust between the windows).
 
     Args:
       params, cfg: the model (weights are shared by every call; never reloaded).
       tokens: int32[S, L] the search windows (L = the target length).
       space: the search space (grid -> factor values).
-      original_max: the model's original window (the switching threshold).
+      original_max: the model's original window (the switching threshold); sets up the default
+        template when ``template`` is None.
       base_factors: float64[P] multiplied onto every candidate's factors (None: 1).
-      attention_factor: None for the LongRoPE default from the two lengths.
+      attention_factor: the default template's (None: the LongRoPE default from the two lengths).
+      template, slot: where candidates go (default: a plain search's document, slot ``long``).
+      weights: float32[S, L - 1] per-prediction weights (needle-driven fitness), or None.
       memory_budget, attention, q_chunk, loss_chunk: passed to ``evaluate.score`` (``attention``
         ``auto`` picks as ``ppl`` does).
     """
 
     def __init__(self, params, cfg, tokens, space: Space, *, original_max: int, base_factors=None,
-                 attention_factor: float | None = None, memory_budget: int | None = None, attention: str = "auto",
+                 attention_factor: float | None = None, template: dict | None = None, slot: str = "long",
+                 weights=None, memory_budget: int | None = None, attention: str = "auto",
                  q_chunk: int | None = None, loss_chunk: int = 1024):
         self.params, self.cfg, self.space = params, cfg, space
         self.tokens = np.asarray(tokens, np.int32)
@@ -54,28 +79,47 @@ class PerplexityFitness:
         self.base = np.ones(p) if base_factors is None else np.asarray(base_factors, np.float64)
         if self.base.shape != (p,):
             raise ValueError(f"base_factors: expected {p} factors, got shape {self.base.shape}")
-        self.attention_factor = attention_factor
+        if slot not in SLOTS:
+            raise ValueError(f"slot: expected one of {SLOTS}, got {slot!r}")
+        self.template = dict(template) if template is not None else base_document(
+            cfg, original_max=original_max, length=self.length, attention_factor=attention_factor)
+        self.slot = slot
+        self.attention_factor = self.template.get("attention_factor")
+        self.weights = None if weights is None else np.asarray(weights, np.float32)
         self.memory_budget = memory_budget
         self.attention = evaluate.pick_attention(attention, self.length)
         self.q_chunk = evaluate.default_block(self.length, q_chunk)
         self.loss_chunk = loss_chunk
 
     def long_factor(self, c: Candidate) -> np.ndarray:
-        """The long factors a candidate stands for: float64[P] (rounded as the file stores them)."""
+        """The factors a candidate stands for: float64[P] (rounded as the file stores them)."""
         return np.round(self.base * self.space.factors(c), 10)
 
+    def document(self, c: Candidate) -> dict:
+        """The factors dict with ``c`` in its slot (no provenance)."""
+        d = json.loads(json.dumps(self.template))
+        f = self.long_factor(c).tolist()
+        if self.slot == "long":
+            d["long_factor"], d["start_tokens"] = f, int(c.start_tokens)
+        elif self.slot == "short":
+            d["short_factor"] = f
+        else:
+            per = {int(k): v for k, v in (d.get("per_length") or {}).items()}
+            per[self.length] = {"long_factor": f, "start_tokens": int(c.start_tokens),
+                                "attention_factor": d.get("attention_factor")}
+            d["per_length"] = {k: per[k] for k in sorted(per)}
+        if c.critical_dim is not None:
+            d["critical_dim"] = int(c.critical_dim)
+        return d
+
     def spec(self, c: Candidate) -> rope_lib.RopeSpec:
-        p = self.cfg.rotary_dim // 2
-        return rope_lib.longrope(self.cfg.rope_theta, self.cfg.rotary_dim, self.long_factor(c), np.ones(p),
-                                 original_max=self.original_max, max_position_embeddings=self.length,
-                                 attention_factor=self.attention_factor, start_tokens=int(c.start_tokens),
-                                 source="search candidate")
+        return factors_lib.to_spec(self.document(c), self.length, "search candidate")
 
     def score_specs(self, specs: Sequence[rope_lib.RopeSpec]) -> np.ndarray:
         """NLL of specs sharing one static structure: float64[K, S]."""
         return evaluate.score(self.params, self.cfg, self.tokens, rope_lib.stack(list(specs)),
                               memory_budget=self.memory_budget, attention=self.attention, q_chunk=self.q_chunk,
-                              loss_chunk=self.loss_chunk)
+                              loss_chunk=self.loss_chunk, weights=self.weights)
 
     def __call__(self, candidates: Sequence[Candidate]) -> list[dict]:
         if not candidates:
@@ -96,18 +140,20 @@ def baseline_specs(cfg, scale: float, original_max: int) -> dict[str, rope_lib.R
     return dict(zip(baseline_names(scale), specs))
 
 
-def score_baselines(fitness: PerplexityFitness, scale: float) -> dict[str, dict]:
-    """Perplexity of every baseline on the search windows: ``{name: {"ppl", "nll", "nll_per_window"}}``.
-
-    Specs of one static structure are scored together (none/PI/NTK/YaRN; dynamic NTK alone).
-    """
-    specs = baseline_specs(fitness.cfg, scale, fitness.original_max)
+def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec]) -> dict[str, dict]:
+    """Scores named specs on the fitness's windows (and weights): ``{name: {"ppl", "nll",
+    "nll_per_window"}}`` in the given order; specs of one static structure go through together."""
     groups: dict = {}
     for name, sp in specs.items():
-        groups.setdefault((sp.theta, sp.rotary_dim, sp.original_max, sp.dynamic_scale, sp.dynamic_max),
-                          []).append(name)
+        groups.setdefault(rope_lib.static_key(sp), []).append(name)
     out = {}
     for names in groups.values():
         for name, rec in zip(names, _per_candidate(fitness.score_specs([specs[n] for n in names]))):
             out[name] = rec
     return {name: out[name] for name in specs}
+
+
+def score_baselines(fitness: PerplexityFitness, scale: float) -> dict[str, dict]:
+    """Perplexity of every baseline on the search windows: ``{name: {"ppl", "nll", "nll_per_window"}}``
+    (none/PI/NTK/YaRN together; dynamic NTK alone)."""
+    return score_named(fitness, baseline_specs(fitness.cfg, scale, fitness.original_max))

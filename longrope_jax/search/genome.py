@@ -41,11 +41,13 @@ class Candidate:
 
     grid: tuple[int, ...]
     start_tokens: int = 0
+    critical_dim: int | None = None  # LongRoPE2 mode: pairs below it follow from it (see Space)
 
     @property
     def key(self) -> str:
         """The history key: identical for identical vectors, distinct otherwise."""
-        return f"{self.start_tokens}|" + ",".join(map(str, self.grid))
+        key = f"{self.start_tokens}|" + ",".join(map(str, self.grid))
+        return key if self.critical_dim is None else f"{key}|c{self.critical_dim}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,12 +57,17 @@ class Space:
     lo, hi: int[P] inclusive grid bounds per pair.
     step: grid step of the factors (the paper's 0.01).
     start_tokens: allowed ``n_hat`` values (one value: start tokens are not searched).
+    critical: LongRoPE2 mode: the inclusive range ``(lo, hi)`` of the critical-dimension gene
+      ``c``; pairs ``i >= c`` are searched on the grid, pairs below follow NTK-style from pair
+      ``c``: ``lambda_i = lambda_c ** (i / c)``. Their grid entries are kept equal to pair ``c``'s
+      (the canonical form), so equal factor vectors have equal keys. None: every pair is searched.
     """
 
     lo: tuple[int, ...]
     hi: tuple[int, ...]
     step: float = 0.01
     start_tokens: tuple[int, ...] = (0,)
+    critical: tuple[int, int] | None = None
 
     def __post_init__(self):
         if len(self.lo) != len(self.hi) or not self.lo:
@@ -74,6 +81,12 @@ class Space:
             raise SearchError(f"search space: step: expected a positive number, got {self.step!r}")
         if not self.start_tokens or any(not isinstance(t, int) or t < 0 for t in self.start_tokens):
             raise SearchError(f"search space: start_tokens: expected integers >= 0, got {self.start_tokens!r}")
+        if self.critical is not None:
+            c = tuple(int(x) for x in self.critical)
+            if len(c) != 2 or not (1 <= c[0] <= c[1] <= len(self.lo) - 1):
+                raise SearchError(f"search space: critical_dim range: expected 1 <= lo <= hi <= "
+                                  f"{len(self.lo) - 1} (pairs - 1), got {self.critical!r}")
+            object.__setattr__(self, "critical", c)
 
     @property
     def num_pairs(self) -> int:
@@ -85,8 +98,23 @@ class Space:
         return float(v) if v.ndim == 0 else v
 
     def factors(self, c: Candidate) -> np.ndarray:
-        """The candidate's factors: float64[P]."""
-        return self.value(c.grid)
+        """The candidate's factors: float64[P] (LongRoPE2 mode: pairs below the critical
+        dimension ``c`` are ``lambda_c ** (i / c)``, rounded to 10 decimals)."""
+        v = self.value(c.grid)
+        if c.critical_dim is not None:
+            k = int(c.critical_dim)
+            v[:k] = np.round(v[k] ** (np.arange(k) / k), 10)
+        return v
+
+    def canonical(self, c: Candidate) -> Candidate:
+        """``c`` with the grid entries below its critical dimension set to the critical pair's
+        (no-op outside LongRoPE2 mode)."""
+        if c.critical_dim is None:
+            return c
+        g = list(c.grid)
+        k = int(c.critical_dim)
+        g[:k] = [g[k]] * k
+        return Candidate(tuple(g), c.start_tokens, k)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) factor bounds per pair: float64[P] each."""
@@ -95,8 +123,11 @@ class Space:
     def describe(self) -> dict:
         """A JSON-able description (used in the log header and the summary)."""
         lo, hi = self.bounds()
-        return {"step": self.step, "factor_min": lo.tolist(), "factor_max": hi.tolist(),
-                "start_tokens": list(self.start_tokens)}
+        d = {"step": self.step, "factor_min": lo.tolist(), "factor_max": hi.tolist(),
+             "start_tokens": list(self.start_tokens)}
+        if self.critical is not None:
+            d["critical_dim"] = list(self.critical)
+        return d
 
 
 def space_for(num_pairs: int, scale: float, *, step: float = 0.01, factor_range: str = "paper",
@@ -115,6 +146,24 @@ def space_for(num_pairs: int, scale: float, *, step: float = 0.01, factor_range:
     lo = math.ceil(1.0 / step - 1e-9)
     hi = math.floor(FACTOR_RANGES[factor_range](scale) / step + 1e-9)
     return Space((lo,) * num_pairs, (hi,) * num_pairs, float(step), tuple(int(t) for t in start_tokens))
+
+
+def theoretical_critical_dim(rotary_dim: int, theta: float, train_length: int) -> int:
+    """LongRoPE2's theoretical critical dimension ``ceil((d/2) log_base(L_train / 2 pi))``: the
+    first pair whose period exceeds the training length (a pair index in [0, d/2])."""
+    return int(math.ceil((rotary_dim / 2) * math.log(train_length / (2 * math.pi)) / math.log(theta)))
+
+
+def longrope2_space_for(num_pairs: int, scale: float, critical: tuple[int, int], *, step: float = 0.01,
+                        start_tokens: Sequence[int] = (0,)) -> Space:
+    """LongRoPE2 mode: pairs at or above the critical dimension in ``[s, 2 s]``, the critical
+    dimension itself a gene in ``critical`` (inclusive)."""
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 1):
+        raise SearchError(f"scale: expected a number > 1 (target length over the original window), got {scale!r}")
+    lo = math.ceil(scale / step - 1e-9)
+    hi = math.floor(2 * scale / step + 1e-9)
+    return Space((lo,) * num_pairs, (hi,) * num_pairs, float(step), tuple(int(t) for t in start_tokens),
+                 tuple(int(x) for x in critical))
 
 
 def to_grid(values, space: Space) -> np.ndarray:
@@ -162,5 +211,22 @@ def from_factors(values, space: Space, start_tokens: int | None = None, *, clip:
 
 
 def from_record(record: dict, space: Space) -> Candidate:
-    """The candidate of a log record (``factors`` and ``start_tokens``), exactly as logged."""
-    return Candidate(tuple(int(x) for x in to_grid(record["factors"], space)), int(record["start_tokens"]))
+    """The candidate of a log record (``factors``, ``start_tokens``, ``critical_dim``), exactly as logged."""
+    grid = to_grid(record["factors"], space)
+    crit = record.get("critical_dim")
+    if crit is not None:
+        grid[:int(crit)] = grid[int(crit)]
+    return Candidate(tuple(int(x) for x in grid), int(record["start_tokens"]), None if crit is None else int(crit))
+
+
+def critical_from_factors(values, space: Space, critical_dim: int, start_tokens: int | None = None, *,
+                          source: str = "factors") -> Candidate:
+    """A LongRoPE2 candidate: the pairs from ``critical_dim`` up taken from ``values`` (rounded,
+    clipped into ``[s, 2 s]``, made non-decreasing), the ones below derived."""
+    arr = np.asarray(values, np.float64)
+    if arr.shape != (space.num_pairs,):
+        raise SearchError(f"{source}: expected {space.num_pairs} factors, got shape {arr.shape}")
+    k = np.clip(to_grid(arr, space), np.asarray(space.lo), np.asarray(space.hi))
+    k = np.maximum.accumulate(k)
+    n = (0 if 0 in space.start_tokens else min(space.start_tokens)) if start_tokens is None else start_tokens
+    return space.canonical(Candidate(tuple(int(x) for x in k), int(n), int(critical_dim)))

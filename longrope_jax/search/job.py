@@ -82,10 +82,8 @@ def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
     return seeds
 
 
-def _previous_baselines(summary_path: str, context: Mapping[str, Any], scale: float) -> dict | None:
+def _previous_baselines(summary_path: str, context: Mapping[str, Any], names: list[str]) -> dict | None:
     """The baselines of an earlier run of this search (same context), so a resume does not rescore them."""
-    from longrope_jax.search.fitness import baseline_names
-
     try:
         with open(summary_path) as fh:
             prev = json.load(fh)
@@ -94,29 +92,149 @@ def _previous_baselines(summary_path: str, context: Mapping[str, Any], scale: fl
     base = prev.get("baselines_detail") if isinstance(prev, dict) else None
     if prev.get("context") != json.loads(json.dumps(context)) or not isinstance(base, dict):
         return None
-    if list(base) != baseline_names(scale) or any(not isinstance(v, dict) or "ppl" not in v for v in base.values()):
+    if list(base) != names or any(not isinstance(v, dict) or "ppl" not in v for v in base.values()):
         return None
     return {k: dict(v, ppl=math.inf if v["ppl"] is None else v["ppl"]) for k, v in base.items()}
 
 
 def factors_document(fitness, best, *, model: str, model_sha256: str | None, seed: int, documents: list[str],
-                     command: str, search: Mapping[str, Any]) -> dict:
-    """The ``longrope-factors/1`` dict of the best candidate (REFERENCE.md section 8)."""
+                     command: str, search: Mapping[str, Any], parent: Mapping[str, Any] | None = None) -> dict:
+    """The ``longrope-factors/1`` dict of the best candidate (REFERENCE.md section 8): the
+    fitness's document with the candidate in its slot, and provenance (``parent``: the provenance
+    of the file a progressive search or a readjust started from)."""
     from longrope_jax import __version__
 
-    cfg = fitness.cfg
-    p = cfg.rotary_dim // 2
-    d = {
-        "format": factors_lib.FORMAT, "rope_type": "longrope", "rope_theta": float(cfg.rope_theta),
-        "rotary_dim": int(cfg.rotary_dim), "original_max_position_embeddings": fitness.original_max,
-        "max_position_embeddings": fitness.length, "long_factor": fitness.long_factor(best.candidate).tolist(),
-        "short_factor": [1.0] * p, "attention_factor": fitness.attention_factor,
-        "start_tokens": int(best.candidate.start_tokens), "critical_dim": None,
-        "provenance": {"model": model, "model_sha256": model_sha256, "seed": seed, "documents": documents,
-                       "command": command, "version": __version__, "search": dict(search)},
-    }
-    factors_lib.validate(d, FACTORS_FILE, cfg.rotary_dim)  # the file must load
+    d = fitness.document(best.candidate)
+    d["provenance"] = {"model": model, "model_sha256": model_sha256, "seed": seed, "documents": documents,
+                       "command": command, "version": __version__, "search": dict(search)}
+    if parent is not None:
+        d["provenance"]["parent"] = dict(parent)
+    factors_lib.validate(d, FACTORS_FILE, fitness.cfg.rotary_dim)  # the file must load
     return d
+
+
+def _load_factors_arg(path: str, flag: str, cfg) -> dict:
+    d = factors_lib.load(path, rotary_dim=cfg.rotary_dim)
+    if abs(float(d["rope_theta"]) - cfg.rope_theta) > 1e-6 * cfg.rope_theta:
+        raise factors_lib.FactorsError(f"{path} (--{flag}): field 'rope_theta': expected {cfg.rope_theta} (the "
+                                       f"model's), got {d['rope_theta']}")
+    return d
+
+
+def _seed_or_skip(make, name, log):
+    try:
+        return [(name, make())]
+    except SearchError as e:
+        log(f"seed {name} skipped: {e}")
+        return []
+
+
+def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_window: int | None = None,
+                base_factors=None, readjust: str | None = None, log=None) -> dict:
+    """What a search looks for, from its flags: the space, the seeds, the baselines, and where a
+    candidate goes (``template`` and ``slot`` of :class:`~longrope_jax.search.fitness.PerplexityFitness`).
+
+    - plain: factors for ``target_length`` over the model's window (``original_window``).
+    - progressive (``base_factors``: a factors file, or float[P]): ``lambda_2`` at
+      ``target_length`` over the file's ``max_position_embeddings`` (the fine-tuning length);
+      range and monotonicity apply to ``lambda_2``, the file gets ``lambda_2 * lambda_1``.
+    - readjust (a factors file): that file's short factors (``target_length`` at or below its
+      original window) or a ``per_length[target_length]`` entry (above it), on the extended model.
+    - LongRoPE2 mode (``settings.mode``): plain, with the critical-dimension space.
+    """
+    from longrope_jax.search import fitness as fitness_lib
+
+    log = log or (lambda msg: None)
+    p = cfg.rotary_dim // 2
+    theta, rd = cfg.rope_theta, cfg.rotary_dim
+    if base_factors is not None and readjust is not None:
+        raise SearchError("--base-factors and --readjust: give one (a progressive search or a readjust)")
+    if settings.mode == "longrope2" and (base_factors is not None or readjust is not None):
+        raise SearchError("mode 'longrope2' searches a plain extension; it does not take --base-factors or "
+                          "--readjust")
+    out = {"base": None, "slot": "long", "parent": None, "kind": "plain"}
+    if readjust is not None:
+        f = _load_factors_arg(readjust, "readjust", cfg)
+        switch, ext = int(f["original_max_position_embeddings"]), int(f["max_position_embeddings"])
+        if not 2 <= target_length <= ext:
+            raise SearchError(f"--target-length: a readjust of {readjust} searches at or below its "
+                              f"max_position_embeddings ({ext}), got {target_length}")
+        scale = ext / switch
+        short = target_length <= switch
+        starts = (int(f.get("start_tokens") or 0),) if short else settings.start_tokens
+        space = genome.space_for(p, scale, step=settings.step, factor_range=settings.factor_range, start_tokens=starts)
+        template = {k: v for k, v in f.items() if k != "provenance"}
+        template["per_length"] = {int(k): v for k, v in (f.get("per_length") or {}).items()}
+        n0 = starts[0] if short else (int(f.get("start_tokens") or 0) if f.get("start_tokens") in starts else None)
+        seeds = [("original", genome.from_factors(np.ones(p), space, n0, source="original RoPE"))]
+        seeds += _seed_or_skip(lambda: genome.from_factors(f["short_factor"], space, n0, source=f"{readjust} "
+                                                           "short_factor"), "file-short", log)
+        seeds += _seed_or_skip(lambda: genome.from_factors(f["long_factor"], space, n0, source=f"{readjust} "
+                                                           "long_factor"), "file-long", log)
+        if not short:
+            ls = target_length / switch
+            seeds += [(n, genome.from_factors(v, space, n0, source=n)) for n, v in (
+                ("pi", np.full(p, ls)), ("ntk", rope_lib.ntk_factors(rd, ls)),
+                ("yarn", rope_lib.yarn_factors(theta, rd, ls, switch)))]
+        baselines = {"none": rope_lib.default(theta, rd), "file": factors_lib.to_spec(f, target_length, readjust)}
+        out.update(kind="readjust-short" if short else "readjust-per_length", slot="short" if short else "per_length",
+                   parent=f.get("provenance"), window=switch, switch=switch, scale=scale, space=space, seeds=seeds,
+                   template=template, baselines=baselines, readjust=os.path.abspath(readjust))
+        return out
+
+    window = int(original_window or cfg.max_position_embeddings)
+    switch = window
+    template_extra = {}
+    if base_factors is not None:
+        if isinstance(base_factors, str):
+            f = _load_factors_arg(base_factors, "base-factors", cfg)
+            lam1 = np.asarray(f["long_factor"], np.float64)
+            window = int(f["max_position_embeddings"])
+            switch = int(f["original_max_position_embeddings"])
+            template_extra = {"short_factor": f["short_factor"], "attention_factor": f.get("attention_factor")}
+            out.update(parent=f.get("provenance"), base_factors_file=os.path.abspath(base_factors))
+        else:
+            lam1 = np.asarray(base_factors, np.float64)
+        if lam1.shape != (p,) or not np.all(np.isfinite(lam1)) or np.any(lam1 <= 0):
+            raise SearchError(f"--base-factors: expected {p} positive finite factors, got {lam1.tolist()!r:.80}")
+        out.update(kind="progressive", base=lam1)
+    if target_length <= window:
+        raise SearchError(f"--target-length: expected more than the {'fine-tuned' if base_factors is not None else 'original'}"
+                          f" window ({window} tokens), got {target_length}")
+    scale = target_length / window
+    template = fitness_lib.base_document(cfg, original_max=switch, length=target_length)
+    template.update(template_extra)
+    if settings.mode == "longrope2":
+        tcd = genome.theoretical_critical_dim(rd, theta, window)
+        lo, hi = settings.critical_range or (max(1, tcd - p // 4), min(p - 1, tcd))
+        if hi > p - 1 or lo > hi:
+            raise SearchError(f"critical_range: expected within [1, {p - 1}] (pairs - 1), got {[lo, hi]}")
+        space = genome.longrope2_space_for(p, scale, (lo, hi), step=settings.step, start_tokens=settings.start_tokens)
+        c0 = min(max(tcd, lo), hi)
+        seeds = [(n, genome.critical_from_factors(v, space, c0, source=n)) for n, v in (
+            ("lr2-flat", np.full(p, scale)), ("lr2-ntk", rope_lib.ntk_factors(rd, scale)),
+            ("lr2-yarn", rope_lib.yarn_factors(theta, rd, scale, window)))]
+        out.update(kind="longrope2", theoretical_critical_dim=tcd)
+    else:
+        space = genome.space_for(p, scale, step=settings.step, factor_range=settings.factor_range,
+                                 start_tokens=settings.start_tokens)
+        seeds = seed_candidates(space, cfg, scale, window, settings.seed_factors)
+        if base_factors is not None:  # lambda_2 = 1: the fine-tuned model as it is
+            seeds.insert(0, ("base", genome.from_factors(np.ones(p), space, source="base factors")))
+    if base_factors is None:
+        baselines = fitness_lib.baseline_specs(cfg, scale, window)
+    else:
+        def with_base(lam2, name):
+            d = dict(template, long_factor=np.round(lam1 * lam2, 10).tolist())
+            return factors_lib.to_spec(d, target_length, name)
+
+        baselines = {"none": rope_lib.default(theta, rd), "base": with_base(np.ones(p), "base")}
+        for n, v in ((f"base*pi:{scale:g}", np.full(p, scale)), (f"base*ntk:{scale:g}", rope_lib.ntk_factors(rd, scale)),
+                     (f"base*yarn:{scale:g}", rope_lib.yarn_factors(theta, rd, scale, window))):
+            baselines[n] = with_base(v, n)
+    out.update(window=window, switch=switch, scale=scale, space=space, seeds=seeds, template=template,
+               baselines=baselines)
+    return out
 
 
 def canonical_command(model, data, target_length, out, *, settings: SearchSettings, samples, seed, extra: Mapping):
@@ -138,8 +256,8 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
                param_dtype: str = "float32", sliding_window: bool = True, attention: str = "auto",
                q_chunk: int | None = None, loss_chunk: int = 1024, memory_budget: int | None = None,
                max_evals: int | None = None, time_budget: float | None = None, base_factors=None,
-               original_window: int | None = None, command: str | None = None, progress: bool = True,
-               log=None) -> dict:
+               readjust: str | None = None, original_window: int | None = None, command: str | None = None,
+               progress: bool = True, log=None) -> dict:
     """The ``search`` job; returns the result line (also what ``summary.json`` starts with).
 
     Args:
@@ -151,7 +269,12 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
         chosen with ``seed``), as ``ppl`` chooses them; ``seed`` also seeds the search.
       max_evals: stop after this many evaluations in all (logged ones included).
       time_budget: stop (cleanly, between generations) after this many seconds of this call.
-      base_factors: float[P] multiplied onto every candidate (progressive search; None: 1).
+      base_factors: progressive search: a factors file whose ``lambda_1`` the model was fine-tuned
+        with (or float[P]); the search looks for ``lambda_2`` over that file's length and writes
+        ``lambda_2 * lambda_1``.
+      readjust: short-context readjust: an extended model's factors file; the search re-tunes its
+        short factors (``target_length`` at or below the original window) or adds a
+        ``per_length[target_length]`` entry, and writes that file so amended.
       original_window: the window the factors extend (default: the model's
         ``max_position_embeddings``).
       command: recorded in the provenance (default: a canonical command line).
@@ -183,46 +306,62 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     if m.tokenizer is None:
         raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
     cfg = m.cfg
-    window = int(original_window or cfg.max_position_embeddings)
-    if target_length <= window:
-        raise SearchError(f"--target-length: expected more than the original window ({window} tokens), got "
-                          f"{target_length}")
-    scale = target_length / window
+    plan = plan_search(cfg, settings, target_length, original_window=original_window, base_factors=base_factors,
+                       readjust=readjust, log=log)
+    window, scale, space = plan["window"], plan["scale"], plan["space"]
     w = windows(read_documents(data, field), m.tokenizer, target_length, samples, seed, source=data)
-    log(f"search: {model} (window {window}) to {target_length} tokens (scale {scale:g}) on {len(w.documents)} "
-        f"window(s); population {settings.population}, {settings.iterations} iterations, range "
-        f"{settings.factor_range}")
+    tokens, weights, needle_info = w.tokens, None, None
+    if settings.fitness == "needle":
+        from longrope_jax.needle import needle_windows
 
-    space = genome.space_for(cfg.rotary_dim // 2, scale, step=settings.step, factor_range=settings.factor_range,
-                             start_tokens=settings.start_tokens)
-    seeds = seed_candidates(space, cfg, scale, window, settings.seed_factors)
-    fit = fitness_lib.PerplexityFitness(m.params, cfg, w.tokens, space, original_max=window,
-                                        base_factors=base_factors, memory_budget=memory_budget,
-                                        attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk)
+        nw = needle_windows(m.tokenizer, w.tokens, seed, settings.needles)
+        tokens, weights = nw.tokens, nw.weights
+        needle_info = {"needles": settings.needles, "depths": nw.depths, "scored_tokens": nw.weights.sum(1).tolist()}
+    what = {"plain": "", "progressive": " (progressive: lambda_2 over the fine-tuned window)",
+            "longrope2": f" (LongRoPE2 mode: critical dim in {list(space.critical or ())}, theoretical "
+                         f"{plan.get('theoretical_critical_dim')})",
+            "readjust-short": f" (readjust of {readjust}: short factors)",
+            "readjust-per_length": f" (readjust of {readjust}: per_length entry)"}[plan["kind"]]
+    log(f"search: {model} (window {window}) to {target_length} tokens (scale {scale:g}){what} on "
+        f"{len(w.documents)} window(s), fitness {settings.fitness}; population {settings.population}, "
+        f"{settings.iterations} iterations, range {settings.factor_range if settings.mode == 'longrope' else '[s, 2s]'}")
+
+    seeds = plan["seeds"]
+    fit = fitness_lib.PerplexityFitness(m.params, cfg, tokens, space, original_max=plan["switch"],
+                                        base_factors=plan["base"], template=plan["template"], slot=plan["slot"],
+                                        weights=weights, memory_budget=memory_budget, attention=attention,
+                                        q_chunk=q_chunk, loss_chunk=loss_chunk)
     model_id = m.sha256 or (os.path.abspath(model) if os.path.exists(model) else model)
     context = {"model": model_id, "target_length": target_length, "original_window": window,
                "rope_theta": cfg.rope_theta, "rotary_dim": cfg.rotary_dim, "documents": w.documents,
                "samples": samples, "param_dtype": param_dtype, "sliding_window": sliding_window,
                "attention": fit.attention, "q_chunk": fit.q_chunk, "loss_chunk": loss_chunk,
-               "base_factors": None if base_factors is None else [float(x) for x in fit.base]}
+               "base_factors": None if plan["base"] is None else [float(x) for x in fit.base]}
+    if plan["kind"] != "plain":  # keys added later, left out of plain searches' headers
+        context["kind"] = plan["kind"]
+        context["template"] = json.loads(json.dumps(plan["template"]))
+    if needle_info is not None:
+        context["needles"] = needle_info
     if command is None:
         command = canonical_command(model, data, target_length, out, settings=settings, samples=samples, seed=seed,
                                     extra={"field": field, "tokenizer": tokenizer, "param_dtype": param_dtype,
                                            "no_sliding_window": not sliding_window, "attention": attention,
                                            "q_chunk": q_chunk, "loss_chunk": loss_chunk, "max_evals": max_evals,
-                                           "time_budget": time_budget})
+                                           "time_budget": time_budget,
+                                           "base_factors": base_factors if isinstance(base_factors, str) else None,
+                                           "readjust": readjust})
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f) for k, f in (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE),
                                                   ("log", LOG_FILE))}
     # A log of another search is refused now, before any scoring.
     evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, seeds, context))
 
-    baselines = _previous_baselines(paths["summary"], context, scale)
+    baselines = _previous_baselines(paths["summary"], context, list(plan["baselines"]))
     if baselines is not None:
         log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items()) + " (from summary.json)")
     else:
         t1 = time.time()
-        baselines = fitness_lib.score_baselines(fit, scale)
+        baselines = fitness_lib.score_named(fit, plan["baselines"])
         log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
             + f" ({time.time() - t1:.1f}s)")
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
@@ -237,6 +376,8 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
                 "generations": max((g["generation"] for g in res.generations), default=-1) + 1,
                 "ppl": best.ppl if best and math.isfinite(best.ppl) else None,
                 "start_tokens": best.candidate.start_tokens if best else None,
+                "critical_dim": best.candidate.critical_dim if best else None,
+                "kind": plan["kind"], "mode": settings.mode, "fitness": settings.fitness, "slot": plan["slot"],
                 "baselines": base_ppl, "out": out, **paths}
         summary = dict(line)
         summary.update({
@@ -263,10 +404,16 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
         if res.best is not None:
             search_info = {"ppl": line["ppl"], "target_length": target_length, "samples": samples,
                            "evaluations": res.evaluations, "factor_range": settings.factor_range,
-                           "step": settings.step, "baselines": base_ppl}
+                           "step": settings.step, "baselines": base_ppl, "kind": plan["kind"],
+                           "mode": settings.mode, "fitness": settings.fitness, "slot": plan["slot"]}
+            for key in ("base_factors_file", "readjust", "theoretical_critical_dim"):
+                if plan.get(key) is not None:
+                    search_info[key] = plan[key]
+            if plan["kind"] == "progressive":
+                search_info["lambda_2"] = space.factors(res.best.candidate).tolist()
             write_json(paths["factors"], factors_document(fit, res.best, model=model, model_sha256=m.sha256,
                                                           seed=seed, documents=w.documents, command=command,
-                                                          search=search_info))
+                                                          search=search_info, parent=plan["parent"]))
         write_json(paths["summary"], summary)
         return line
 
@@ -280,15 +427,24 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     line = write(res)
     best_f = fit.long_factor(res.best.candidate)
     p = space.num_pairs
-    refs = {f"PI {scale:g}": np.full(p, scale), f"NTK {scale:g}": rope_lib.ntk_factors(cfg.rotary_dim, scale),
-            f"YaRN {scale:g}": rope_lib.yarn_factors(cfg.rope_theta, cfg.rotary_dim, scale, window)}
+    base = np.ones(p) if plan["base"] is None else plan["base"]
+    refs = {f"PI {scale:g}": base * scale, f"NTK {scale:g}": base * rope_lib.ntk_factors(cfg.rotary_dim, scale),
+            f"YaRN {scale:g}": base * rope_lib.yarn_factors(cfg.rope_theta, cfg.rotary_dim, scale, window)}
+    if plan["base"] is not None:
+        refs = {"base " + k: v for k, v in refs.items()}
+        refs["base (lambda_1)"] = base
     title = f"{os.path.basename(str(model).rstrip('/'))}: {window} -> {target_length}"
+    if plan["kind"].startswith("readjust"):
+        title = f"{os.path.basename(str(model).rstrip('/'))}: readjust at {target_length} ({plan['slot']})"
+    elif best_f is not None and res.best.candidate.critical_dim is not None:
+        title += f", critical dim {res.best.candidate.critical_dim}"
     line["plots"] = [
         plots.progress(res.generations, os.path.join(out, PROGRESS_PNG), base_ppl, title=title),
         plots.factors(best_f, refs, os.path.join(out, FACTORS_PNG), title=title,
                       start_tokens=res.best.candidate.start_tokens),
     ]
-    log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {res.best.candidate.start_tokens}) after "
+    crit = "" if res.best.candidate.critical_dim is None else f", critical dim {res.best.candidate.critical_dim}"
+    log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {res.best.candidate.start_tokens}{crit}) after "
         f"{res.evaluations} evaluation(s); baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base_ppl.items()))
     log(f"wrote {paths['factors']}, {paths['summary']}, {paths['log']}, {line['plots'][0]}, {line['plots'][1]}")
     return line

@@ -36,6 +36,15 @@ def violation(c: Candidate, space: Space) -> str | None:
         return f"pair {i + 1}: not non-decreasing ({space.value(g[i]):g} then {space.value(g[i + 1]):g})"
     if c.start_tokens not in space.start_tokens:
         return f"start_tokens {c.start_tokens} not in {list(space.start_tokens)}"
+    if (space.critical is None) != (c.critical_dim is None):
+        return ("a critical dimension outside LongRoPE2 mode" if space.critical is None
+                else "no critical dimension in LongRoPE2 mode")
+    if space.critical is not None:
+        lo, hi = space.critical
+        if not lo <= c.critical_dim <= hi:
+            return f"critical_dim {c.critical_dim} outside [{lo}, {hi}]"
+        if space.canonical(c) != c:
+            return f"pairs below critical_dim {c.critical_dim} not in canonical form"
     return None
 
 
@@ -55,15 +64,24 @@ def _mutate_once(parent: Candidate, space: Space, rng: np.random.Generator, prob
                  start_prob: float) -> Candidate:
     g = np.asarray(parent.grid, np.int64).copy()
     p = g.shape[0]
-    for i in range(p):
+    first = parent.critical_dim or 0  # LongRoPE2 mode: pairs below the critical one are derived
+    for i in range(first, p):
         if rng.random() < prob:
-            lo = space.lo[i] if i == 0 else max(space.lo[i], int(g[i - 1]))
+            lo = space.lo[i] if i == first else max(space.lo[i], int(g[i - 1]))
             hi = space.hi[i] if i == p - 1 else min(space.hi[i], int(g[i + 1]))
             g[i] = rng.integers(lo, hi + 1)
     n = parent.start_tokens
     if len(space.start_tokens) > 1 and rng.random() < start_prob:
         others = [t for t in space.start_tokens if t != n]
         n = others[int(rng.integers(len(others)))]
+    crit = parent.critical_dim
+    if space.critical is not None:
+        if first:
+            g[:first] = g[first]
+        lo, hi = space.critical
+        if hi > lo and rng.random() < prob:  # the critical dimension moves like a pair does
+            crit = int(rng.choice([k for k in range(lo, hi + 1) if k != crit]))
+        return space.canonical(Candidate(tuple(int(x) for x in g), int(n), crit))
     return Candidate(tuple(int(x) for x in g), int(n))
 
 
@@ -82,14 +100,19 @@ def crossover(a: Candidate, b: Candidate, space: Space, rng: np.random.Generator
               tries: int = 20) -> Candidate | None:
     """A new valid child of ``a`` (the better parent) taking pairs from ``b``; None when the
     parents are equal or ``tries`` tries gave no new monotone vector."""
-    if a.grid == b.grid and a.start_tokens == b.start_tokens:
+    if a == b:
         return None
     ga, gb = np.asarray(a.grid, np.int64), np.asarray(b.grid, np.int64)
     for _ in range(tries):
         take = rng.random(ga.shape[0]) < prob * 0.5
         g = np.where(take, gb, ga)
         n = b.start_tokens if rng.random() < 0.5 else a.start_tokens
-        child = Candidate(tuple(int(x) for x in g), int(n))
+        if space.critical is None:
+            child = Candidate(tuple(int(x) for x in g), int(n))
+        else:  # LongRoPE2 mode: the critical dimension from either parent, then the canonical form
+            crit = b.critical_dim if rng.random() < 0.5 else a.critical_dim
+            child = space.canonical(Candidate(tuple(int(x) for x in g), int(n), crit))
+            g = np.asarray(child.grid)
         if np.all(np.diff(g) >= 0) and child.key not in seen:
             return child
     return None

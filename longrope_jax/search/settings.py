@@ -15,6 +15,13 @@ from typing import Any, Mapping, Sequence
 from longrope_jax.search.genome import FACTOR_RANGES, PAPER_START_TOKENS, SearchError
 
 
+MODES = ("longrope", "longrope2")
+FITNESSES = ("ppl", "needle")
+# Settings added after the first release of the log format: a log header leaves them out while
+# they hold these defaults, so logs written before they existed still resume.
+ADDED_LATER = {"mode": "longrope", "critical_range": [], "fitness": "ppl", "needles": 4}
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSettings:
     """The evolutionary search's knobs (defaults: the LongRoPE paper).
@@ -34,6 +41,16 @@ class SearchSettings:
     seed_factors: factors files (longrope-factors/1) added to the initial population after PI,
       NTK and YaRN (their long factors, rounded onto the grid; they must lie in the range and be
       non-decreasing).
+    mode: ``longrope`` (every pair searched in the factor range) or ``longrope2`` (LongRoPE2's
+      critical-dimension search: pairs from the critical dimension up in ``[s, 2 s]``, the ones
+      below NTK-style from it, the critical dimension a gene).
+    critical_range: LongRoPE2 mode: ``[lo, hi]`` of the critical-dimension gene; empty: from a
+      quarter of the pairs below the theoretical critical dimension up to it (LongRoPE2 found the
+      real one lower than the theory's).
+    fitness: ``ppl`` (perplexity over every token of the windows) or ``needle`` (LongRoPE2's
+      needle-driven perplexity: only the answer tokens of ``needles`` numbers planted at random
+      depths in each window, asked for at its end).
+    needles: needles per window for the ``needle`` fitness.
     """
 
     population: int = 64
@@ -50,10 +67,15 @@ class SearchSettings:
     start_tokens: tuple[int, ...] = PAPER_START_TOKENS
     start_token_prob: float = 0.3
     seed_factors: tuple[str, ...] = ()
+    mode: str = "longrope"
+    critical_range: tuple[int, ...] = ()
+    fitness: str = "ppl"
+    needles: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "start_tokens", tuple(self.start_tokens))
         object.__setattr__(self, "seed_factors", tuple(self.seed_factors))
+        object.__setattr__(self, "critical_range", tuple(self.critical_range))
 
     def validate(self) -> "SearchSettings":
         def integer(name, lo):
@@ -82,12 +104,22 @@ class SearchSettings:
             raise SearchError(f"start_tokens: expected distinct integers >= 0, got {list(st)!r}")
         if any(not isinstance(p, str) or not p for p in self.seed_factors):
             raise SearchError(f"seed_factors: expected a list of factors file paths, got {list(self.seed_factors)!r}")
+        if self.mode not in MODES:
+            raise SearchError(f"mode: expected one of {list(MODES)}, got {self.mode!r}")
+        cr = self.critical_range
+        if cr and (len(cr) != 2 or any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in cr)
+                   or cr[0] > cr[1]):
+            raise SearchError(f"critical_range: expected [] (automatic) or [lo, hi] with 1 <= lo <= hi, got {list(cr)!r}")
+        if self.fitness not in FITNESSES:
+            raise SearchError(f"fitness: expected one of {list(FITNESSES)}, got {self.fitness!r}")
+        integer("needles", 1)
         return self
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["start_tokens"] = list(self.start_tokens)
         d["seed_factors"] = list(self.seed_factors)
+        d["critical_range"] = list(self.critical_range)
         return d
 
     @classmethod
@@ -101,11 +133,12 @@ class SearchSettings:
 JOB_DEFAULTS: dict[str, Any] = dict(
     model=None, data=None, target_length=None, out=None, samples=5, seed=0, field="text", tokenizer=None,
     param_dtype="float32", no_sliding_window=False, attention="auto", q_chunk=None, loss_chunk=1024,
-    memory_budget_gib=None, max_evals=None, time_budget=None,
+    memory_budget_gib=None, max_evals=None, time_budget=None, base_factors=None, readjust=None,
 )
 REQUIRED = ("model", "data", "target_length", "out")
 # Values that mean "unset" in a config file (ml_collections fields keep one type).
-_UNSET_IF_FALSY = ("tokenizer", "q_chunk", "memory_budget_gib", "max_evals", "time_budget")
+_UNSET_IF_FALSY = ("tokenizer", "q_chunk", "memory_budget_gib", "max_evals", "time_budget", "base_factors",
+                   "readjust")
 
 
 def defaults() -> dict:
