@@ -1,9 +1,11 @@
 """Blockwise (online-softmax) attention: memory O(L x block), exact, same contract as dense.
 
 For each query block, a scan over key/value blocks keeps a float32 running max, denominator and
-numerator. A key block is skipped with ``lax.cond`` when no pair in it can be visible: every key
+numerator. A key block is skipped (``lax.switch``) when no pair in it can be visible: every key
 position is after every query position (above the causal diagonal), or every pair is outside the
-sliding window. The test uses positions, not indices, so reordered (zigzag) positions still skip
+sliding window; a block where every pair is visible (below the diagonal, inside the window, one
+segment) is computed without a mask or infinity guards, which on CPU saves passes over the score
+tile (the exponential and those passes are the cost, REFERENCE.md section 7). The test uses positions, not indices, so reordered (zigzag) positions still skip
 correctly. Under GQA the query group is folded into the matmul rows (``[KV, G * block, D]``), so k
 and v are never expanded.
 """
@@ -65,33 +67,48 @@ def blockwise_attention(
 
     def one_q_block(args):
         qb, qpb, qsb = args  # [B, KV, G, bq, D], [B, bq], [B, bq]
+        qb = qb * jnp.asarray(scale, qb.dtype)  # scaling q is cheaper than scaling the score tile
         q_lo, q_hi = jnp.min(qpb), jnp.max(qpb)
+        if use_seg:
+            q_seg_lo, q_seg_hi = jnp.min(qsb), jnp.max(qsb)
+
+        def scores(kb):
+            return jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+
+        def update(c, sc, vb, guard):
+            m, den, acc = c
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if guard else m_new
+            p = jnp.exp(sc - safe[..., None])
+            corr = jnp.exp(m - safe)  # exp(-inf) = 0 before the first visible key
+            den = den * corr + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            return m_new, den, acc * corr[..., None] + pv
 
         def step(carry, kv):
             kb, vb, kpos, kseg = kv
 
-            def compute(c):
-                m, den, acc = c
-                sc = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-                sc = sc * jnp.float32(scale)
+            def masked(c):  # a block on the diagonal / window edge / segment boundary
                 vis = visible(qpb, kpos, qsb, kseg, sliding_window)[:, None, None]  # [B, 1, 1, bq, bk]
-                sc = jnp.where(vis, sc, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-                safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-                p = jnp.exp(sc - safe[..., None])
-                corr = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
-                den = den * corr + jnp.sum(p, axis=-1)
-                pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-                acc = acc * corr[..., None] + pv
-                return m_new, den, acc
+                return update(c, jnp.where(vis, scores(kb), -jnp.inf), vb, True)
+
+            def full(c):  # every pair visible: no mask, and every row's max is finite
+                return update(c, scores(kb), vb, False)
 
             k_lo = jnp.min(kpos)
+            k_hi = jnp.max(jnp.where(kpos == _BIG, -_BIG, kpos))
             skip = k_lo > q_hi
+            # Every key at or before every query, no padded key: all visible (window, segments aside).
+            every = (k_hi <= q_lo) & (jnp.max(kpos) != _BIG)
             if sliding_window is not None:
                 # float32 is exact for positions below 2**24 and cannot overflow.
-                k_hi = jnp.max(jnp.where(kpos == _BIG, -_BIG, kpos)).astype(jnp.float32)
-                skip = skip | (q_lo.astype(jnp.float32) - k_hi >= sliding_window)
-            return jax.lax.cond(skip, lambda c: c, compute, carry), None
+                k_hi_f, k_lo_f = k_hi.astype(jnp.float32), k_lo.astype(jnp.float32)
+                skip = skip | (q_lo.astype(jnp.float32) - k_hi_f >= sliding_window)
+                every = every & (q_hi.astype(jnp.float32) - k_lo_f < sliding_window)
+            if use_seg:
+                every = every & (q_seg_lo == q_seg_hi) & (jnp.min(kseg) == q_seg_lo) & (jnp.max(kseg) == q_seg_lo)
+            branch = jnp.where(skip, 0, jnp.where(every, 1, 2))
+            return jax.lax.switch(branch, (lambda c: c, full, masked), carry), None
 
         init = (
             jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32),
