@@ -257,7 +257,7 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
                q_chunk: int | None = None, loss_chunk: int = 1024, memory_budget: int | None = None,
                max_evals: int | None = None, time_budget: float | None = None, base_factors=None,
                readjust: str | None = None, original_window: int | None = None, command: str | None = None,
-               progress: bool = True, log=None) -> dict:
+               progress: bool = True, on_generation=None, log=None) -> dict:
     """The ``search`` job; returns the result line (also what ``summary.json`` starts with).
 
     Args:
@@ -278,6 +278,8 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
       original_window: the window the factors extend (default: the model's
         ``max_position_embeddings``).
       command: recorded in the provenance (default: a canonical command line).
+      on_generation: called with the summary dict (what ``summary.json`` holds) after each
+        generation, e.g. to redraw a live plot in a notebook.
     """
     from longrope_jax.data import read_documents, windows
     from longrope_jax.loading import load_model
@@ -415,6 +417,8 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
                                                           seed=seed, documents=w.documents, command=command,
                                                           search=search_info, parent=plan["parent"]))
         write_json(paths["summary"], summary)
+        if on_generation is not None:
+            on_generation(summary)
         return line
 
     res = evolve_lib.evolve(space, seeds, fit, settings, seed=seed, log_path=paths["log"], context=context,
