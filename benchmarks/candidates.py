@@ -6,9 +6,10 @@ The candidates (default K = 8, scale 2) are PI, NTK and YaRN factors and mutatio
 built with ``rope.longrope`` so they share one spec structure; PI and NTK keep attention factor 1,
 YaRN and its mutations YaRN's. One window of the pydoc text (``--length`` tokens), SmolLM2 fp32.
 
-* ours: ``evaluate.score(params, cfg, tokens, rope.stack(specs))``: one call; it splits the
-  candidates by the memory budget (``--memory-budget-gib``, library default 4 GiB on CPU) and
-  compiles ``candidates_nll`` once for every split.
+* ours: ``evaluate.score(params, cfg, tokens, rope.stack(specs))``: one jitted call. On a single
+  CPU device the candidates go one after another inside it (``lax.map``; ``--vmap`` forces the
+  vmapped batch, which the budget ``--memory-budget-gib`` then splits); ``candidates_nll`` is
+  compiled once.
 * loop (the official LongRoPE code's way): for each candidate a fresh spec (fresh inv_freq)
   is built and ``evaluate.window_nll`` scores it; K calls.
 * ``--torch-loop`` adds the same loop in transformers (PyTorch, SDPA): the rotary embedding's
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--q-chunk", type=int, default=512, help="blockwise q/kv block (beyond 2048 tokens)")
     p.add_argument("--memory-budget-gib", type=float, default=None,
                    help="evaluate.score's memory budget (default: the library's, 4 GiB on CPU)")
+    p.add_argument("--vmap", action="store_true",
+                   help="batch the candidates with vmap (the accelerator path) instead of the CPU default, lax.map")
     p.add_argument("--torch-loop", action="store_true",
                    help="also time the loop in transformers (K forwards; slow at long lengths)")
     _bench.add_common_flags(p)
@@ -100,14 +103,18 @@ def main(argv=None) -> int:
     qc = args.q_chunk if args.length > 2048 else None
     cands = candidate_factors(cfg, args.k, args.scale, args.sigma, args.seed)
     budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else evaluate.default_budget()
-    kc, _ = evaluate.plan(args.k, 1, evaluate.item_bytes(cfg, args.length, qc or 512), budget)
+    import jax
+
+    sequential = False if args.vmap else (len(jax.local_devices()) == 1 and jax.devices()[0].platform == "cpu")
+    kc = args.k if sequential else evaluate.plan(args.k, 1, evaluate.item_bytes(cfg, args.length, qc or 512), budget)[0]
     machine = _bench.machine()
     n_tok = args.k * args.length
 
     # ours: one score call.
     def run_score():
         specs = rope.stack([build_spec(cfg, f, af, args.scale) for _, f, af in cands])
-        return evaluate.score(params, cfg, tokens, specs, memory_budget=budget, attention=attn, q_chunk=qc)[:, 0]
+        return evaluate.score(params, cfg, tokens, specs, memory_budget=budget, attention=attn, q_chunk=qc,
+                              sequential=sequential)[:, 0]
 
     # the official way: a fresh spec and one window_nll call per candidate.
     def run_loop():
@@ -195,7 +202,8 @@ def main(argv=None) -> int:
     notes = [
         f"K = {args.k} candidates at scale {args.scale:g}, one {args.length}-token pydoc window, SmolLM2 fp32, "
         f"attention {attn}" + (f" (block {qc})" if qc else "") + f"; {threads} thread(s) for torch and XLA.",
-        f"evaluate.score plan: {kc} candidate(s) per call, {-(-args.k // kc)} call(s) "
+        f"evaluate.score plan: {'lax.map' if sequential else 'vmap'}, {kc} candidate(s) per call, "
+        f"{-(-args.k // kc)} call(s) "
         f"(memory budget {budget / 2**30:.2f} GiB, {evaluate.item_bytes(cfg, args.length, qc or 512) / 2**20:.0f} "
         "MiB per candidate).",
         "compilations: growth of the jitted function's cache (candidates_nll / window_nll); in brackets all XLA "
@@ -208,7 +216,7 @@ def main(argv=None) -> int:
                   [_bench.md_table(headers, rows), _bench.md_table(cheaders, crow)], notes)
     _bench.write_json(args.json, {"benchmark": "candidates", "command": _bench.command_line(), "machine": machine,
                                   "load_average_at_end": os.getloadavg(), "settings": vars(args),
-                                  "plan": {"candidates_per_call": kc, "calls": -(-args.k // kc), "budget": budget},
+                                  "plan": {"sequential": sequential, "candidates_per_call": kc, "calls": -(-args.k // kc), "budget": budget},
                                   "candidates": [{"name": n, "long_factor": f.tolist(), "attention_factor": af}
                                                  for n, f, af in cands],
                                   "paths": paths, "speedup": speedup, "target_met": met})

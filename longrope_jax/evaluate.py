@@ -86,18 +86,21 @@ def _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk, wei
     return total / (tokens.shape[1] - 1 if weights is None else jnp.sum(weights, axis=-1))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "sequential"))
 def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = "blockwise",
-                   q_chunk: int | None = None, loss_chunk: int = 1024, weights=None):
+                   q_chunk: int | None = None, loss_chunk: int = 1024, weights=None, sequential: bool = False):
     """Mean NLL of K candidate RoPE specs on S windows in one call: float32[K, S].
 
     ``specs`` carries a leading candidate axis (``rope.stack``); the weights are shared by every
-    candidate (vmap with unbatched params), never copied. New factor values reuse the compiled
-    function: it is compiled once per (K, S, L, model) shape. ``weights``: float32[S, L - 1] per
-    prediction (e.g. 1 on a needle's answer tokens, 0 elsewhere; the mean is weighted), or None.
+    candidate (unbatched params), never copied. New factor values reuse the compiled function: it
+    is compiled once per (K, S, L, model) shape. ``weights``: float32[S, L - 1] per prediction
+    (e.g. 1 on a needle's answer tokens, 0 elsewhere; the mean is weighted), or None.
+    ``sequential``: candidates one after another inside the call (``lax.map``) instead of
+    ``vmap``: on a CPU one window already fills the cores, and K windows' activations at once
+    only spill the caches; accelerators want the batch.
     """
-    return jax.vmap(lambda sp: _nll_one_spec(params, tokens, sp, cfg, attention, q_chunk, loss_chunk,
-                                             weights))(specs)
+    one = lambda sp: _nll_one_spec(params, tokens, sp, cfg, attention, q_chunk, loss_chunk, weights)  # noqa: E731
+    return jax.lax.map(one, specs) if sequential else jax.vmap(one)(specs)
 
 
 def item_bytes(cfg: ModelConfig, length: int, block: int = 512, loss_chunk: int = 1024) -> int:
@@ -146,8 +149,11 @@ def plan(k: int, s: int, per_item: int, budget: int, n_devices: int = 1) -> tupl
 
 def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
           attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
-          devices=None, weights=None) -> np.ndarray:
+          devices=None, weights=None, sequential: bool | None = None) -> np.ndarray:
     """NLL of K candidates on S windows: float64[K, S], split into as few calls as fit the budget.
+
+    ``sequential``: score the candidates of a call one after another (see ``candidates_nll``);
+    None: on a single CPU device, where a call's memory is then one candidate's.
 
     ``weights``: float32[S, L - 1] prediction weights (None: the plain mean over L - 1).
 
@@ -161,8 +167,13 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     specs = specs.replace(method="")
     devices = list(devices) if devices is not None else jax.local_devices()
     nd = len(devices)
+    if sequential is None:
+        sequential = nd == 1 and devices[0].platform == "cpu"
     per_item = item_bytes(cfg, length, q_chunk or 512, loss_chunk)
-    kc, sc = plan(k, s, per_item, memory_budget or default_budget(), nd)
+    if sequential:  # memory is one candidate's at a time: every candidate in one call
+        kc, sc = k, plan(1, s, per_item, memory_budget or default_budget(), 1)[1]
+    else:
+        kc, sc = plan(k, s, per_item, memory_budget or default_budget(), nd)
     shard = None
     if nd > 1 and kc % nd == 0:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -194,7 +205,8 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
         for w in range(0, s, sc):
             rows.append(np.asarray(candidates_nll(params, tokens[w:w + sc], chunk, cfg=cfg, attention=attention,
                                                   q_chunk=q_chunk, loss_chunk=loss_chunk,
-                                                  weights=None if weights is None else weights[w:w + sc]),
+                                                  weights=None if weights is None else weights[w:w + sc],
+                                                  sequential=sequential),
                                    np.float64))
         res = np.concatenate(rows, axis=1)[:, :s]
         take = min(kc, k - c * kc)

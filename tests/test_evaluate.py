@@ -73,9 +73,26 @@ def test_split_does_not_change_results(model):
         kc = evaluate.plan(7, 3, per, budget)[0]
         assert kc == (1 if budget < 3 * per else -(-7 // -(-7 // (budget // (3 * per)))))
         results.append(evaluate.score(params, cfg, tokens, specs, memory_budget=budget, attention="blockwise",
-                                      q_chunk=16, devices=jax.local_devices()[:1]))
+                                      q_chunk=16, devices=jax.local_devices()[:1], sequential=False))
     for r in results[1:]:
         np.testing.assert_allclose(r, results[0], rtol=1e-6)
+
+
+def test_sequential_candidates_equal_vmapped_ones(model):
+    """On one CPU device candidates go one after another inside the call (lax.map): same numbers,
+    one compilation, every candidate in one call whatever the budget (windows split by it)."""
+    cfg, params, tokens = model
+    specs = _candidates(cfg, 5, seed=3)
+    dev = jax.local_devices()[:1]
+    ref = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16, devices=dev, sequential=False)
+    per = evaluate.item_bytes(cfg, L, 16)
+    before = evaluate.candidates_nll._cache_size()
+    auto = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16, devices=dev)
+    assert evaluate.candidates_nll._cache_size() == before + 1  # the sequential variant, compiled once
+    tight = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16, devices=dev,
+                           memory_budget=per)  # one window per call
+    np.testing.assert_allclose(auto, ref, rtol=1e-6)
+    np.testing.assert_allclose(tight, ref, rtol=1e-6)
 
 
 def test_multi_device_spreads_candidates(model):

@@ -430,7 +430,7 @@ def test_a_finished_search_can_be_extended(tmp_path):
     a, b = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")
     evolve(SPACE, _seeds(), Synthetic(), short, seed=4, log_path=a, progress=False)
     res = evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=a, progress=False)
-    ref = evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=b, progress=False)
+    evolve(SPACE, _seeds(), Synthetic(), long, seed=4, log_path=b, progress=False)
     assert res.replayed == 16 + 5 * 16 and _log_bytes(a) == _log_bytes(b)
 
 
