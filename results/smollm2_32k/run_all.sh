@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The 32k (4x) results, best effort: a small search seeded from the 16k result, one held-out
+# document. Resumable like results/smollm2_16k/run_all.sh (steps skipped when their output
+# exists, the search resumed from its log). One 32k forward is about 8 minutes on 2 CPU cores.
+#   nohup nice -n 10 results/smollm2_32k/run_all.sh > /tmp/smollm2_32k.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=results/smollm2_32k
+F16=results/smollm2_16k/search/factors.json
+[[ -s $F16 ]] || { echo "$F16 missing: run results/smollm2_16k/run_all.sh first" >&2; exit 2; }
+
+step() {  # step OUTPUT COMMAND...: runs COMMAND (stdout to OUTPUT.tmp, then renamed) unless OUTPUT exists
+  local out=$1; shift
+  if [[ -s $out ]]; then echo "== $out exists, skipped"; return; fi
+  echo "== $(date -u +%FT%TZ) $*"
+  "$@" > "$out.tmp"
+  mv "$out.tmp" "$out"
+}
+
+# 1. Seeded from the 16k result: lambda_2 at 32768 / 16384 = 2 on top of the 16k factors
+#    (--base-factors; lambda_2 = 1, the 16k factors as they are, is a seed), written as
+#    lambda_2 * lambda_16k. Population 6, 1 generation of 2 mutations + 2 crossovers, 1 window.
+step $R/search/result.json longrope-jax search --model smollm2 --data results/data/search_32k.jsonl \
+  --target-length 32768 --samples 1 --seed 0 --base-factors $F16 --out $R/search \
+  --config.population=6 --config.iterations=1 --config.mutations=2 --config.crossovers=2 --config.parents=4
+# 2. Held-out perplexity on the one 32k document no search saw.
+step $R/heldout_ppl.jsonl longrope-jax ppl --model smollm2 --data results/data/heldout_32k.jsonl --length 32768 \
+  --samples 1 --seed 0 --rope none --rope pi:4 --rope ntk:4 --rope dynamic:4 --rope yarn:4 --rope $F16 \
+  --rope $R/search/factors.json
+echo "== $(date -u +%FT%TZ) all done"
