@@ -29,8 +29,9 @@ step $R/passkey_yarn/result.jsonl longrope-jax passkey --model smollm2 --lengths
   --rope yarn:2 --out $R/passkey_yarn
 step $R/passkey_longrope/result.jsonl longrope-jax passkey --model smollm2 --lengths 16384 --trials 10 --seed 0 \
   --rope $R/search/factors.json --out $R/passkey_longrope
-# 4. The LongRoPE2-mode search (critical-dimension gene, needle-driven fitness), same budget.
-step $R/search_longrope2/result.json longrope-jax search --config configs/search/longrope2.py "${SEARCH[@]}" \
+# 4. The LongRoPE2-mode search (critical-dimension gene, needle-driven fitness with 8 needles in the
+#    window: 48 scored digits), same budget.
+step $R/search_longrope2/result.json longrope-jax search --config configs/search/longrope2.py "${SEARCH[@]}" --config.needles=8 \
   --out $R/search_longrope2
 # 5. Its held-out perplexity (same documents and seed as step 2).
 step $R/heldout_ppl_longrope2.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search_longrope2/factors.json

@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Tables and a plot for a results directory (results/smollm2_16k, results/smollm2_32k).
+
+Reads what the directory's ``run_all.sh`` wrote: ``heldout_ppl*.jsonl`` (``ppl`` lines),
+``search*/summary.json`` and ``passkey_*/result.jsonl`` (``passkey`` lines), prints markdown
+tables on stdout and writes ``heldout_ppl.png`` (held-out perplexity per method) into the
+directory. Missing pieces are reported as missing, not guessed.
+
+    python results/report.py results/smollm2_16k
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+
+
+def label(rope: str) -> str:
+    names = {"none": "no scaling", "pi": "PI", "ntk": "static NTK", "dynamic": "dynamic NTK", "yarn": "YaRN"}
+    kind, _, arg = rope.partition(":")
+    if kind in names and (arg or kind == "none"):
+        return names[kind] + (f" (s={arg})" if arg else "")
+    parts = os.path.normpath(rope).split(os.sep)
+    if "search_longrope2" in parts:
+        return "LongRoPE2-mode search"
+    if "search" in parts:
+        return "LongRoPE search" + ("" if len(parts) < 3 else f" ({parts[-3]})")
+    return rope
+
+
+def read_lines(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(x) for x in fh if x.strip()]
+
+
+def heldout(d: str) -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(d, "heldout_ppl*.jsonl"))):
+        rows += read_lines(path)
+    return rows
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not os.path.isdir(argv[0]):
+        print(__doc__, file=sys.stderr)
+        return 2
+    d = argv[0]
+    rows = heldout(d)
+    print("### Held-out perplexity\n")
+    if rows:
+        docs = {tuple(r["documents"]) for r in rows}
+        print(f"{rows[0]['length']} tokens, {len(rows[0]['documents'])} document(s): "
+              f"{', '.join(rows[0]['documents'])}" + ("" if len(docs) == 1 else " (DIFFERENT documents per row!)"))
+        print()
+        print("| method | perplexity | per document |\n|---|---|---|")
+        for r in sorted(rows, key=lambda r: r["ppl"]):
+            per = ", ".join(f"{math.exp(x):.3f}" for x in r["nll_per_window"])
+            print(f"| {label(r['rope'])} | {r['ppl']:.4f} | {per} |")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        srt = sorted(rows, key=lambda r: r["ppl"])
+        fig, ax = plt.subplots(figsize=(7, 0.5 * len(srt) + 1.5))
+        ax.barh([label(r["rope"]) for r in srt][::-1], [r["ppl"] for r in srt][::-1], color="tab:blue")
+        for i, r in enumerate(srt[::-1]):
+            ax.text(r["ppl"], i, f" {r['ppl']:.3f}", va="center", fontsize=8)
+        if max(r["ppl"] for r in srt) / min(r["ppl"] for r in srt) > 3:
+            ax.set_xscale("log")
+        ax.set_xlabel("perplexity (held-out documents; lower is better)")
+        ax.set_title(f"SmolLM2-135M at {rows[0]['length']} tokens, no fine-tuning")
+        fig.tight_layout()
+        png = os.path.join(d, "heldout_ppl.png")
+        fig.savefig(png + ".tmp.png", dpi=120)
+        os.replace(png + ".tmp.png", png)
+        print(f"\n![held-out perplexity](heldout_ppl.png)")
+    else:
+        print("missing: no heldout_ppl*.jsonl yet")
+    print("\n### Searches (on the search window)\n")
+    for path in sorted(glob.glob(os.path.join(d, "search*", "summary.json"))):
+        s = json.load(open(path))
+        base = s.get("baselines") or {}
+        best_name = min((k for k, v in base.items() if v is not None), key=lambda k: base[k], default=None)
+        crit = "" if s.get("critical_dim") is None else f", critical dim {s['critical_dim']}"
+        print(f"- `{os.path.relpath(os.path.dirname(path), d)}` ({s.get('kind', 'plain')}, fitness "
+              f"{s.get('fitness', 'ppl')}): {s['stopped']} after {s['evaluations']} evaluations in "
+              f"{s['generations']} generation(s), {s['seconds'] / 60:.0f} min of this run; best {s['ppl']:.4f} "
+              f"(start tokens {s['start_tokens']}{crit}); best baseline {best_name} {base.get(best_name, float('nan')):.4f}; "
+              "baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base.items() if v is not None))
+    print("\n### Passkey retrieval\n")
+    found = False
+    for path in sorted(glob.glob(os.path.join(d, "passkey_*", "result.jsonl"))):
+        last = read_lines(path)[-1]
+        found = True
+        for n, acc in last["accuracy"].items():
+            k = sum(t["correct"] for t in last["trials"] if t["length"] == int(n))
+            print(f"- {label(last['rope'])}: {n} tokens, {k}/{last['trials_per_length']} retrieved ({acc:.0%}); "
+                  f"heat map `{os.path.relpath(os.path.dirname(path), d)}/passkey.png`")
+    if not found:
+        print("missing: no passkey_*/result.jsonl yet")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
