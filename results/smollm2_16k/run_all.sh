@@ -10,13 +10,7 @@ SEARCH=(--model smollm2 --data results/data/search_16k.jsonl --target-length 163
         --config.population=12 --config.iterations=4 --config.mutations=4 --config.crossovers=4 --config.parents=6)
 HELDOUT=(--model smollm2 --data results/data/heldout_16k.jsonl --length 16384 --samples 2 --seed 0)
 
-step() {  # step OUTPUT COMMAND...: runs COMMAND (stdout to OUTPUT.tmp, then renamed) unless OUTPUT exists
-  local out=$1; shift
-  if [[ -s $out ]]; then echo "== $out exists, skipped"; return; fi
-  echo "== $(date -u +%FT%TZ) $*"
-  "$@" > "$out.tmp"
-  mv "$out.tmp" "$out"
-}
+source results/step.sh
 
 # 1. The LongRoPE search (population 12, 4 generations of 4 mutations + 4 crossovers, 1 window).
 step $R/search/result.json longrope-jax search "${SEARCH[@]}" --out $R/search

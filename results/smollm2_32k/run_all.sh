@@ -9,13 +9,7 @@ R=results/smollm2_32k
 F16=results/smollm2_16k/search/factors.json
 [[ -s $F16 ]] || { echo "$F16 missing: run results/smollm2_16k/run_all.sh first" >&2; exit 2; }
 
-step() {  # step OUTPUT COMMAND...: runs COMMAND (stdout to OUTPUT.tmp, then renamed) unless OUTPUT exists
-  local out=$1; shift
-  if [[ -s $out ]]; then echo "== $out exists, skipped"; return; fi
-  echo "== $(date -u +%FT%TZ) $*"
-  "$@" > "$out.tmp"
-  mv "$out.tmp" "$out"
-}
+source results/step.sh
 
 # 1. Seeded from the 16k result: lambda_2 at 32768 / 16384 = 2 on top of the 16k factors
 #    (--base-factors; lambda_2 = 1, the 16k factors as they are, is a seed), written as
