@@ -7,12 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=results/smollm2_16k
 SEARCH=(--model smollm2 --data results/data/search_16k.jsonl --target-length 16384 --samples 1 --seed 0
-        --config.population=12 --config.iterations=4 --config.mutations=4 --config.crossovers=4 --config.parents=6)
+        --config.population=12 --config.iterations=3 --config.mutations=4 --config.crossovers=4 --config.parents=6)
 HELDOUT=(--model smollm2 --data results/data/heldout_16k.jsonl --length 16384 --samples 2 --seed 0)
 
 source results/step.sh
 
-# 1. The LongRoPE search (population 12, 4 generations of 4 mutations + 4 crossovers, 1 window).
+# 1. The LongRoPE search (population 12, then 3 generations of 4 mutations + 4 crossovers: 36
+#    candidates; 1 window).
 step $R/search/result.json longrope-jax search "${SEARCH[@]}" --out $R/search
 # 2. Held-out perplexity: the baselines and the search's factors on 2 documents it never saw.
 step $R/heldout_ppl.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope none --rope pi:2 --rope ntk:2 --rope dynamic:2 \
