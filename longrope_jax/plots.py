@@ -20,6 +20,7 @@ def _save(fig, path: str) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a plot is for reading
     os.replace(tmp, path)
     return path
 

@@ -646,3 +646,14 @@ def test_longrope2_needle_search(tiny, capsys):
     assert rc == 2 and "mode 'longrope2' searches a plain extension" in err
     rc, _, err = _cli([*argv, "--config.critical_range=[3, 9]", "--out", str(root / "lr2bad")], capsys)
     assert rc == 2 and "critical_range: expected within [1, 3]" in err
+
+
+def test_written_files_are_readable_by_others(tiny, capsys):
+    """Atomic writes go through private temporary files; the results must not stay private."""
+    model, data, root = tiny
+    out = str(root / "modes")
+    rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--out", out,
+                       "--samples", "1", "--max-evals", "6", *SMOKE], capsys)
+    assert rc == 0, err
+    for f in ("factors.json", "summary.json", "search_progress.png", "search_factors.png"):
+        assert os.stat(os.path.join(out, f)).st_mode & 0o044 == 0o044, f

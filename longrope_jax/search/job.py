@@ -39,6 +39,7 @@ def write_json(path: str, obj: Any) -> str:
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
