@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         crit = "" if s.get("critical_dim") is None else f", critical dim {s['critical_dim']}"
         print(f"- `{os.path.relpath(os.path.dirname(path), d)}` ({s.get('kind', 'plain')}, fitness "
               f"{s.get('fitness', 'ppl')}): {s['stopped']} after {s['evaluations']} evaluations in "
-              f"{s['generations']} generation(s), {s['seconds'] / 60:.0f} min of this run; best {s['ppl']:.4f} "
+              f"{s['generations']} generation(s); best {s['ppl']:.4f} "
               f"(start tokens {s['start_tokens']}{crit}); best baseline {best_name} {base.get(best_name, float('nan')):.4f}; "
               "baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base.items() if v is not None))
     print("\n### Passkey retrieval\n")
