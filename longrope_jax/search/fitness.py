@@ -74,7 +74,6 @@ class PerplexityFitness:
         self.params, self.cfg, self.space = params, cfg, space
         self.tokens = np.asarray(tokens, np.int32)
         self.length = int(self.tokens.shape[1])
-        self.original_max = int(original_max)
         p = cfg.rotary_dim // 2
         self.base = np.ones(p) if base_factors is None else np.asarray(base_factors, np.float64)
         if self.base.shape != (p,):
@@ -84,7 +83,6 @@ class PerplexityFitness:
         self.template = dict(template) if template is not None else base_document(
             cfg, original_max=original_max, length=self.length, attention_factor=attention_factor)
         self.slot = slot
-        self.attention_factor = self.template.get("attention_factor")
         self.weights = None if weights is None else np.asarray(weights, np.float32)
         self.memory_budget = memory_budget
         self.attention = evaluate.pick_attention(attention, self.length)
@@ -151,9 +149,3 @@ def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec])
         for name, rec in zip(names, _per_candidate(fitness.score_specs([specs[n] for n in names]))):
             out[name] = rec
     return {name: out[name] for name in specs}
-
-
-def score_baselines(fitness: PerplexityFitness, scale: float) -> dict[str, dict]:
-    """Perplexity of every baseline on the search windows: ``{name: {"ppl", "nll", "nll_per_window"}}``
-    (none/PI/NTK/YaRN together; dynamic NTK alone)."""
-    return score_named(fitness, baseline_specs(fitness.cfg, scale, fitness.original_max))

@@ -62,22 +62,22 @@ def _check_positive_int(name, v, allow_none=False):
     return int(v)
 
 
+def reference_factors(cfg, scale: float, window: int) -> dict[str, np.ndarray]:
+    """PI, NTK and YaRN as per-pair factors at ``scale`` over ``window``: ``{"pi", "ntk", "yarn"}``
+    float64[P] each (the search's seeds and the references of its plots)."""
+    rd = cfg.rotary_dim
+    return {"pi": np.full(rd // 2, float(scale)), "ntk": rope_lib.ntk_factors(rd, scale),
+            "yarn": rope_lib.yarn_factors(cfg.rope_theta, rd, scale, window)}
+
+
 def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
                     seed_factors=()) -> list[tuple[str, genome.Candidate]]:
     """The initial seeds: PI, NTK and YaRN factors at ``scale`` rounded onto the grid, then the
     long factors of each ``seed_factors`` file (validated: format, length, range, monotone)."""
-    p, rd = space.num_pairs, cfg.rotary_dim
-    seeds = [
-        ("pi", genome.from_factors(np.full(p, float(scale)), space, source="PI seed")),
-        ("ntk", genome.from_factors(rope_lib.ntk_factors(rd, scale), space, source="NTK seed")),
-        ("yarn", genome.from_factors(rope_lib.yarn_factors(cfg.rope_theta, rd, scale, original_max), space,
-                                     source="YaRN seed")),
-    ]
+    seeds = [(name, genome.from_factors(v, space, source=f"{name} seed"))
+             for name, v in reference_factors(cfg, scale, original_max).items()]
     for path in seed_factors:
-        d = factors_lib.load(path, rotary_dim=rd)
-        if abs(float(d["rope_theta"]) - cfg.rope_theta) > 1e-6 * cfg.rope_theta:
-            raise factors_lib.FactorsError(f"{path}: field 'rope_theta': expected {cfg.rope_theta} (the model's), "
-                                           f"got {d['rope_theta']}")
+        d = _load_factors_arg(path, "config.seed_factors", cfg)
         seeds.append((f"file:{path}", genome.from_factors(d["long_factor"], space, int(d.get("start_tokens") or 0),
                                                           clip=False, source=path)))
     return seeds
@@ -165,18 +165,16 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
         starts = (int(f.get("start_tokens") or 0),) if short else settings.start_tokens
         space = genome.space_for(p, scale, step=settings.step, factor_range=settings.factor_range, start_tokens=starts)
         template = {k: v for k, v in f.items() if k != "provenance"}
-        template["per_length"] = {int(k): v for k, v in (f.get("per_length") or {}).items()}
-        n0 = starts[0] if short else (int(f.get("start_tokens") or 0) if f.get("start_tokens") in starts else None)
+        n0 = int(f.get("start_tokens") or 0)
+        n0 = n0 if n0 in starts else None
         seeds = [("original", genome.from_factors(np.ones(p), space, n0, source="original RoPE"))]
         seeds += _seed_or_skip(lambda: genome.from_factors(f["short_factor"], space, n0, source=f"{readjust} "
                                                            "short_factor"), "file-short", log)
         seeds += _seed_or_skip(lambda: genome.from_factors(f["long_factor"], space, n0, source=f"{readjust} "
                                                            "long_factor"), "file-long", log)
         if not short:
-            ls = target_length / switch
-            seeds += [(n, genome.from_factors(v, space, n0, source=n)) for n, v in (
-                ("pi", np.full(p, ls)), ("ntk", rope_lib.ntk_factors(rd, ls)),
-                ("yarn", rope_lib.yarn_factors(theta, rd, ls, switch)))]
+            seeds += [(n, genome.from_factors(v, space, n0, source=n))
+                      for n, v in reference_factors(cfg, target_length / switch, switch).items()]
         baselines = {"none": rope_lib.default(theta, rd), "file": factors_lib.to_spec(f, target_length, readjust)}
         out.update(kind="readjust-short" if short else "readjust-per_length", slot="short" if short else "per_length",
                    parent=f.get("provenance"), window=switch, switch=switch, scale=scale, space=space, seeds=seeds,
@@ -212,9 +210,8 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
             raise SearchError(f"critical_range: expected within [1, {p - 1}] (pairs - 1), got {[lo, hi]}")
         space = genome.longrope2_space_for(p, scale, (lo, hi), step=settings.step, start_tokens=settings.start_tokens)
         c0 = min(max(tcd, lo), hi)
-        seeds = [(n, genome.critical_from_factors(v, space, c0, source=n)) for n, v in (
-            ("lr2-flat", np.full(p, scale)), ("lr2-ntk", rope_lib.ntk_factors(rd, scale)),
-            ("lr2-yarn", rope_lib.yarn_factors(theta, rd, scale, window)))]
+        seeds = [(f"lr2-{n}", genome.critical_from_factors(v, space, c0, source=f"lr2-{n}"))
+                 for n, v in reference_factors(cfg, scale, window).items()]
         out.update(kind="longrope2", theoretical_critical_dim=tcd)
     else:
         space = genome.space_for(p, scale, step=settings.step, factor_range=settings.factor_range,
@@ -230,9 +227,8 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
             return factors_lib.to_spec(d, target_length, name)
 
         baselines = {"none": rope_lib.default(theta, rd), "base": with_base(np.ones(p), "base")}
-        for n, v in ((f"base*pi:{scale:g}", np.full(p, scale)), (f"base*ntk:{scale:g}", rope_lib.ntk_factors(rd, scale)),
-                     (f"base*yarn:{scale:g}", rope_lib.yarn_factors(theta, rd, scale, window))):
-            baselines[n] = with_base(v, n)
+        for n, v in reference_factors(cfg, scale, window).items():
+            baselines[f"base*{n}:{scale:g}"] = with_base(v, f"base*{n}:{scale:g}")
     out.update(window=window, switch=switch, scale=scale, space=space, seeds=seeds, template=template,
                baselines=baselines)
     return out
@@ -433,15 +429,15 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     best_f = fit.long_factor(res.best.candidate)
     p = space.num_pairs
     base = np.ones(p) if plan["base"] is None else plan["base"]
-    refs = {f"PI {scale:g}": base * scale, f"NTK {scale:g}": base * rope_lib.ntk_factors(cfg.rotary_dim, scale),
-            f"YaRN {scale:g}": base * rope_lib.yarn_factors(cfg.rope_theta, cfg.rotary_dim, scale, window)}
+    refs = {f"{label} {scale:g}": base * v for label, v in
+            zip(("PI", "NTK", "YaRN"), reference_factors(cfg, scale, window).values())}
     if plan["base"] is not None:
         refs = {"base " + k: v for k, v in refs.items()}
         refs["base (lambda_1)"] = base
     title = f"{os.path.basename(str(model).rstrip('/'))}: {window} -> {target_length}"
     if plan["kind"].startswith("readjust"):
         title = f"{os.path.basename(str(model).rstrip('/'))}: readjust at {target_length} ({plan['slot']})"
-    elif best_f is not None and res.best.candidate.critical_dim is not None:
+    elif res.best.candidate.critical_dim is not None:
         title += f", critical dim {res.best.candidate.critical_dim}"
     line["plots"] = [
         plots.progress(res.generations, os.path.join(out, PROGRESS_PNG), base_ppl, title=title),
