@@ -49,27 +49,46 @@ def build_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
 
 
 def run_trials(params, cfg, tokenizer, spec_for_length, lengths: list[int], trials: int, seed: int = 0,
-               log=None) -> list[Trial]:
-    """``trials`` trials per length at stratified random depths, each with a fresh random key."""
+               log=None, done: dict | None = None, on_trial=None) -> list[Trial]:
+    """``trials`` trials per length at stratified random depths, each with a fresh random key.
+
+    ``done`` maps ``(length, index)`` to a trial already run (from a log): it is taken instead of
+    decoding again, after checking that its depth and key are the ones drawn now. ``on_trial(index,
+    trial)`` is called after each newly decoded trial (to log it).
+    """
     from longrope_jax.generate import greedy
 
     log = log or (lambda msg: None)
+    done = done or {}
     rng = np.random.default_rng(seed)
     out = []
     for length in lengths:
-        spec = spec_for_length(length)
+        spec = None
         ok = 0
         for t in range(trials):
             depth = float((t + rng.uniform()) / trials)
             key = str(int(rng.integers(10000, 100000)))
-            ids = build_prompt(tokenizer, length, depth, key)
-            g = greedy(params, cfg, ids, 8, spec)
-            answer = tokenizer.decode(g.tokens)
-            correct = key in answer.replace(" ", "")
-            ok += correct
-            out.append(Trial(length, depth, key, len(ids), answer, bool(correct)))
+            prev = done.get((length, t))
+            if prev is not None:
+                if prev.key != key or abs(prev.depth - depth) > 1e-12:
+                    raise ValueError(f"passkey log: trial {t + 1} at length {length} has key {prev.key} at depth "
+                                     f"{prev.depth}, but this run draws key {key} at depth {depth}: the log was "
+                                     f"written by a different run")
+                trial = prev
+            else:
+                if spec is None:
+                    spec = spec_for_length(length)
+                ids = build_prompt(tokenizer, length, depth, key)
+                g = greedy(params, cfg, ids, 8, spec)
+                answer = tokenizer.decode(g.tokens)
+                trial = Trial(length, depth, key, len(ids), answer, bool(key in answer.replace(" ", "")))
+                if on_trial is not None:
+                    on_trial(t, trial)
+            ok += trial.correct
+            out.append(trial)
             log(f"length {length} trial {t + 1}/{trials} depth {depth:.2f}: "
-                f"{'ok' if correct else 'miss'} (key {key}, answer {answer!r}); {ok}/{t + 1} so far")
+                f"{'ok' if trial.correct else 'miss'} (key {key}, answer {trial.answer!r}); {ok}/{t + 1} so far"
+                f"{' (from the log)' if prev is not None else ''}")
     return out
 
 
@@ -115,22 +134,63 @@ def heatmap(rows: list[dict], path: str, title: str) -> str:
     return out
 
 
+LOG_FORMAT = "longrope-passkey-log/1"
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
 def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "none", *, seed: int = 0,
                 param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
                 out_dir: str | None = None, log=None) -> dict:
-    """The ``passkey`` job: trials, per-length accuracy, per-(length, depth) accuracy, heat map."""
+    """The ``passkey`` job: trials, per-length accuracy, per-(length, depth) accuracy, heat map.
+
+    With ``out_dir``, every finished trial is appended to ``out_dir/trials.jsonl`` (fsynced), and a
+    rerun of the same command takes the logged trials instead of decoding them again, so an
+    interrupted run loses at most the trial in flight. A log of other settings is refused.
+    """
     import os
 
+    from longrope_jax import runlog
     from longrope_jax.factors import resolve_rope
     from longrope_jax.loading import load_model
 
     if trials < 1:
         raise ValueError(f"--trials: expected at least 1, got {trials}")
-    m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
-    if m.tokenizer is None:
-        raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
-    ts = run_trials(m.params, m.cfg, m.tokenizer, lambda n: resolve_rope(rope, m.cfg, n, m.factors), lengths, trials,
-                    seed, log)
+    journal = None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        header = {"format": LOG_FORMAT, "model": model, "rope": rope, "seed": seed, "lengths": list(lengths),
+                  "trials": trials, "param_dtype": param_dtype, "tokenizer": tokenizer,
+                  "sliding_window": sliding_window}
+        for what, path in (("model", model), ("rope", rope), ("tokenizer", tokenizer)):
+            if path and os.path.isfile(path):  # a file named in the header: its content counts, not its name
+                header[f"{what}_sha256"] = _file_digest(path)
+        fields = {f.name for f in dataclasses.fields(Trial)}
+        # Checked before the model loads, so a wrong --out fails at once.
+        runlog.check_file(os.path.join(out_dir, "trials.jsonl"), header, "passkey run")
+        journal = runlog.RunLog(os.path.join(out_dir, "trials.jsonl"), header, what="passkey run",
+                                record_name="trial record", is_record=lambda r: fields | {"index"} <= set(r))
+    try:
+        done = {}
+        if journal is not None:
+            for r in journal.records:
+                done[(r["length"], r["index"])] = Trial(**{k: r[k] for k in fields})
+            if done:
+                (log or (lambda m: None))(f"{journal.path}: {len(done)} trial(s) done, resumed")
+        m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
+        if m.tokenizer is None:
+            raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
+        on_trial = (lambda t, trial: journal.append(dict(dataclasses.asdict(trial), index=t))) if journal else None
+        ts = run_trials(m.params, m.cfg, m.tokenizer, lambda n: resolve_rope(rope, m.cfg, n, m.factors), lengths,
+                        trials, seed, log, done=done, on_trial=on_trial)
+    finally:
+        if journal is not None:
+            journal.close()
     rows = summarise(ts)
     result = {
         "model": model, "rope": rope, "seed": seed, "trials_per_length": trials,
@@ -140,4 +200,5 @@ def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "none",
     }
     if out_dir:
         result["heatmap"] = heatmap(rows, os.path.join(out_dir, "passkey.png"), f"passkey: {model}, rope {rope}")
+        result["log"] = journal.path
     return result

@@ -51,3 +51,45 @@ def test_summarise_bins():
     ts = [passkey.Trial(100, d, "1", 90, "", c) for d, c in [(0.05, True), (0.3, False), (0.5, True), (0.95, True)]]
     rows = passkey.summarise(ts, bins=2)
     assert [(r["depth_lo"], r["trials"], r["accuracy"]) for r in rows] == [(0.0, 2, 0.5), (0.5, 2, 1.0)]
+
+
+def test_passkey_resumes_from_its_log(tmp_path, capsys):
+    """A run cut short after some trials continues from trials.jsonl and ends as an uninterrupted run."""
+    d = make_hf_dir(str(tmp_path), max_position_embeddings=512)
+    args = ["passkey", "--model", d, "--lengths", "300", "--trials", "4", "--seed", "3"]
+    assert cli.main(args + ["--out", str(tmp_path / "full")]) == 0
+    full = json.loads(capsys.readouterr()[0].splitlines()[-1])
+    log = (tmp_path / "full" / "trials.jsonl").read_text().splitlines()
+    assert len(log) == 1 + 4 and json.loads(log[0])["format"] == passkey.LOG_FORMAT
+    # An interrupted run: the header, two trials, and a third line torn by the crash.
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "trials.jsonl").write_text("\n".join(log[:3]) + "\n" + log[3][:20])
+    calls = []
+    import longrope_jax.generate as gen
+
+    real = gen.greedy
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    gen.greedy = counting
+    try:
+        assert cli.main(args + ["--out", str(tmp_path / "cut")]) == 0
+    finally:
+        gen.greedy = real
+    out, err = capsys.readouterr()
+    resumed = json.loads(out.splitlines()[-1])
+    assert len(calls) == 2 and "2 trial(s) done, resumed" in err
+    assert resumed["trials"] == full["trials"]
+    assert (tmp_path / "cut" / "trials.jsonl").read_text().splitlines() == log
+
+
+def test_passkey_log_of_other_settings_is_refused(tmp_path, capsys):
+    d = make_hf_dir(str(tmp_path), max_position_embeddings=512)
+    args = ["passkey", "--model", d, "--lengths", "300", "--trials", "1", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    rc = cli.main(args[:-2] + ["--seed", "5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr()[1]
+    assert rc == 2 and "trials.jsonl: the log belongs to a different passkey run (seed: log has 0, this passkey run 5)" in err

@@ -25,15 +25,14 @@ the same flag stops at the same candidate); it may end the search inside a gener
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from longrope_jax import runlog
 from longrope_jax.search import operators
 from longrope_jax.search.genome import Candidate, SearchError, Space, from_record
 from longrope_jax.search.settings import ADDED_LATER, SearchSettings
@@ -67,93 +66,17 @@ class EvolveResult:
 # The log.
 
 
-class SearchLog:
-    """An append-only JSONL log: a header line, then one record per evaluated candidate.
-
-    Opening an existing log reads its records; a last line cut short by a crash is dropped (and
-    truncated away before appending). A header that differs from this search's is an error.
-    """
+class SearchLog(runlog.RunLog):
+    """The search's log (``runlog.RunLog``): a header line, then one record per evaluated candidate."""
 
     def __init__(self, path: str | None, header: Mapping[str, Any]):
-        self.path = path
-        self.header = json.loads(json.dumps(header))
-        self.records: list[dict] = []
-        self._fh = None
-        if path is None:
-            return
-        good = 0  # bytes of complete, valid lines
-        if os.path.exists(path):
-            with open(path, "rb") as fh:
-                data = fh.read()
-            lines = data.split(b"\n")[:-1]  # the last piece has no newline: torn by a crash, dropped
-            for i, raw in enumerate(lines):
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError:
-                    raise SearchError(f"{path}: line {i + 1}: not valid JSON (the log is corrupt)") from None
-                if i == 0:
-                    _check_header(path, obj, self.header)
-                elif not isinstance(obj, dict) or "factors" not in obj or "start_tokens" not in obj:
-                    raise SearchError(f"{path}: line {i + 1}: expected a candidate record")
-                else:
-                    self.records.append(obj)
-                good += len(raw) + 1
-        if good == 0:
-            self._fh = open(path, "wb")
-            self._write(self.header)
-        else:
-            self._fh = open(path, "r+b")
-            self._fh.truncate(good)
-            self._fh.seek(good)
-
-    def _write(self, obj):
-        self._fh.write(json.dumps(obj).encode() + b"\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def append(self, record: dict):
-        self.records.append(record)
-        if self._fh is not None:
-            self._write(record)
-
-    def close(self):
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        super().__init__(path, header, is_record=lambda r: "factors" in r and "start_tokens" in r,
+                         what="search", record_name="candidate record", error=SearchError)
 
 
 def check_log(path: str, header: Mapping[str, Any]) -> None:
     """Raises SearchError when ``path`` holds the log of another search (checks the header only)."""
-    if not os.path.exists(path):
-        return
-    with open(path, "rb") as fh:
-        first = fh.readline()
-    if not first.endswith(b"\n"):
-        return  # empty, or a header torn by a crash: rewritten
-    try:
-        obj = json.loads(first)
-    except json.JSONDecodeError:
-        raise SearchError(f"{path}: line 1: not valid JSON (the log is corrupt)") from None
-    _check_header(path, obj, json.loads(json.dumps(header)))
-
-
-def _check_header(path, obj, header):
-    if not isinstance(obj, dict) or obj.get("format") != LOG_FORMAT:
-        raise SearchError(f"{path}: line 1: expected a {LOG_FORMAT} header, got {str(obj)[:120]}")
-    if obj != header:
-        diffs = _diff(obj, header)
-        raise SearchError(f"{path}: the log belongs to a different search ({'; '.join(diffs[:3])}); "
-                          f"use another --out directory or the same settings")
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [f"{prefix.rstrip('.')}: log has {json.dumps(a)[:60]}, this search {json.dumps(b)[:60]}"]
+    runlog.check_file(path, header, "search", SearchError)
 
 
 def make_header(space: Space, settings: SearchSettings, seed: int, seeds: Sequence[tuple[str, Candidate]],
