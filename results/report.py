@@ -2,7 +2,8 @@
 """Tables and a plot for a results directory (results/smollm2_16k, results/smollm2_32k).
 
 Reads what the directory's ``run_all.sh`` wrote: ``heldout_ppl*.jsonl`` (``ppl`` lines),
-``search*/summary.json`` and ``passkey_*/result.jsonl`` (``passkey`` lines), prints markdown
+``search*/summary.json`` and ``passkey_*/result.jsonl`` (``passkey`` lines; a run still in progress
+from its ``trials.jsonl``), prints markdown
 tables on stdout and writes ``heldout_ppl.png`` (held-out perplexity per method) into the
 directory. Missing pieces are reported as missing, not guessed.
 
@@ -94,13 +95,23 @@ def main(argv=None) -> int:
               "baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base.items() if v is not None))
     print("\n### Passkey retrieval\n")
     found = False
-    for path in sorted(glob.glob(os.path.join(d, "passkey_*", "result.jsonl"))):
-        last = read_lines(path)[-1]
-        found = True
-        for n, acc in last["accuracy"].items():
-            k = sum(t["correct"] for t in last["trials"] if t["length"] == int(n))
-            print(f"- {label(last['rope'])}: {n} tokens, {k}/{last['trials_per_length']} retrieved ({acc:.0%}); "
-                  f"heat map `{os.path.relpath(os.path.dirname(path), d)}/passkey.png`")
+    for sub in sorted(glob.glob(os.path.join(d, "passkey_*"))):
+        path, log = os.path.join(sub, "result.jsonl"), os.path.join(sub, "trials.jsonl")
+        if os.path.isfile(path) and os.path.getsize(path):
+            last = read_lines(path)[-1]
+            found = True
+            for n, acc in last["accuracy"].items():
+                k = sum(t["correct"] for t in last["trials"] if t["length"] == int(n))
+                print(f"- {label(last['rope'])}: {n} tokens, {k}/{last['trials_per_length']} retrieved ({acc:.0%}); "
+                      f"heat map `{os.path.relpath(sub, d)}/passkey.png`")
+        elif os.path.isfile(log):  # a run in progress (or cut short): its trials log so far
+            head, *trials = read_lines(log)
+            found = True
+            for n in head["lengths"]:
+                ts = [t for t in trials if t["length"] == n]
+                print(f"- {label(head['rope'])}: {n} tokens, IN PROGRESS: {sum(t['correct'] for t in ts)}/{len(ts)} "
+                      f"retrieved of the {len(ts)} trial(s) run so far (of {head['trials']}); "
+                      f"`{os.path.relpath(log, d)}`")
     if not found:
         print("missing: no passkey_*/result.jsonl yet")
     return 0
