@@ -5,6 +5,7 @@ step() {
   local out=$1; shift
   if [[ -s $out ]]; then echo "== $out exists, skipped"; return; fi
   echo "== $(date -u +%FT%TZ) $*"
+  mkdir -p "$(dirname "$out")"
   "$@" > "$out.tmp"
   mv "$out.tmp" "$out"
 }

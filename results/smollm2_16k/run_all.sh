@@ -19,7 +19,7 @@ step $R/search/result.json longrope-jax search "${SEARCH[@]}" --out $R/search
 step $R/heldout_ppl.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope none --rope pi:2 --rope ntk:2 --rope dynamic:2 \
   --rope yarn:2 --rope $R/search/factors.json
 # 3. Passkey retrieval, 10 trials at 16k, for YaRN and the search's factors.
-mkdir -p $R/passkey_yarn $R/passkey_longrope
+
 step $R/passkey_yarn/result.jsonl longrope-jax passkey --model smollm2 --lengths 16384 --trials 10 --seed 0 \
   --rope yarn:2 --out $R/passkey_yarn
 step $R/passkey_longrope/result.jsonl longrope-jax passkey --model smollm2 --lengths 16384 --trials 10 --seed 0 \
@@ -31,7 +31,7 @@ step $R/search_longrope2/result.json longrope-jax search --config configs/search
 # 5. Its held-out perplexity (same documents and seed as step 2).
 step $R/heldout_ppl_longrope2.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search_longrope2/factors.json
 # 6. Passkey for the LongRoPE2-mode factors.
-mkdir -p $R/passkey_longrope2
+
 step $R/passkey_longrope2/result.jsonl longrope-jax passkey --model smollm2 --lengths 16384 --trials 10 --seed 0 \
   --rope $R/search_longrope2/factors.json --out $R/passkey_longrope2
 echo "== $(date -u +%FT%TZ) all done"
