@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import numpy as np
 
@@ -62,6 +63,7 @@ def run_trials(params, cfg, tokenizer, spec_for_length, lengths: list[int], tria
     done = done or {}
     rng = np.random.default_rng(seed)
     out = []
+    t0, decoded = time.perf_counter(), 0
     for length in lengths:
         spec = None
         ok = 0
@@ -86,9 +88,16 @@ def run_trials(params, cfg, tokenizer, spec_for_length, lengths: list[int], tria
                     on_trial(t, trial)
             ok += trial.correct
             out.append(trial)
+            if prev is None:
+                decoded += 1
+                rate = (time.perf_counter() - t0) / decoded
+                left = sum(1 for n in lengths for i in range(trials) if (n, i) not in done) - decoded
+                timing = f" [{rate:.0f} s/trial, about {left * rate / 60:.0f} min left]"
+            else:
+                timing = " (from the log)"
             log(f"length {length} trial {t + 1}/{trials} depth {depth:.2f}: "
                 f"{'ok' if trial.correct else 'miss'} (key {key}, answer {trial.answer!r}); {ok}/{t + 1} so far"
-                f"{' (from the log)' if prev is not None else ''}")
+                + timing)
     return out
 
 
