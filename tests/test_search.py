@@ -362,11 +362,42 @@ def test_search_smoke_and_factors_round_trip(tiny, capsys):
     rc, (again,), err = _cli(argv, capsys)
     assert rc == 0, err
     assert again["new_evaluations"] == 0 and again["replayed_evaluations"] == 14 and again["ppl"] == res["ppl"]
-    assert "resuming from" in err and "(from summary.json)" in err  # baselines not rescored either
+    assert "resuming from" in err and "(from baselines.json)" in err  # baselines not rescored either
     # Another search's log in --out is refused before anything is scored.
     rc, _, err = _cli([*argv[:-len(SMOKE)], "--config.mutation_prob=0.5", *SMOKE], capsys)
     assert rc == 2 and "belongs to a different search (settings.mutation_prob: log has 0.3, this search 0.5)" in err
     assert "baselines:" not in err
+
+
+def test_baselines_survive_a_crash_in_generation_0(tiny, capsys, monkeypatch):
+    """The baselines are written as soon as they are scored: a search killed before its first
+    generation ends does not score them again when resumed."""
+    from longrope_jax.search import job
+
+    model, data, root = tiny
+    out = str(root / "crash")
+    argv = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", out, "--samples", "1",
+            *SMOKE]
+
+    def crash(*a, **k):
+        raise RuntimeError("killed in generation 0")
+
+    with monkeypatch.context() as m:
+        m.setattr(job.evolve_lib, "evolve", crash)
+        with pytest.raises(RuntimeError, match="killed in generation 0"):
+            cli.main(argv)
+    capsys.readouterr()
+    saved = json.load(open(os.path.join(out, "baselines.json")))
+    assert not os.path.exists(os.path.join(out, "summary.json"))
+    from longrope_jax.search import fitness as fitness_lib
+
+    scored = []
+    real = fitness_lib.score_named
+    monkeypatch.setattr(fitness_lib, "score_named", lambda *a: scored.append(1) or real(*a))
+    rc, (res,), err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert not scored and "(from baselines.json)" in err
+    assert res["baselines"] == {k: v["ppl"] for k, v in saved["baselines_detail"].items()}
 
 
 def test_search_budget_stops_cleanly_and_writes_result(tiny, capsys):

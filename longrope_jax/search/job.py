@@ -26,6 +26,7 @@ from longrope_jax.search.genome import SearchError
 from longrope_jax.search.settings import JOB_DEFAULTS, SearchSettings
 
 FACTORS_FILE, SUMMARY_FILE, LOG_FILE = "factors.json", "summary.json", "log.jsonl"
+BASELINES_FILE = "baselines.json"  # written as soon as the baselines are scored, before generation 0
 PROGRESS_PNG, FACTORS_PNG = "search_progress.png", "search_factors.png"
 
 
@@ -84,7 +85,8 @@ def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
 
 
 def _previous_baselines(summary_path: str, context: Mapping[str, Any], names: list[str]) -> dict | None:
-    """The baselines of an earlier run of this search (same context), so a resume does not rescore them."""
+    """The baselines of an earlier run of this search (same context), so a resume does not rescore them:
+    from ``baselines.json`` or ``summary.json`` (both hold ``context`` and ``baselines_detail``)."""
     try:
         with open(summary_path) as fh:
             prev = json.load(fh)
@@ -351,18 +353,22 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
                                            "readjust": readjust})
     os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f) for k, f in (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE),
-                                                  ("log", LOG_FILE))}
+                                                  ("log", LOG_FILE), ("baselines_file", BASELINES_FILE))}
     # A log of another search is refused now, before any scoring.
     evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, seeds, context))
 
-    baselines = _previous_baselines(paths["summary"], context, list(plan["baselines"]))
-    if baselines is not None:
-        log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items()) + " (from summary.json)")
+    for src in ("baselines_file", "summary"):
+        baselines = _previous_baselines(paths[src], context, list(plan["baselines"]))
+        if baselines is not None:
+            log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
+                + f" (from {os.path.basename(paths[src])})")
+            break
     else:
         t1 = time.time()
         baselines = fitness_lib.score_named(fit, plan["baselines"])
         log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
             + f" ({time.time() - t1:.1f}s)")
+        write_json(paths["baselines_file"], {"context": context, "baselines_detail": baselines})
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
 
     def summarise(res: evolve_lib.EvolveResult) -> tuple[dict, dict]:
