@@ -327,9 +327,10 @@ def _cli(argv, capsys):
     return rc, [json.loads(line) for line in out.splitlines() if line.strip()], err
 
 
-def test_search_smoke_and_factors_round_trip(tiny, capsys):
+def test_search_smoke_and_factors_round_trip(tiny, capsys, monkeypatch):
     model, data, root = tiny
-    out = str(root / "run")
+    monkeypatch.chdir(root)
+    out = "run"  # relative: the provenance's command keeps it as given
     argv = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", out, "--samples", "2",
             "--seed", "1", *SMOKE]
     rc, lines, err = _cli(argv, capsys)
@@ -346,6 +347,7 @@ def test_search_smoke_and_factors_round_trip(tiny, capsys):
     prov = d["provenance"]
     assert prov["seed"] == 1 and prov["version"] and len(prov["documents"]) == 2
     assert prov["command"].startswith("longrope-jax search --model") and "--config.population=6" in prov["command"]
+    assert " --out run " in prov["command"]
     summary = json.load(open(os.path.join(out, "summary.json")))
     records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
     assert len(records) == 14 and len({(r["start_tokens"], tuple(r["factors"])) for r in records}) == 14

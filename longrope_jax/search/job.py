@@ -299,7 +299,7 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     elif isinstance(settings, Mapping):
         settings = SearchSettings.from_mapping(settings)
     settings.validate()
-    out = os.path.abspath(out)
+    out_arg, out = out, os.path.abspath(out)  # the command records --out as given
     if os.path.exists(out) and not os.path.isdir(out):
         raise SearchError(f"--out {out}: exists and is not a directory")
 
@@ -344,7 +344,7 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     if needle_info is not None:
         context["needles"] = needle_info
     if command is None:
-        command = canonical_command(model, data, target_length, out, settings=settings, samples=samples, seed=seed,
+        command = canonical_command(model, data, target_length, out_arg, settings=settings, samples=samples, seed=seed,
                                     extra={"field": field, "tokenizer": tokenizer, "param_dtype": param_dtype,
                                            "no_sliding_window": not sliding_window, "attention": attention,
                                            "q_chunk": q_chunk, "loss_chunk": loss_chunk, "max_evals": max_evals,
