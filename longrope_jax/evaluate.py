@@ -147,6 +147,14 @@ def plan(k: int, s: int, per_item: int, budget: int, n_devices: int = 1) -> tupl
     return kc, s
 
 
+def one_cpu(devices=None) -> bool:
+    """Whether scoring runs on a single CPU device, where candidates go one after another (a
+    call's memory and time are then one candidate's times K, so callers may as well make K = 1
+    calls and report each)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    return len(devices) == 1 and devices[0].platform == "cpu"
+
+
 def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
           attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
           devices=None, weights=None, sequential: bool | None = None) -> np.ndarray:
@@ -168,7 +176,7 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     devices = list(devices) if devices is not None else jax.local_devices()
     nd = len(devices)
     if sequential is None:
-        sequential = nd == 1 and devices[0].platform == "cpu"
+        sequential = one_cpu(devices)
     per_item = item_bytes(cfg, length, q_chunk or 512, loss_chunk)
     if sequential:  # memory is one candidate's at a time: every candidate in one call
         kc, sc = k, plan(1, s, per_item, memory_budget or default_budget(), 1)[1]

@@ -258,6 +258,43 @@ def test_interrupted_then_resumed_ends_where_uninterrupted_ends(tmp_path, how):
     assert again.new_evaluations == 0 and again.best.candidate == ref.best.candidate
 
 
+class OneAtATime(Synthetic):
+    """Like Synthetic, for a fitness that takes one candidate per call (``batch_size = 1``, as the
+    perplexity fitness on one CPU device)."""
+
+    batch_size = 1
+
+
+def test_one_candidate_per_call_logs_each_and_resumes_inside_a_generation(tmp_path):
+    settings = SearchSettings(population=8, iterations=3, mutations=4, crossovers=4, parents=4)
+    ref_path, path = str(tmp_path / "ref.jsonl"), str(tmp_path / "log.jsonl")
+    ref = evolve(SPACE, _seeds(), Synthetic(), settings, seed=5, log_path=ref_path, progress=False)
+    lines = []
+    f = OneAtATime(fail_on_call=8 + 3, exc=KeyboardInterrupt)  # killed on generation 1's third candidate
+    part = evolve(SPACE, _seeds(), f, settings, seed=5, log_path=path, progress=False, log=lines.append)
+    assert [len(c) for c in f.calls] == [1] * 10
+    assert part.stopped == "interrupted" and part.evaluations == 8 + 2  # only the candidate in flight lost
+    assert "generation 1: 2/8 scored" in lines[-2] and "per candidate" in lines[-2]
+    f = OneAtATime()
+    res = evolve(SPACE, _seeds(), f, settings, seed=5, log_path=path, progress=False)
+    assert res.replayed == 10 and len(f.calls) == ref.evaluations - 10
+    assert _log_bytes(path) == _log_bytes(ref_path)  # the same log as scoring whole generations
+    assert res.best.candidate == ref.best.candidate and res.generations == ref.generations
+
+
+def test_time_budget_stops_inside_a_generation_when_candidates_go_one_at_a_time():
+    now = [0.0]
+    f = OneAtATime()
+
+    def fitness(cands):
+        now[0] += 10.0
+        return f(cands)
+
+    fitness.batch_size = 1
+    res = evolve(SPACE, _seeds(), fitness, SMALL, seed=0, time_budget=35.0, clock=lambda: now[0], progress=False)
+    assert res.stopped == "time_budget" and res.evaluations == 4 and res.generations[-1]["partial"]
+
+
 def test_time_budget_stops_between_generations():
     now = [0.0]
     f = Synthetic()
@@ -395,11 +432,48 @@ def test_baselines_survive_a_crash_in_generation_0(tiny, capsys, monkeypatch):
 
     scored = []
     real = fitness_lib.score_named
-    monkeypatch.setattr(fitness_lib, "score_named", lambda *a: scored.append(1) or real(*a))
+    monkeypatch.setattr(fitness_lib, "score_named", lambda *a, **k: scored.append(1) or real(*a, **k))
     rc, (res,), err = _cli(argv, capsys)
     assert rc == 0, err
     assert not scored and "(from baselines.json)" in err
     assert res["baselines"] == {k: v["ppl"] for k, v in saved["baselines_detail"].items()}
+
+
+def test_one_candidate_per_call_keeps_each_baseline_and_reports_progress(tiny, capsys, monkeypatch):
+    """As on one CPU device (``evaluate.one_cpu``): baselines and candidates scored one per call,
+    each kept as it finishes; a search killed inside the baselines scores only the rest when resumed,
+    and ends where an uninterrupted search ends."""
+    from longrope_jax import evaluate
+    from longrope_jax.search import fitness as fitness_lib
+
+    model, data, root = tiny
+    monkeypatch.setattr(evaluate, "one_cpu", lambda devices=None: True)
+    common = ["--model", model, "--data", data, "--target-length", "64", "--samples", "1", *SMOKE]
+    rc, (ref,), err = _cli(["search", *common, "--out", str(root / "one_ref")], capsys)
+    assert rc == 0, err
+    assert "baseline yarn:2: ppl" in err and "(4/5, " in err and "generation 1: 3/4 scored" in err
+    out = str(root / "one_cut")
+    real, calls = fitness_lib.PerplexityFitness.score_specs, []
+
+    def killed_on_third(self, specs):
+        calls.append(len(specs))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, specs)
+
+    with monkeypatch.context() as m:
+        m.setattr(fitness_lib.PerplexityFitness, "score_specs", killed_on_third)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["search", *common, "--out", out])
+    capsys.readouterr()
+    assert calls == [1, 1, 1]
+    saved = json.load(open(os.path.join(out, "baselines.json")))["baselines_detail"]
+    assert list(saved) == ["none", "pi:2"]
+    rc, (res,), err = _cli(["search", *common, "--out", out], capsys)
+    assert rc == 0, err
+    assert "2 of 5 from baselines.json" in err and "baseline none:" not in err and "baseline ntk:2:" in err
+    assert res["baselines"] == ref["baselines"] and res["ppl"] == ref["ppl"]
+    assert open(os.path.join(out, "log.jsonl")).read() == open(str(root / "one_ref" / "log.jsonl")).read()
 
 
 def test_search_budget_stops_cleanly_and_writes_result(tiny, capsys):

@@ -13,13 +13,15 @@ candidates, and its log is a prefix of that sequence:
   flight, and a resumed search ends exactly where an uninterrupted one does, with the same log.
 
 Each generation's new candidates go to ``fitness`` in one call (the evaluator scores them
-together); a vector already scored is never proposed again. ``fitness(candidates)`` returns, per
+together), or ``fitness.batch_size`` at a time where it has one (on one CPU device: one candidate
+per call, each logged, and a progress line with the rate, as it finishes); a vector already
+scored is never proposed again. ``fitness(candidates)`` returns, per
 candidate, a perplexity (lower is better) or a mapping with ``"ppl"`` and extra JSON-able fields
 that are logged with it. Non-finite perplexities rank last (logged as null).
 
 ``max_evals`` counts every evaluation of the search, logged ones included (a resumed search with
 the same flag stops at the same candidate); it may end the search inside a generation.
-``time_budget`` is this call's wall-clock seconds, checked before each evaluation batch.
+``time_budget`` is this call's wall-clock seconds, checked before each call to ``fitness``.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
       space: the search space; every candidate is checked against it before evaluation.
       seeds: named initial candidates (PI, NTK, YaRN, ...); the rest of the initial population
         are mutations of them, in turn.
-      fitness: scores a list of candidates (one call per generation).
+      fitness: scores a list of candidates (one call per generation, or per ``fitness.batch_size``).
       settings: the algorithm's knobs.
       seed: the search seed (generation g draws from ``default_rng([seed, g])``).
       log_path: the JSONL log (created, or resumed when it exists); None keeps it in memory.
@@ -182,8 +184,14 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
             todo, stop = todo[:max(0, max_evals - state["evals"])], "max_evals"
         if todo and time_budget is not None and clock() - t0 >= time_budget:
             todo, stop = [], "time_budget"
-        if todo:
-            cands = [c for c, _ in todo]
+        step = getattr(fitness, "batch_size", None) or len(todo) or 1
+        for j in range(0, len(todo), step):
+            if j and time_budget is not None and clock() - t0 >= time_budget:
+                stop = "time_budget"
+                break
+            part = todo[j:j + step]
+            cands = [c for c, _ in part]
+            t = time.monotonic()
             try:
                 values = list(fitness(cands))
             except KeyboardInterrupt:
@@ -191,7 +199,7 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
                 raise _Stop("interrupted") from None
             if len(values) != len(cands):
                 raise SearchError(f"fitness returned {len(values)} values for {len(cands)} candidates")
-            for (c, meta), v in zip(todo, values):
+            for (c, meta), v in zip(part, values):
                 ppl, extra = _ppl_of(v)
                 rec = {"eval": state["evals"], "generation": generation, **meta,
                        "start_tokens": c.start_tokens, "factors": space.factors(c).tolist(),
@@ -203,6 +211,12 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
                 out.append(Scored(c, ppl, rec))
                 state["evals"] += 1
                 state["new"] += 1
+            if step < len(todo):  # a generation in several calls: a line per call, with the rate
+                per = (time.monotonic() - t) / len(part)
+                left = (len(todo) - j - len(part)) * per
+                log(f"generation {generation}: {len(out)}/{len(batch)} scored (best of "
+                    f"them {min(x.ppl for x in out):.4g}); {per:.0f}s per candidate, ~{left / 60:.0f} min left "
+                    f"in this generation")
         if stop:
             history.extend(out)
             raise _Stop(stop)

@@ -6,13 +6,15 @@ factors), short factors 1, start tokens = the candidate's ``n_hat``, ``original_
 window, ``max_position_embeddings`` = the target length and the default attention factor
 ``sqrt(1 + ln s / ln L_orig)``; exactly the spec ``factors.to_spec`` builds from the factors file
 the search writes. A generation's candidates are stacked and scored by ``evaluate.score`` in as
-few calls as the memory budget allows.
+few calls as the memory budget allows (on one CPU device, one candidate per call: see
+``batch_size``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Sequence
 
 import numpy as np
@@ -53,6 +55,9 @@ class PerplexityFitness:
     - ``slot="short"``: the short factors (short-context readjust at or below the original window);
     - ``slot="per_length"``: a ``per_length[L]`` entry (readjust between the windows).
 
+    ``batch_size``: the most candidates per call the search should pass (1 on one CPU device,
+    where they are scored one after another anyway; None elsewhere: a generation per call).
+
     Args:
       params, cfg: the model (weights are shared by every call; never reloaded).
       tokens: int32[S, L] the search windows (L = the target length).
@@ -88,6 +93,9 @@ class PerplexityFitness:
         self.attention = evaluate.pick_attention(attention, self.length)
         self.q_chunk = evaluate.default_block(self.length, q_chunk)
         self.loss_chunk = loss_chunk
+        # On one CPU device candidates are scored one after another anyway: one per call, so the
+        # search logs (and reports) each as it finishes instead of a whole generation at once.
+        self.batch_size = 1 if evaluate.one_cpu() else None
 
     def long_factor(self, c: Candidate) -> np.ndarray:
         """The factors a candidate stands for: float64[P] (rounded as the file stores them)."""
@@ -138,14 +146,28 @@ def baseline_specs(cfg, scale: float, original_max: int) -> dict[str, rope_lib.R
     return dict(zip(baseline_names(scale), specs))
 
 
-def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec]) -> dict[str, dict]:
+def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec], *, done: dict | None = None,
+                on_scored=None) -> dict[str, dict]:
     """Scores named specs on the fitness's windows (and weights): ``{name: {"ppl", "nll",
-    "nll_per_window"}}`` in the given order; specs of one static structure go through together."""
+    "nll_per_window"}}`` in the given order; specs of one static structure go through together
+    (one at a time where ``fitness.batch_size`` is 1).
+
+    ``done``: results already known (e.g. from a run cut short), not scored again.
+    ``on_scored(name, record, seconds)``: called after each call, for each spec it scored.
+    """
+    out = dict(done or {})
     groups: dict = {}
     for name, sp in specs.items():
-        groups.setdefault(rope_lib.static_key(sp), []).append(name)
-    out = {}
+        if name not in out:
+            groups.setdefault(rope_lib.static_key(sp), []).append(name)
+    step = getattr(fitness, "batch_size", None)
     for names in groups.values():
-        for name, rec in zip(names, _per_candidate(fitness.score_specs([specs[n] for n in names]))):
-            out[name] = rec
+        for i in range(0, len(names), step or len(names)):
+            part = names[i:i + (step or len(names))]
+            t = time.monotonic()
+            recs = _per_candidate(fitness.score_specs([specs[n] for n in part]))
+            for name, rec in zip(part, recs):
+                out[name] = rec
+                if on_scored is not None:
+                    on_scored(name, rec, (time.monotonic() - t) / len(part))
     return {name: out[name] for name in specs}

@@ -26,7 +26,7 @@ from longrope_jax.search.genome import SearchError
 from longrope_jax.search.settings import JOB_DEFAULTS, SearchSettings
 
 FACTORS_FILE, SUMMARY_FILE, LOG_FILE = "factors.json", "summary.json", "log.jsonl"
-BASELINES_FILE = "baselines.json"  # written as soon as the baselines are scored, before generation 0
+BASELINES_FILE = "baselines.json"  # each baseline written as soon as it is scored, before generation 0
 PROGRESS_PNG, FACTORS_PNG = "search_progress.png", "search_factors.png"
 
 
@@ -84,19 +84,21 @@ def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
     return seeds
 
 
-def _previous_baselines(summary_path: str, context: Mapping[str, Any], names: list[str]) -> dict | None:
-    """The baselines of an earlier run of this search (same context), so a resume does not rescore them:
-    from ``baselines.json`` or ``summary.json`` (both hold ``context`` and ``baselines_detail``)."""
+def _previous_baselines(summary_path: str, context: Mapping[str, Any], names: list[str]) -> dict:
+    """The baselines an earlier run of this search (same context) scored, so a resume does not rescore
+    them: from ``baselines.json`` (all of them, or those scored before a crash) or ``summary.json``
+    (both hold ``context`` and ``baselines_detail``). Empty when there are none."""
     try:
         with open(summary_path) as fh:
             prev = json.load(fh)
     except (OSError, ValueError):
-        return None
+        return {}
     base = prev.get("baselines_detail") if isinstance(prev, dict) else None
     if prev.get("context") != json.loads(json.dumps(context)) or not isinstance(base, dict):
-        return None
-    if list(base) != names or any(not isinstance(v, dict) or "ppl" not in v for v in base.values()):
-        return None
+        return {}
+    if list(base) != [n for n in names if n in base] or any(not isinstance(v, dict) or "ppl" not in v
+                                                           for v in base.values()):
+        return {}
     return {k: dict(v, ppl=math.inf if v["ppl"] is None else v["ppl"]) for k, v in base.items()}
 
 
@@ -357,18 +359,31 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     # A log of another search is refused now, before any scoring.
     evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, seeds, context))
 
+    names = list(plan["baselines"])
+    prev, prev_src = {}, None
     for src in ("baselines_file", "summary"):
-        baselines = _previous_baselines(paths[src], context, list(plan["baselines"]))
-        if baselines is not None:
-            log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
-                + f" (from {os.path.basename(paths[src])})")
-            break
+        got = _previous_baselines(paths[src], context, names)
+        if len(got) > len(prev):
+            prev, prev_src = got, os.path.basename(paths[src])
+    if len(prev) == len(names):
+        baselines = prev
+        log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items()) + f" (from {prev_src})")
     else:
-        t1 = time.time()
-        baselines = fitness_lib.score_named(fit, plan["baselines"])
+        if prev:
+            log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ("
+                + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in prev.items()) + "); scoring the rest")
+        t1, scored = time.time(), dict(prev)
+
+        def on_scored(name, rec, seconds):  # each baseline kept as soon as it is scored
+            scored[name] = rec
+            write_json(paths["baselines_file"],
+                       {"context": context, "baselines_detail": {n: scored[n] for n in names if n in scored}})
+            if fit.batch_size == 1:
+                log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
+
+        baselines = fitness_lib.score_named(fit, plan["baselines"], done=prev, on_scored=on_scored)
         log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
             + f" ({time.time() - t1:.1f}s)")
-        write_json(paths["baselines_file"], {"context": context, "baselines_detail": baselines})
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
 
     def summarise(res: evolve_lib.EvolveResult) -> tuple[dict, dict]:
