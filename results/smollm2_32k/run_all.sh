@@ -17,8 +17,12 @@ source results/step.sh
 step $R/search/result.json longrope-jax search --model smollm2 --data results/data/search_32k.jsonl \
   --target-length 32768 --samples 1 --seed 0 --base-factors $F16 --out $R/search \
   --config.population=6 --config.iterations=1 --config.mutations=2 --config.crossovers=2 --config.parents=4
-# 2. Held-out perplexity on the one 32k document no search saw.
-step $R/heldout_ppl.jsonl longrope-jax ppl --model smollm2 --data results/data/heldout_32k.jsonl --length 32768 \
-  --samples 1 --seed 0 --rope none --rope pi:4 --rope ntk:4 --rope dynamic:4 --rope yarn:4 --rope $F16 \
-  --rope $R/search/factors.json
+# 2. Held-out perplexity on the one 32k document no search saw: a step per method (about 8 minutes
+#    each), so an interruption loses one.
+HELDOUT=(--model smollm2 --data results/data/heldout_32k.jsonl --length 32768 --samples 1 --seed 0)
+for rope in none pi:4 ntk:4 dynamic:4 yarn:4; do
+  step $R/heldout_ppl_${rope/:/}.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $rope
+done
+step $R/heldout_ppl_longrope16k.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $F16
+step $R/heldout_ppl_search.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search/factors.json
 echo "== $(date -u +%FT%TZ) all done"
