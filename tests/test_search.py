@@ -764,3 +764,20 @@ def test_written_files_are_readable_by_others(tiny, capsys):
     assert rc == 0, err
     for f in ("factors.json", "summary.json", "search_progress.png", "search_factors.png"):
         assert os.stat(os.path.join(out, f)).st_mode & 0o044 == 0o044, f
+
+
+def test_progress_plot_keeps_the_search_in_view(tmp_path, monkeypatch):
+    """Baselines far above the search (no scaling, PI) are named in the legend, not drawn: the
+    y axis spans the search's curves and the competitive baselines."""
+    from longrope_jax.search import plots
+
+    figs = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or real_save(fig, path))
+    gens = [{"generation": g, "best_ppl": 10.03 - 0.02 * g, "median_ppl": 10.1 - 0.03 * g} for g in range(4)]
+    path = plots.progress(gens, str(tmp_path / "p.png"), {"none": 27.9, "pi:2": 30.9, "ntk:2": 10.46, "yarn:2": 10.12})
+    assert os.path.getsize(path) > 0
+    ax = figs[0].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "none (27.9, off scale)" in labels and "pi:2 (30.9, off scale)" in labels and "yarn:2 (10.12)" in labels
+    assert 10.46 < ax.get_ylim()[1] < 12 and ax.get_yscale() == "linear"

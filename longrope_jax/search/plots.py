@@ -22,12 +22,24 @@ def progress(generations: Sequence[Mapping], path: str, baselines: Mapping[str, 
         ax.plot([g["generation"] for g in med], [g["median_ppl"] for g in med], linestyle="--", color="grey",
                 label="population median")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # Baselines far above the search's values (no scaling, PI at 4x) would squash its curve: they
+    # are named in the legend, off scale, instead of drawn.
+    searched = [g["best_ppl"] for g in gens] + [g["median_ppl"] for g in med]
+    finite = [v for v in (baselines or {}).values() if v is not None and math.isfinite(v)]
+    cap = 1.5 * max(searched + [min(finite)] * bool(finite)) if searched else math.inf  # best baseline drawn
     for i, (name, ppl) in enumerate((baselines or {}).items()):
         if ppl is not None and math.isfinite(ppl):
-            ax.axhline(ppl, linestyle=":", color=colours[(i + 1) % len(colours)], label=f"{name} ({ppl:.5g})")
+            colour = colours[(i + 1) % len(colours)]
+            if ppl <= cap:
+                ax.axhline(ppl, linestyle=":", color=colour, label=f"{name} ({ppl:.5g})")
+            else:
+                ax.plot([], [], linestyle=":", color=colour, label=f"{name} ({ppl:.5g}, off scale)")
     ys = [y for line in ax.get_lines() for y in np.atleast_1d(line.get_ydata()) if y > 0]
     if ys and max(ys) / min(ys) > 3:  # a log axis only where the values span a wide range
         ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
