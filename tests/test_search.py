@@ -172,10 +172,12 @@ def _seeds(sp=SPACE):
 class Synthetic:
     """Planted optimum: ``1 + |grid - TARGET|_1 + 3 [n_hat != 4]``; records every call."""
 
-    def __init__(self, fail_on_call=None, exc=RuntimeError):
+    def __init__(self, fail_on_call=None, exc=RuntimeError, seconds_per_call=0.0):
         self.calls, self.fail_on_call, self.exc = [], fail_on_call, exc
+        self.seconds_per_call, self.now = seconds_per_call, 0.0  # a fake clock each call advances
 
     def __call__(self, cands):
+        self.now += self.seconds_per_call
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise self.exc("injected failure")
         self.calls.append([c.key for c in cands])
@@ -283,27 +285,14 @@ def test_one_candidate_per_call_logs_each_and_resumes_inside_a_generation(tmp_pa
 
 
 def test_time_budget_stops_inside_a_generation_when_candidates_go_one_at_a_time():
-    now = [0.0]
-    f = OneAtATime()
-
-    def fitness(cands):
-        now[0] += 10.0
-        return f(cands)
-
-    fitness.batch_size = 1
-    res = evolve(SPACE, _seeds(), fitness, SMALL, seed=0, time_budget=35.0, clock=lambda: now[0], progress=False)
+    f = OneAtATime(seconds_per_call=10.0)
+    res = evolve(SPACE, _seeds(), f, SMALL, seed=0, time_budget=35.0, clock=lambda: f.now, progress=False)
     assert res.stopped == "time_budget" and res.evaluations == 4 and res.generations[-1]["partial"]
 
 
 def test_time_budget_stops_between_generations():
-    now = [0.0]
-    f = Synthetic()
-
-    def fitness(cands):
-        now[0] += 10.0
-        return f(cands)
-
-    res = evolve(SPACE, _seeds(), fitness, SMALL, seed=0, time_budget=35.0, clock=lambda: now[0], progress=False)
+    f = Synthetic(seconds_per_call=10.0)
+    res = evolve(SPACE, _seeds(), f, SMALL, seed=0, time_budget=35.0, clock=lambda: f.now, progress=False)
     assert res.stopped == "time_budget" and len(f.calls) == 4 and res.evaluations == 16 + 3 * 16
     assert res.best.ppl == min(x.ppl for x in res.history)
 

@@ -84,6 +84,10 @@ def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
     return seeds
 
 
+def _ppls(baselines: Mapping[str, Mapping]) -> str:
+    return ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
+
+
 def _previous_baselines(summary_path: str, context: Mapping[str, Any], names: list[str]) -> dict:
     """The baselines an earlier run of this search (same context) scored, so a resume does not rescore
     them: from ``baselines.json`` (all of them, or those scored before a crash) or ``summary.json``
@@ -367,11 +371,10 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
             prev, prev_src = got, os.path.basename(paths[src])
     if len(prev) == len(names):
         baselines = prev
-        log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items()) + f" (from {prev_src})")
+        log(f"baselines: {_ppls(baselines)} (from {prev_src})")
     else:
         if prev:
-            log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ("
-                + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in prev.items()) + "); scoring the rest")
+            log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ({_ppls(prev)}); scoring the rest")
         t1, scored = time.time(), dict(prev)
 
         def on_scored(name, rec, seconds):  # each baseline kept as soon as it is scored
@@ -382,8 +385,7 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
                 log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
 
         baselines = fitness_lib.score_named(fit, plan["baselines"], done=prev, on_scored=on_scored)
-        log("baselines: " + ", ".join(f"{k} {v['ppl']:.4f}" for k, v in baselines.items())
-            + f" ({time.time() - t1:.1f}s)")
+        log(f"baselines: {_ppls(baselines)} ({time.time() - t1:.1f}s)")
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
 
     def summarise(res: evolve_lib.EvolveResult) -> tuple[dict, dict]:
