@@ -73,6 +73,14 @@ def static_key(spec: RopeSpec) -> tuple:
     return (spec.theta, spec.rotary_dim, spec.original_max, spec.dynamic_scale, spec.dynamic_max)
 
 
+def value_key(spec: RopeSpec) -> tuple:
+    """What a spec computes, hashable: its static fields (the label aside) and its data's float32/int32
+    bytes. Specs with equal keys give bit-identical angles (a search reuses scores by this key)."""
+    leaves = (spec.short_factor, spec.long_factor, spec.attention_factor, spec.start_tokens)
+    return static_key(spec) + tuple((np.asarray(x).dtype.str, np.asarray(x).shape, np.asarray(x).tobytes())
+                                    for x in leaves)
+
+
 def stack(specs: Sequence[RopeSpec]) -> RopeSpec:
     """Stacks specs with identical static fields into one spec with a leading candidate axis."""
     statics = {static_key(s) for s in specs}

@@ -651,6 +651,7 @@ def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys):
     assert "--base-factors" in d["provenance"]["command"]
     records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
     assert records[0]["origin"] == "seed:base" and records[0]["factors"] == [1.0] * 4
+    assert records[0]["same_as"] == "base" and records[0]["ppl"] == res["baselines"]["base"]  # not scored twice
     # The written factors score the search's result through `ppl`; lambda_1 alone is the "base" baseline.
     np.testing.assert_allclose(_ppl(capsys, model, data, 128, os.path.join(out, "factors.json"))["ppl"], res["ppl"],
                                rtol=1e-5)
@@ -663,6 +664,41 @@ def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys):
     cfg = json.load(open(os.path.join(hf_out, "config.json")))
     np.testing.assert_allclose(cfg["rope_scaling"]["long_factor"], d["long_factor"], rtol=1e-9)
     np.testing.assert_allclose(_ppl(capsys, hf_out, data, 128, "longrope")["ppl"], res["ppl"], rtol=1e-5)
+
+
+def test_a_candidate_with_a_baselines_spec_takes_its_score(tiny):
+    """A progressive search's seeds lambda_2 = 1 and PI are its baselines ``base`` and ``base*pi:2``
+    exactly: they take those scores (what a forward gives them) instead of a forward pass each."""
+    from longrope_jax import loading, rope
+    from longrope_jax.search import fitness as fitness_lib
+    from longrope_jax.search.job import plan_search
+
+    model, _, root = tiny
+    m = loading.load_model(model)
+    plan = plan_search(m.cfg, SearchSettings(), 128, base_factors=_factors_file(root / "lambda1_same.json"))
+    tokens = np.random.default_rng(0).integers(3, 200, (2, 128))
+    fit = fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, plan["space"], original_max=plan["switch"],
+                                        base_factors=plan["base"], template=plan["template"], slot=plan["slot"])
+    calls = []
+    real = fit.score_specs
+    fit.score_specs = lambda specs: calls.append(len(specs)) or real(specs)
+    base = fitness_lib.score_named(fit, plan["baselines"])
+    seeds = dict(plan["seeds"])
+    assert list(seeds) == ["base", "pi", "ntk", "yarn"]
+    calls.clear()
+    got = fit([seeds["base"], seeds["ntk"], seeds["pi"]])
+    assert calls == [1]  # only NTK (rounded onto the grid: not its baseline's factors) goes through the model
+    assert [g.get("same_as") for g in got] == ["base", None, "base*pi:2"]
+    assert got[0]["ppl"] == base["base"]["ppl"] and got[2]["nll"] == base["base*pi:2"]["nll"]
+    for name in ("base", "pi"):  # the key is sound: a forward of the seed's own spec gives the same score
+        np.testing.assert_allclose(real([fit.spec(seeds[name])])[0], got[["base", "", "pi"].index(name)]
+                                   ["nll_per_window"], rtol=1e-6)
+    # A score carried over from an earlier run (``done``) is remembered too; a different spec is not.
+    fit2 = fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, plan["space"], original_max=plan["switch"],
+                                         base_factors=plan["base"], template=plan["template"], slot=plan["slot"])
+    fitness_lib.score_named(fit2, {"base": plan["baselines"]["base"]}, done={"base": base["base"]})
+    assert fit2([seeds["base"]])[0]["same_as"] == "base"
+    assert rope.value_key(plan["baselines"]["base"]) != rope.value_key(fit.spec(seeds["ntk"]))
 
 
 def test_readjust_writes_short_factors_or_a_per_length_entry(tiny, capsys):

@@ -7,7 +7,9 @@ window, ``max_position_embeddings`` = the target length and the default attentio
 ``sqrt(1 + ln s / ln L_orig)``; exactly the spec ``factors.to_spec`` builds from the factors file
 the search writes. A generation's candidates are stacked and scored by ``evaluate.score`` in as
 few calls as the memory budget allows (on one CPU device, one candidate per call: see
-``batch_size``).
+``batch_size``). A candidate whose spec is exactly one already scored by name (a baseline:
+``score_named``) takes that score instead of a forward pass, e.g. a progressive search's seed
+lambda_2 = 1 is its baseline ``base``; its log record says ``same_as``.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class PerplexityFitness:
         self.memory_budget = memory_budget
         self.attention = evaluate.pick_attention(attention, self.length)
         self.q_chunk = evaluate.default_block(self.length, q_chunk)
+        self.known: dict[tuple, tuple[str, dict]] = {}  # rope.value_key -> (name, score): see remember
         self.loss_chunk = loss_chunk
         # On one CPU device candidates are scored one after another anyway: one per call, so the
         # search logs (and reports) each as it finishes instead of a whole generation at once.
@@ -127,10 +130,17 @@ class PerplexityFitness:
                               memory_budget=self.memory_budget, attention=self.attention, q_chunk=self.q_chunk,
                               loss_chunk=self.loss_chunk, weights=self.weights)
 
+    def remember(self, name: str, spec: rope_lib.RopeSpec, record: dict) -> None:
+        """Keeps ``record`` (a ``score_named`` result on these windows) for candidates whose spec
+        is exactly ``spec``."""
+        self.known.setdefault(rope_lib.value_key(spec), (name, record))
+
     def __call__(self, candidates: Sequence[Candidate]) -> list[dict]:
-        if not candidates:
-            return []
-        return _per_candidate(self.score_specs([self.spec(c) for c in candidates]))
+        specs = [self.spec(c) for c in candidates]
+        hits = [self.known.get(rope_lib.value_key(sp)) for sp in specs]
+        todo = [sp for sp, hit in zip(specs, hits) if hit is None]
+        scored = iter(_per_candidate(self.score_specs(todo)) if todo else [])
+        return [next(scored) if hit is None else {**hit[1], "same_as": hit[0]} for hit in hits]
 
 
 def baseline_names(scale: float) -> list[str]:
@@ -154,6 +164,8 @@ def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec],
 
     ``done``: results already known (e.g. from a run cut short), not scored again.
     ``on_scored(name, record, seconds)``: called after each call, for each spec it scored.
+    Every result (``done`` ones too) is remembered by the fitness, so a candidate with the same
+    spec is not scored again (``PerplexityFitness.remember``).
     """
     out = dict(done or {})
     groups: dict = {}
@@ -170,4 +182,7 @@ def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec],
                 out[name] = rec
                 if on_scored is not None:
                     on_scored(name, rec, (time.monotonic() - t) / len(part))
+    if hasattr(fitness, "remember"):
+        for name, sp in specs.items():
+            fitness.remember(name, sp, out[name])
     return {name: out[name] for name in specs}
