@@ -677,8 +677,11 @@ def test_a_candidate_with_a_baselines_spec_takes_its_score(tiny):
     m = loading.load_model(model)
     plan = plan_search(m.cfg, SearchSettings(), 128, base_factors=_factors_file(root / "lambda1_same.json"))
     tokens = np.random.default_rng(0).integers(3, 200, (2, 128))
-    fit = fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, plan["space"], original_max=plan["switch"],
-                                        base_factors=plan["base"], template=plan["template"], slot=plan["slot"])
+    def make():
+        return fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, plan["space"], original_max=plan["switch"],
+                                             base_factors=plan["base"], template=plan["template"], slot=plan["slot"])
+
+    fit = make()
     calls = []
     real = fit.score_specs
     fit.score_specs = lambda specs: calls.append(len(specs)) or real(specs)
@@ -694,8 +697,7 @@ def test_a_candidate_with_a_baselines_spec_takes_its_score(tiny):
         np.testing.assert_allclose(real([fit.spec(seeds[name])])[0], got[["base", "", "pi"].index(name)]
                                    ["nll_per_window"], rtol=1e-6)
     # A score carried over from an earlier run (``done``) is remembered too; a different spec is not.
-    fit2 = fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, plan["space"], original_max=plan["switch"],
-                                         base_factors=plan["base"], template=plan["template"], slot=plan["slot"])
+    fit2 = make()
     fitness_lib.score_named(fit2, {"base": plan["baselines"]["base"]}, done={"base": base["base"]})
     assert fit2([seeds["base"]])[0]["same_as"] == "base"
     assert rope.value_key(plan["baselines"]["base"]) != rope.value_key(fit.spec(seeds["ntk"]))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The 32k (4x) results, best effort: a small search seeded from the 16k result, one held-out
 # document. Resumable like results/smollm2_16k/run_all.sh (steps skipped when their output
-# exists, the search resumed from its log). One 32k forward is about 8 minutes on 2 CPU cores.
-#   nohup nice -n 10 results/smollm2_32k/run_all.sh > /tmp/smollm2_32k.log 2>&1 &
+# exists, the search resumed from its log). One 32k forward takes about 15 minutes on 2 CPU cores.
+#   nohup nice -n 5 results/smollm2_32k/run_all.sh > /tmp/smollm2_32k.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=results/smollm2_32k
@@ -13,16 +13,20 @@ source results/step.sh
 
 # 1. Seeded from the 16k result: lambda_2 at 32768 / 16384 = 2 on top of the 16k factors
 #    (--base-factors; lambda_2 = 1, the 16k factors as they are, is a seed), written as
-#    lambda_2 * lambda_16k. Population 6, 1 generation of 2 mutations + 2 crossovers, 1 window.
+#    lambda_2 * lambda_16k. Population 5 (the seeds lambda_2 = 1, PI, NTK, YaRN and one mutation),
+#    no further generation (--config.iterations=0), 1 window. The seeds lambda_2 = 1 and PI are
+#    exactly the baselines "base" and "base*pi:2" and take their scores: 3 candidate forwards.
+#    More generations later: rerun with a larger --config.iterations (the search resumes its log).
 step $R/search/result.json longrope-jax search --model smollm2 --data results/data/search_32k.jsonl \
   --target-length 32768 --samples 1 --seed 0 --base-factors $F16 --out $R/search \
-  --config.population=6 --config.iterations=1 --config.mutations=2 --config.crossovers=2 --config.parents=4
-# 2. Held-out perplexity on the one 32k document no search saw: a step per method (about 8 minutes
-#    each), so an interruption loses one.
+  --config.population=5 --config.iterations=0 --config.mutations=2 --config.crossovers=2 --config.parents=4
+# 2. Held-out perplexity on the one 32k document no search saw, a step per method (about 15 minutes
+#    each), most telling first: the search, YaRN (the best 16k baseline), the 16k factors as they are.
 HELDOUT=(--model smollm2 --data results/data/heldout_32k.jsonl --length 32768 --samples 1 --seed 0)
-for rope in none pi:4 ntk:4 dynamic:4 yarn:4; do
+step $R/heldout_ppl_search.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search/factors.json
+step $R/heldout_ppl_yarn4.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope yarn:4
+step $R/heldout_ppl_longrope16k.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $F16
+for rope in ntk:4 dynamic:4 pi:4 none; do
   step $R/heldout_ppl_${rope/:/}.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $rope
 done
-step $R/heldout_ppl_longrope16k.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $F16
-step $R/heldout_ppl_search.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search/factors.json
 echo "== $(date -u +%FT%TZ) all done"
