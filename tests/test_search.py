@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -421,10 +422,11 @@ def test_baselines_survive_a_crash_in_generation_0(tiny, capsys, monkeypatch):
 
     scored = []
     real = fitness_lib.score_named
-    monkeypatch.setattr(fitness_lib, "score_named", lambda *a, **k: scored.append(1) or real(*a, **k))
+    monkeypatch.setattr(fitness_lib, "score_named",
+                        lambda fit, specs, **k: scored.append(set(specs) - set(k["done"])) or real(fit, specs, **k))
     rc, (res,), err = _cli(argv, capsys)
     assert rc == 0, err
-    assert not scored and "(from baselines.json)" in err
+    assert scored == [set()] and "(from baselines.json)" in err  # none scored again (all passed as done)
     assert res["baselines"] == {k: v["ppl"] for k, v in saved["baselines_detail"].items()}
 
 
@@ -630,7 +632,9 @@ def _ppl(capsys, model, data, length, rope, samples=2, seed=1):
     return line
 
 
-def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys):
+def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys, monkeypatch):
+    from longrope_jax import evaluate
+
     model, data, root = tiny
     base = _factors_file(root / "lambda1.json")
     out = str(root / "progressive")
@@ -652,6 +656,17 @@ def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys):
     records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
     assert records[0]["origin"] == "seed:base" and records[0]["factors"] == [1.0] * 4
     assert records[0]["same_as"] == "base" and records[0]["ppl"] == res["baselines"]["base"]  # not scored twice
+    # ... also when the baselines come from an earlier run's baselines.json (a resumed search).
+    again = str(root / "progressive_again")
+    os.makedirs(again)
+    shutil.copy(os.path.join(out, "baselines.json"), again)
+    with monkeypatch.context() as m:  # one candidate per call, as on one CPU device: a progress line each
+        m.setattr(evaluate, "one_cpu", lambda devices=None: True)
+        rc, (res2,), err = _cli([a if a != out else again for a in argv], capsys)
+    assert rc == 0 and "(from baselines.json)" in err, err
+    assert "generation 0: 1/6 scored (best of them " in err and "); the score of baseline base\n" in err
+    assert json.loads(open(os.path.join(again, "log.jsonl")).read().splitlines()[1])["same_as"] == "base"
+    np.testing.assert_allclose(res2["ppl"], res["ppl"], rtol=1e-6)  # batched there, one per call here
     # The written factors score the search's result through `ppl`; lambda_1 alone is the "base" baseline.
     np.testing.assert_allclose(_ppl(capsys, model, data, 128, os.path.join(out, "factors.json"))["ppl"], res["ppl"],
                                rtol=1e-5)

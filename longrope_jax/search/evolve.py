@@ -212,11 +212,15 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
                 state["evals"] += 1
                 state["new"] += 1
             if step < len(todo):  # a generation in several calls: a line per call, with the rate
-                per = (time.monotonic() - t) / len(part)
-                left = (len(todo) - j - len(part)) * per
-                log(f"generation {generation}: {len(out)}/{len(batch)} scored (best of "
-                    f"them {min(x.ppl for x in out):.4g}); {per:.0f}s per candidate, ~{left / 60:.0f} min left "
-                    f"in this generation")
+                same = [x.record.get("same_as") for x in out[-len(part):]]
+                if all(same):  # no forward: the fitness knew these specs (baselines)
+                    how = "the score of baseline " + ", ".join(map(str, same))
+                else:
+                    per = (time.monotonic() - t) / len(part)
+                    left = (len(todo) - j - len(part)) * per
+                    how = f"{per:.0f}s per candidate, ~{left / 60:.0f} min left in this generation"
+                log(f"generation {generation}: {len(out)}/{len(batch)} scored (best of them "
+                    f"{min(x.ppl for x in out):.4g}); {how}")
         if stop:
             history.extend(out)
             raise _Stop(stop)

@@ -369,22 +369,24 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
         got = _previous_baselines(paths[src], context, names)
         if len(got) > len(prev):
             prev, prev_src = got, os.path.basename(paths[src])
-    if len(prev) == len(names):
-        baselines = prev
-        log(f"baselines: {_ppls(baselines)} (from {prev_src})")
-    else:
-        if prev:
-            log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ({_ppls(prev)}); scoring the rest")
-        t1, scored = time.time(), dict(prev)
+    complete = len(prev) == len(names)
+    if complete:
+        log(f"baselines: {_ppls(prev)} (from {prev_src})")
+    elif prev:
+        log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ({_ppls(prev)}); scoring the rest")
+    t1, scored = time.time(), dict(prev)
 
-        def on_scored(name, rec, seconds):  # each baseline kept as soon as it is scored
-            scored[name] = rec
-            write_json(paths["baselines_file"],
-                       {"context": context, "baselines_detail": {n: scored[n] for n in names if n in scored}})
-            if fit.batch_size == 1:
-                log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
+    def on_scored(name, rec, seconds):  # each baseline kept as soon as it is scored
+        scored[name] = rec
+        write_json(paths["baselines_file"],
+                   {"context": context, "baselines_detail": {n: scored[n] for n in names if n in scored}})
+        if fit.batch_size == 1:
+            log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
 
-        baselines = fitness_lib.score_named(fit, plan["baselines"], done=prev, on_scored=on_scored)
+    # Through score_named even when every baseline is known: the fitness remembers them all, so a
+    # candidate with a baseline's exact spec takes its score (resumed or not).
+    baselines = fitness_lib.score_named(fit, plan["baselines"], done=prev, on_scored=on_scored)
+    if not complete:
         log(f"baselines: {_ppls(baselines)} ({time.time() - t1:.1f}s)")
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
 
