@@ -823,3 +823,12 @@ def test_progress_plot_keeps_the_search_in_view(tmp_path, monkeypatch):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "none (27.9, off scale)" in labels and "pi:2 (30.9, off scale)" in labels and "yarn:2 (10.12)" in labels
     assert 10.46 < ax.get_ylim()[1] < 12 and ax.get_yscale() == "linear"
+    def ticks(ax):  # the x ticks in view
+        return [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+
+    assert ticks(ax) == [0, 1, 2, 3]
+    # A search of one generation (population only): its median is a marker, its only tick 0.
+    plots.progress(gens[:1], str(tmp_path / "one.png"), {"none": 27.9, "yarn:2": 10.12})
+    ax = figs[1].axes[0]
+    assert ticks(ax) == [0]
+    assert [line.get_marker() for line in ax.get_lines()[:2]] == ["o", "x"]

@@ -19,8 +19,8 @@ def progress(generations: Sequence[Mapping], path: str, baselines: Mapping[str, 
     ax.plot([g["generation"] for g in gens], [g["best_ppl"] for g in gens], marker="o", label="best so far")
     med = [g for g in gens if g.get("median_ppl") is not None]
     if med:
-        ax.plot([g["generation"] for g in med], [g["median_ppl"] for g in med], linestyle="--", color="grey",
-                label="population median")
+        ax.plot([g["generation"] for g in med], [g["median_ppl"] for g in med], linestyle="--", marker="x",
+                color="grey", label="population median")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     # Baselines far above the search's values (no scaling, PI at 4x) would squash its curve: they
     # are named in the legend, off scale, instead of drawn.
@@ -39,7 +39,10 @@ def progress(generations: Sequence[Mapping], path: str, baselines: Mapping[str, 
         ax.set_yscale("log")
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if gens:  # whole generations only, even for a search of one generation
+        gx = [g["generation"] for g in gens]
+        ax.set_xlim(min(gx) - 0.5, max(gx) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_xlabel("generation")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
