@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ppl", help="perplexity of a model under RoPE scalings at given lengths")
     _add_model_flags(p)
-    p.add_argument("--data", help="text file, .jsonl, directory, or 'pydoc:'")
+    p.add_argument("--data", action="append",
+                   help="text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME' (repeatable: windows split across them)")
     p.add_argument("--length", type=int, action="append", help="tokens per window (repeatable)")
     p.add_argument("--rope", action="append",
                    help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json (repeatable)")
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="LongRoPE evolutionary search of rescale factors and start tokens")
     _add_model_flags(p)
-    p.add_argument("--data", help="text file, .jsonl, directory, or 'pydoc:'")
+    p.add_argument("--data", action="append",
+                   help="text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME' (repeatable: windows split across them)")
     p.add_argument("--target-length", type=int, help="tokens per search window (beyond the model's window)")
     p.add_argument("--out", help="directory for factors.json, summary.json, log.jsonl, PNGs (a log there is resumed)")
     p.add_argument("--samples", type=int, help="documents (one window each; default 5, the paper's)")

@@ -241,7 +241,7 @@ def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention:
             "predictions": int(tokens.shape[0] * (tokens.shape[1] - 1))}
 
 
-def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samples: int = 1, seed: int = 0,
+def run_ppl(model: str, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1, seed: int = 0,
             param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
             loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True,
             field: str = "text", memory_budget: int | None = None, log=None):
@@ -254,7 +254,7 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
     import time
 
     from longrope_jax import rope as rope_lib
-    from longrope_jax.data import read_documents, windows
+    from longrope_jax.data import read_sources, source_list, windows_from
     from longrope_jax.factors import resolve_rope
     from longrope_jax.loading import load_model
 
@@ -265,10 +265,11 @@ def run_ppl(model: str, data: str, lengths: list[int], ropes: list[str], *, samp
         raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
     log(f"loaded {model} in {time.time() - t0:.1f}s: {m.cfg.num_hidden_layers} layers, window "
         f"{m.cfg.max_position_embeddings}")
-    docs = read_documents(data, field, log=log)
+    sources = read_sources(data, field, log=log)
+    data = source_list(data)[0] if len(sources) == 1 else source_list(data)  # as reported
     tok_info = m.tokenizer.describe()
     for length in lengths:
-        w = windows(docs, m.tokenizer, length, samples, seed, source=data)
+        w = windows_from(sources, m.tokenizer, length, samples, seed)
         if w.skipped_short:
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
         attn = pick_attention(attention, length)

@@ -50,6 +50,20 @@ def test_ppl_json_lines_match_library(tiny, capsys):
     assert "ppl" in err and "yarn:2" in err and "beyond window" in err
 
 
+def test_ppl_two_data_sources(tiny, tmp_path, capsys):
+    d, data = tiny
+    other = tmp_path / "other.txt"
+    other.write_text("Pack my box with five dozen liquor jugs. " * 40)
+    rc, recs, _ = _run(["ppl", "--model", d, "--data", data, "--data", str(other), "--length", "48", "--samples", "2",
+                        "--rope", "none"], capsys)
+    assert rc == 0 and recs[0]["documents"] == [data, str(other)] and recs[0]["data"] == [data, str(other)]
+    cfg, params = hf.load(d)
+    tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))
+    ids = np.stack([np.asarray(tok.encode(t)[:48], np.int32) for t in (TEXT, other.read_text())])
+    ref = evaluate.perplexity(params, cfg, ids, resolve_rope("none", cfg, 48))
+    np.testing.assert_allclose(recs[0]["nll_per_window"], ref["nll_per_window"], rtol=1e-6)
+
+
 def test_ppl_short_document_is_a_clear_error(tiny, capsys):
     d, data = tiny
     rc, recs, err = _run(["ppl", "--model", d, "--data", data, "--length", "100000"], capsys)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from longrope_jax.data import DataError, read_documents, windows
+from longrope_jax.data import DataError, read_documents, read_sources, source_list, windows, windows_from
 
 
 class CharTok:
@@ -60,3 +60,26 @@ def test_bad_sources(tmp_path):
         read_documents(str(bad))
     with pytest.raises(DataError, match="--length: expected at least 2"):
         windows([], CharTok(), 1, 1)
+
+
+def test_windows_from_several_sources_split_the_samples_seeded(tmp_path):
+    for src, n in (("a", 4), ("b", 3)):
+        (tmp_path / src).mkdir()
+        for i in range(n):
+            (tmp_path / src / f"{i}.txt").write_text(chr(65 + i) * 30)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    one = windows_from(read_sources(a), CharTok(), 16, 2, seed=3)  # one source: exactly windows()
+    ref = windows(read_documents(a), CharTok(), 16, 2, seed=3, source=a)
+    assert one.documents == ref.documents and np.array_equal(one.tokens, ref.tokens)
+    w = windows_from(read_sources([a, b]), CharTok(), 16, 3, seed=3)
+    assert w.tokens.shape == (3, 16) and w.available == 7
+    assert [d.split("/")[-2] for d in w.documents] == ["a", "a", "b"]  # 2 + 1, source by source
+    assert w.documents[:2] == windows(read_documents(a), CharTok(), 16, 2, seed=[3, 0]).documents
+    assert w.documents[2:] == windows(read_documents(b), CharTok(), 16, 1, seed=[3, 1]).documents
+    assert windows_from(read_sources([a, b]), CharTok(), 16, 3, seed=3).documents == w.documents
+    assert {tuple(windows_from(read_sources([a, b]), CharTok(), 16, 3, seed=s).documents) for s in range(6)} != {
+        tuple(w.documents)}
+    with pytest.raises(DataError, match=r"--samples: expected at least one window per --data source \(2\), got 1"):
+        windows_from(read_sources([a, b]), CharTok(), 16, 1)
+    with pytest.raises(DataError, match="--data: expected a source"):
+        source_list([])

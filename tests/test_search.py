@@ -478,6 +478,28 @@ def test_search_budget_stops_cleanly_and_writes_result(tiny, capsys):
     assert d["provenance"]["search"]["evaluations"] == 8
 
 
+def test_search_windows_from_two_sources_are_logged_and_resume(tiny, tmp_path, capsys):
+    model, data, root = tiny
+    other = tmp_path / "other.txt"
+    other.write_text("Sphinx of black quartz, judge my vow. How vexingly quick daft zebras jump! " * 8)
+    out = str(tmp_path / "two")
+    argv = ["search", "--model", model, "--data", data, "--data", str(other), "--target-length", "64", "--out", out,
+            "--samples", "3", "--seed", "1", "--max-evals", "8", *SMOKE]
+    rc, (res,), err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert res["data"] == [data, str(other)] and len(res["documents"]) == 3 and res["documents"][2] == str(other)
+    header = json.loads(open(os.path.join(out, "log.jsonl")).readline())
+    assert header["context"]["documents"] == res["documents"]
+    prov = factors.load(os.path.join(out, "factors.json"))["provenance"]
+    assert f"--data {data} --data {other}" in prov["command"] and prov["documents"] == res["documents"]
+    rc, (ppl,), err = _cli(["ppl", "--model", model, "--data", data, "--data", str(other), "--length", "64",
+                            "--samples", "3", "--seed", "1", "--rope", os.path.join(out, "factors.json")], capsys)
+    assert rc == 0 and ppl["documents"] == res["documents"]  # ppl picks the same windows
+    np.testing.assert_allclose(ppl["ppl"], res["ppl"], rtol=1e-5)
+    rc, (again,), err = _cli(argv, capsys)
+    assert rc == 0 and again["new_evaluations"] == 0 and again["ppl"] == res["ppl"]
+
+
 def test_bad_seeds_are_clear_errors(tiny, capsys):
     model, data, root = tiny
     base = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", str(root / "bad")]

@@ -5,7 +5,11 @@ from longrope_jax.data.documents import (
     Document,
     Windows,
     read_documents,
+    read_sources,
+    source_list,
     windows,
+    windows_from,
 )
 
-__all__ = ["DataError", "Document", "Windows", "read_documents", "windows"]
+__all__ = ["DataError", "Document", "Windows", "read_documents", "read_sources", "source_list", "windows",
+           "windows_from"]

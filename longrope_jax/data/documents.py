@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -289,7 +289,7 @@ class Windows:
     available: int  # documents with at least N tokens
 
 
-def windows(docs: list[Document], tokenizer, length: int, samples: int, seed: int = 0,
+def windows(docs: list[Document], tokenizer, length: int, samples: int, seed: int | Sequence[int] = 0,
             source: str = "data") -> Windows:
     """Tokenises documents and takes the first ``length`` tokens of ``samples`` of them.
 
@@ -319,3 +319,38 @@ def windows(docs: list[Document], tokenizer, length: int, samples: int, seed: in
         pick = np.sort(np.random.default_rng(seed).choice(available, samples, replace=False))
         ok = [ok[i] for i in pick]
     return Windows(np.stack([t for _, t in ok]), [n for n, _ in ok], short, available)
+
+
+def source_list(data: str | Sequence[str]) -> list[str]:
+    """``--data`` as a list of sources (one string, or several: repeated ``--data`` or a config list)."""
+    sources = [data] if isinstance(data, str) else list(data or [])
+    if not sources or any(not isinstance(s, str) or not s for s in sources):
+        raise DataError(f"--data: expected a source (text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME') or a "
+                        f"list of them, got {data!r}")
+    return sources
+
+
+def read_sources(data: str | Sequence[str], field: str = "text", *, log: Callable[[str], None] | None = None
+                 ) -> list[tuple[str, list[Document]]]:
+    """``[(source, documents)]`` for each source of ``data`` (see :func:`source_list`)."""
+    return [(s, read_documents(s, field, log=log)) for s in source_list(data)]
+
+
+def windows_from(sources: Sequence[tuple[str, list[Document]]], tokenizer, length: int, samples: int,
+                 seed: int = 0) -> Windows:
+    """Windows from one source (exactly :func:`windows`) or several: ``samples`` is split across
+    the sources as evenly as possible (the first ones take the remainder), source ``i`` choosing
+    its documents with seed ``[seed, i]``; rows come source by source. Each source needs at least
+    one window (``samples >= len(sources)``), so every domain given is in the windows."""
+    if len(sources) == 1:
+        name, docs = sources[0]
+        return windows(docs, tokenizer, length, samples, seed, source=name)
+    if samples < len(sources):
+        raise DataError(f"--samples: expected at least one window per --data source ({len(sources)}), got {samples}")
+    parts = []
+    for i, (name, docs) in enumerate(sources):
+        n = samples // len(sources) + (1 if i < samples % len(sources) else 0)
+        parts.append(windows(docs, tokenizer, length, n, [seed, i], source=name))
+    return Windows(np.concatenate([w.tokens for w in parts]), [d for w in parts for d in w.documents],
+                   sum(w.skipped_short for w in parts), sum(w.available for w in parts))
+

@@ -244,8 +244,10 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
 
 def canonical_command(model, data, target_length, out, *, settings: SearchSettings, samples, seed, extra: Mapping):
     """A command line that reproduces the search (non-default settings as ``--config.key=value``)."""
-    argv = ["longrope-jax", "search", "--model", str(model), "--data", str(data), "--target-length",
-            str(target_length), "--out", str(out), "--samples", str(samples), "--seed", str(seed)]
+    argv = ["longrope-jax", "search", "--model", str(model)]
+    for d in ([data] if isinstance(data, str) else data):
+        argv += ["--data", str(d)]
+    argv += ["--target-length", str(target_length), "--out", str(out), "--samples", str(samples), "--seed", str(seed)]
     for k, v in extra.items():
         if v is not None and v is not False and v != JOB_DEFAULTS.get(k):
             argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
@@ -256,7 +258,7 @@ def canonical_command(model, data, target_length, out, *, settings: SearchSettin
     return shlex.join(argv)
 
 
-def run_search(model: str, data: str, target_length: int, out: str, *, settings: SearchSettings | Mapping | None = None,
+def run_search(model: str, data: str | list[str], target_length: int, out: str, *, settings: SearchSettings | Mapping | None = None,
                samples: int = 5, seed: int = 0, field: str = "text", tokenizer: str | None = None,
                param_dtype: str = "float32", sliding_window: bool = True, attention: str = "auto",
                q_chunk: int | None = None, loss_chunk: int = 1024, memory_budget: int | None = None,
@@ -266,7 +268,8 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     """The ``search`` job; returns the result line (also what ``summary.json`` starts with).
 
     Args:
-      model, data: as for ``ppl`` (a model path; a text file / .jsonl / directory / ``pydoc:``).
+      model, data: as for ``ppl`` (a model path; a text file / .jsonl / directory / ``pydoc:``, or
+        a list of such sources: the windows are then split across them, see ``data.windows_from``).
       target_length: tokens per search window; the scale is ``target_length / original window``.
       out: the output directory (created; a log already there is resumed).
       settings: the algorithm's knobs (a SearchSettings or a mapping of its fields).
@@ -286,7 +289,7 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
       on_generation: called with the summary dict (what ``summary.json`` holds) after each
         generation, e.g. to redraw a live plot in a notebook.
     """
-    from longrope_jax.data import read_documents, windows
+    from longrope_jax.data import read_sources, source_list, windows_from
     from longrope_jax.loading import load_model
     from longrope_jax.search import fitness as fitness_lib
     from longrope_jax.search import plots
@@ -316,7 +319,9 @@ def run_search(model: str, data: str, target_length: int, out: str, *, settings:
     plan = plan_search(cfg, settings, target_length, original_window=original_window, base_factors=base_factors,
                        readjust=readjust, log=log)
     window, scale, space = plan["window"], plan["scale"], plan["space"]
-    w = windows(read_documents(data, field), m.tokenizer, target_length, samples, seed, source=data)
+    sources = read_sources(data, field)
+    data = source_list(data)[0] if len(sources) == 1 else source_list(data)  # one source: as before
+    w = windows_from(sources, m.tokenizer, target_length, samples, seed)
     tokens, weights, needle_info = w.tokens, None, None
     if settings.fitness == "needle":
         from longrope_jax.needle import needle_windows
