@@ -1,5 +1,6 @@
 """The LongRoPE evolutionary search: operators, the loop, log and resume, the job end to end."""
 
+import dataclasses
 import json
 import math
 import os
@@ -628,6 +629,71 @@ def test_log_headers_of_plain_searches_do_not_change():
     assert not {"mode", "critical_range", "fitness", "needles"} & set(h["settings"])
     h2 = make_header(SPACE, SearchSettings(mode="longrope2", fitness="needle"), 0, _seeds())
     assert h2["settings"]["mode"] == "longrope2" and h2["settings"]["fitness"] == "needle"
+    assert not {"attention_factor_range", "attention_factor_step"} & set(h["settings"])
+
+
+# --------------------------------------------------------------------------------------------
+# The attention-factor gene.
+
+def test_attention_gene_operators_stay_valid_and_replay():
+    from longrope_jax.search.genome import from_record
+
+    sp = SPACE.with_attention_gene((1.0, 1.2), 0.01)
+    assert sp.attention == (100, 120) and sp.describe()["attention_factor"] == [1.0, 1.2]
+    rng = np.random.default_rng(3)
+    a = dataclasses.replace(_random_candidate(rng, SPACE), attention=104)
+    b = dataclasses.replace(_random_candidate(rng, SPACE), attention=107)
+    seen, moved = {a.key, b.key}, set()
+    for _ in range(100):
+        for c in (operators.mutate(a, sp, rng, seen, prob=0.5), operators.crossover(a, b, sp, rng, seen, prob=0.8)):
+            if c is None:
+                continue
+            assert operators.violation(c, sp) is None and c.key not in seen
+            seen.add(c.key)
+            moved.add(c.attention not in (a.attention, b.attention))
+            rec = {"factors": sp.factors(c).tolist(), "start_tokens": c.start_tokens,
+                   "attention_factor": sp.attention_factor(c)}
+            assert from_record(json.loads(json.dumps(rec)), sp) == c
+    assert moved == {True, False}
+    assert dataclasses.replace(a, attention=None).key != a.key
+    with pytest.raises(SearchError, match="no attention factor while the gene is searched"):
+        operators.check(dataclasses.replace(a, attention=None), sp)
+    with pytest.raises(SearchError, match=r"attention factor 1.3 outside \[1, 1.2\]"):
+        operators.check(dataclasses.replace(a, attention=130), sp)
+    with pytest.raises(SearchError, match="an attention factor gene outside its search"):
+        operators.check(a, SPACE)
+    with pytest.raises(SearchError, match="attention_factor_range: expected"):
+        SearchSettings(attention_factor_range=(1.2, 1.0)).validate()
+
+
+def test_attention_gene_search_logs_exports_and_resumes(tiny, tmp_path, capsys):
+    from longrope_jax import export
+
+    model, data, root = tiny
+    out = str(tmp_path / "gene")
+    argv = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", out, "--samples", "2",
+            "--seed", "2", "--config.attention_factor_range=[0.9, 1.3]", "--config.attention_factor_step=0.02", *SMOKE]
+    rc, (res,), err = _cli(argv, capsys)
+    assert rc == 0, err
+    records = [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
+    afs = [r["attention_factor"] for r in records]
+    assert records[0]["attention_factor"] == 1.1  # seeds start at the paper's sqrt(1 + ln 2 / ln 32) = 1.0954
+    assert any(r["origin"] == "seed:yarn+yarn-attention" and r["attention_factor"] == 1.06 for r in records)
+    assert len(set(afs)) > 2 and all(0.9 <= a <= 1.3 for a in afs)
+    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    best = min(records, key=lambda r: r["ppl"])
+    assert d["attention_factor"] == best["attention_factor"] == res["attention_factor"]
+    assert d["provenance"]["search"]["attention_factor_range"] == [0.9, 1.3]
+    rc, (ppl,), err = _cli(["ppl", "--model", model, "--data", data, "--length", "64", "--samples", "2", "--seed", "2",
+                            "--rope", os.path.join(out, "factors.json")], capsys)
+    np.testing.assert_allclose(ppl["ppl"], res["ppl"], rtol=1e-5)  # the file carries the searched factor
+    cfg, _ = hf.load(model)
+    ext, notes = export.longrope_config(cfg, d, allow_drop_start_tokens=True)
+    assert notes["attention_factor_written"] and ext.rope_parameters["attention_factor"] == d["attention_factor"]
+    rc, (again,), err = _cli(argv, capsys)
+    assert rc == 0 and again["new_evaluations"] == 0 and again["ppl"] == res["ppl"]
+    rc, _, err = _cli([*argv, "--readjust", os.path.join(out, "factors.json")], capsys)
+    assert rc == 2 and "attention_factor_range: a readjust keeps" in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,4 +52,8 @@ def get_config():
     c.critical_range = []  # longrope2: [lo, hi] of the critical-dimension gene; [] = automatic
     c.fitness = "ppl"  # or "needle": perplexity of needle answers only
     c.needles = 4
+    # The attention factor (cos/sin multiplier): [] = the paper's sqrt(1 + ln s / ln L_orig);
+    # [lo, hi] searches it as a gene on a grid of attention_factor_step (e.g. [1.0, 1.2]).
+    c.attention_factor_range = []
+    c.attention_factor_step = 0.01
     return c

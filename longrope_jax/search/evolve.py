@@ -206,6 +206,8 @@ def evolve(space: Space, seeds: Sequence[tuple[str, Candidate]], fitness: Fitnes
                        "ppl": ppl if math.isfinite(ppl) else None}
                 if c.critical_dim is not None:
                     rec["critical_dim"] = c.critical_dim
+                if c.attention is not None:
+                    rec["attention_factor"] = space.attention_factor(c)
                 rec.update({k: v for k, v in extra.items() if k not in rec})
                 journal.append(rec)
                 out.append(Scored(c, ppl, rec))

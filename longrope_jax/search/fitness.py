@@ -119,6 +119,8 @@ class PerplexityFitness:
             d["per_length"] = {k: per[k] for k in sorted(per)}
         if c.critical_dim is not None:
             d["critical_dim"] = int(c.critical_dim)
+        if c.attention is not None:  # the gene (a plain or progressive search: slot long)
+            d["attention_factor"] = self.space.attention_factor(c)
         return d
 
     def spec(self, c: Candidate) -> rope_lib.RopeSpec:

@@ -42,12 +42,14 @@ class Candidate:
     grid: tuple[int, ...]
     start_tokens: int = 0
     critical_dim: int | None = None  # LongRoPE2 mode: pairs below it follow from it (see Space)
+    attention: int | None = None  # the attention-factor gene's grid index (Space.attention), or None
 
     @property
     def key(self) -> str:
         """The history key: identical for identical vectors, distinct otherwise."""
         key = f"{self.start_tokens}|" + ",".join(map(str, self.grid))
-        return key if self.critical_dim is None else f"{key}|c{self.critical_dim}"
+        key = key if self.critical_dim is None else f"{key}|c{self.critical_dim}"
+        return key if self.attention is None else f"{key}|a{self.attention}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,9 @@ class Space:
       ``c``; pairs ``i >= c`` are searched on the grid, pairs below follow NTK-style from pair
       ``c``: ``lambda_i = lambda_c ** (i / c)``. Their grid entries are kept equal to pair ``c``'s
       (the canonical form), so equal factor vectors have equal keys. None: every pair is searched.
+    attention: the attention-factor gene: the inclusive grid range ``(lo, hi)`` of the cos/sin
+      multiplier, ``attention_factor = k * attention_step``. None: the paper's rule
+      ``sqrt(1 + ln s / ln L_orig)``, not searched.
     """
 
     lo: tuple[int, ...]
@@ -68,6 +73,8 @@ class Space:
     step: float = 0.01
     start_tokens: tuple[int, ...] = (0,)
     critical: tuple[int, int] | None = None
+    attention: tuple[int, int] | None = None
+    attention_step: float = 0.01
 
     def __post_init__(self):
         if len(self.lo) != len(self.hi) or not self.lo:
@@ -87,6 +94,16 @@ class Space:
                 raise SearchError(f"search space: critical_dim range: expected 1 <= lo <= hi <= "
                                   f"{len(self.lo) - 1} (pairs - 1), got {self.critical!r}")
             object.__setattr__(self, "critical", c)
+        if self.attention is not None:
+            a = tuple(int(x) for x in self.attention)
+            if len(a) != 2 or not 1 <= a[0] <= a[1] or not (self.attention_step > 0 and math.isfinite(self.attention_step)):
+                raise SearchError(f"search space: attention factor range: expected 0 < lo <= hi on a positive step, "
+                                  f"got {self.attention!r} x {self.attention_step!r}")
+            object.__setattr__(self, "attention", a)
+
+    def attention_factor(self, c: Candidate) -> float | None:
+        """The candidate's attention factor (None: the paper's default rule)."""
+        return None if c.attention is None else float(np.round(c.attention * self.attention_step, 10))
 
     @property
     def num_pairs(self) -> int:
@@ -114,7 +131,7 @@ class Space:
         g = list(c.grid)
         k = int(c.critical_dim)
         g[:k] = [g[k]] * k
-        return Candidate(tuple(g), c.start_tokens, k)
+        return Candidate(tuple(g), c.start_tokens, k, c.attention)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) factor bounds per pair: float64[P] each."""
@@ -127,7 +144,22 @@ class Space:
              "start_tokens": list(self.start_tokens)}
         if self.critical is not None:
             d["critical_dim"] = list(self.critical)
+        if self.attention is not None:
+            d["attention_factor"] = [round(k * self.attention_step, 10) for k in self.attention]
+            d["attention_step"] = self.attention_step
         return d
+
+    def with_attention_gene(self, factor_range, step: float) -> "Space":
+        """This space with the attention-factor gene over ``[lo, hi]`` (values, snapped inwards
+        onto the ``step`` grid)."""
+        lo, hi = (float(x) for x in factor_range)
+        return dataclasses.replace(self, attention=(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)),
+                                   attention_step=float(step))
+
+    def attention_index(self, value: float) -> int:
+        """An attention factor -> its grid index, clipped into the gene's range."""
+        lo, hi = self.attention
+        return int(min(max(round(float(value) / self.attention_step), lo), hi))
 
 
 def space_for(num_pairs: int, scale: float, *, step: float = 0.01, factor_range: str = "paper",
@@ -211,12 +243,15 @@ def from_factors(values, space: Space, start_tokens: int | None = None, *, clip:
 
 
 def from_record(record: dict, space: Space) -> Candidate:
-    """The candidate of a log record (``factors``, ``start_tokens``, ``critical_dim``), exactly as logged."""
+    """The candidate of a log record (``factors``, ``start_tokens``, ``critical_dim``,
+    ``attention_factor``), exactly as logged."""
     grid = to_grid(record["factors"], space)
     crit = record.get("critical_dim")
     if crit is not None:
         grid[:int(crit)] = grid[int(crit)]
-    return Candidate(tuple(int(x) for x in grid), int(record["start_tokens"]), None if crit is None else int(crit))
+    af = record.get("attention_factor")
+    att = None if af is None else int(round(float(af) / space.attention_step))
+    return Candidate(tuple(int(x) for x in grid), int(record["start_tokens"]), None if crit is None else int(crit), att)
 
 
 def critical_from_factors(values, space: Space, critical_dim: int, start_tokens: int | None = None, *,

@@ -8,6 +8,7 @@ the same command again resumes from ``log.jsonl``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -158,6 +159,9 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
     theta, rd = cfg.rope_theta, cfg.rotary_dim
     if base_factors is not None and readjust is not None:
         raise SearchError("--base-factors and --readjust: give one (a progressive search or a readjust)")
+    if settings.attention_factor_range and readjust is not None:
+        raise SearchError("attention_factor_range: a readjust keeps the extended model's attention factor (short and "
+                          "long factors share it); search it in the extension's own search")
     if settings.mode == "longrope2" and (base_factors is not None or readjust is not None):
         raise SearchError("mode 'longrope2' searches a plain extension; it does not take --base-factors or "
                           "--readjust")
@@ -237,9 +241,27 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
         baselines = {"none": rope_lib.default(theta, rd), "base": with_base(np.ones(p), "base")}
         for n, v in reference_factors(cfg, scale, window).items():
             baselines[f"base*{n}:{scale:g}"] = with_base(v, f"base*{n}:{scale:g}")
+    if settings.attention_factor_range:
+        space, seeds = attention_gene(space, seeds, settings, template, scale)
     out.update(window=window, switch=switch, scale=scale, space=space, seeds=seeds, template=template,
                baselines=baselines)
     return out
+
+
+def attention_gene(space: genome.Space, seeds, settings: SearchSettings, template: Mapping, scale: float):
+    """The space and seeds with the attention-factor gene: every seed at the factor its factors file
+    would get otherwise (the template's, else the paper's ``sqrt(1 + ln s / ln L_orig)``), rounded
+    into the gene's range, and each YaRN seed once more at YaRN's ``0.1 ln s + 1``."""
+    space = space.with_attention_gene(settings.attention_factor_range, settings.attention_factor_step)
+    af = template.get("attention_factor")
+    if af is None:
+        af = rope_lib.longrope_attention_factor(int(template["max_position_embeddings"]),
+                                                int(template["original_max_position_embeddings"]))
+    out = [(n, dataclasses.replace(c, attention=space.attention_index(af))) for n, c in seeds]
+    yarn = space.attention_index(rope_lib.yarn_attention_factor(scale))
+    out += [(f"{n}+yarn-attention", dataclasses.replace(c, attention=yarn)) for n, c in seeds
+            if "yarn" in n and yarn != space.attention_index(af)]
+    return space, out
 
 
 def canonical_command(model, data, target_length, out, *, settings: SearchSettings, samples, seed, extra: Mapping):
@@ -406,6 +428,7 @@ def run_search(model: str, data: str | list[str], target_length: int, out: str, 
                 "ppl": best.ppl if best and math.isfinite(best.ppl) else None,
                 "start_tokens": best.candidate.start_tokens if best else None,
                 "critical_dim": best.candidate.critical_dim if best else None,
+                "attention_factor": fit.document(best.candidate)["attention_factor"] if best else None,
                 "kind": plan["kind"], "mode": settings.mode, "fitness": settings.fitness, "slot": plan["slot"],
                 "baselines": base_ppl, "out": out, **paths}
         summary = dict(line)
@@ -435,6 +458,8 @@ def run_search(model: str, data: str | list[str], target_length: int, out: str, 
                            "evaluations": res.evaluations, "factor_range": settings.factor_range,
                            "step": settings.step, "baselines": base_ppl, "kind": plan["kind"],
                            "mode": settings.mode, "fitness": settings.fitness, "slot": plan["slot"]}
+            if settings.attention_factor_range:
+                search_info["attention_factor_range"] = list(settings.attention_factor_range)
             for key in ("base_factors_file", "readjust", "theoretical_critical_dim"):
                 if plan.get(key) is not None:
                     search_info[key] = plan[key]

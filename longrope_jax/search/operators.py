@@ -45,6 +45,12 @@ def violation(c: Candidate, space: Space) -> str | None:
             return f"critical_dim {c.critical_dim} outside [{lo}, {hi}]"
         if space.canonical(c) != c:
             return f"pairs below critical_dim {c.critical_dim} not in canonical form"
+    if (space.attention is None) != (c.attention is None):
+        return ("an attention factor gene outside its search" if space.attention is None
+                else "no attention factor while the gene is searched")
+    if space.attention is not None and not space.attention[0] <= c.attention <= space.attention[1]:
+        lo, hi = (round(k * space.attention_step, 10) for k in space.attention)
+        return f"attention factor {space.attention_factor(c):g} outside [{lo:g}, {hi:g}]"
     return None
 
 
@@ -81,8 +87,12 @@ def _mutate_once(parent: Candidate, space: Space, rng: np.random.Generator, prob
         lo, hi = space.critical
         if hi > lo and rng.random() < prob:  # the critical dimension moves like a pair does
             crit = int(rng.choice([k for k in range(lo, hi + 1) if k != crit]))
-        return space.canonical(Candidate(tuple(int(x) for x in g), int(n), crit))
-    return Candidate(tuple(int(x) for x in g), int(n))
+    att = parent.attention
+    if space.attention is not None:  # drawn only when searched: searches without it draw as before
+        lo, hi = space.attention
+        if hi > lo and rng.random() < prob:  # the attention factor moves like a pair does
+            att = int(rng.choice([k for k in range(lo, hi + 1) if k != att]))
+    return space.canonical(Candidate(tuple(int(x) for x in g), int(n), crit, att))
 
 
 def mutate(parent: Candidate, space: Space, rng: np.random.Generator, seen, *, prob: float = 0.3,
@@ -107,12 +117,13 @@ def crossover(a: Candidate, b: Candidate, space: Space, rng: np.random.Generator
         take = rng.random(ga.shape[0]) < prob * 0.5
         g = np.where(take, gb, ga)
         n = b.start_tokens if rng.random() < 0.5 else a.start_tokens
-        if space.critical is None:
-            child = Candidate(tuple(int(x) for x in g), int(n))
-        else:  # LongRoPE2 mode: the critical dimension from either parent, then the canonical form
+        crit = att = None
+        if space.critical is not None:  # LongRoPE2 mode: the critical dimension from either parent
             crit = b.critical_dim if rng.random() < 0.5 else a.critical_dim
-            child = space.canonical(Candidate(tuple(int(x) for x in g), int(n), crit))
-            g = np.asarray(child.grid)
+        if space.attention is not None:  # the attention factor from either parent
+            att = b.attention if rng.random() < 0.5 else a.attention
+        child = space.canonical(Candidate(tuple(int(x) for x in g), int(n), crit, att))
+        g = np.asarray(child.grid)
         if np.all(np.diff(g) >= 0) and child.key not in seen:
             return child
     return None

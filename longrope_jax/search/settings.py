@@ -19,7 +19,8 @@ MODES = ("longrope", "longrope2")
 FITNESSES = ("ppl", "needle")
 # Settings added after the first release of the log format: a log header leaves them out while
 # they hold these defaults, so logs written before they existed still resume.
-ADDED_LATER = {"mode": "longrope", "critical_range": [], "fitness": "ppl", "needles": 4}
+ADDED_LATER = {"mode": "longrope", "critical_range": [], "fitness": "ppl", "needles": 4,
+               "attention_factor_range": [], "attention_factor_step": 0.01}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,12 @@ class SearchSettings:
       needle-driven perplexity: only the answer tokens of ``needles`` numbers planted at random
       depths in each window, asked for at its end).
     needles: needles per window for the ``needle`` fitness.
+    attention_factor_range: ``[lo, hi]``: search the attention factor (the cos/sin multiplier) as a
+      gene on that range; empty (the default): the paper's rule ``sqrt(1 + ln s / ln L_orig)``.
+      Seeds start at the paper's value (YaRN's seed also at YaRN's ``0.1 ln s + 1``); it mutates
+      and crosses over like a pair, is logged with each candidate and written to the factors file
+      (HF's ``attention_factor``).
+    attention_factor_step: the grid step of that gene.
     """
 
     population: int = 64
@@ -71,11 +78,12 @@ class SearchSettings:
     critical_range: tuple[int, ...] = ()
     fitness: str = "ppl"
     needles: int = 4
+    attention_factor_range: tuple[float, ...] = ()
+    attention_factor_step: float = 0.01
 
     def __post_init__(self):
-        object.__setattr__(self, "start_tokens", tuple(self.start_tokens))
-        object.__setattr__(self, "seed_factors", tuple(self.seed_factors))
-        object.__setattr__(self, "critical_range", tuple(self.critical_range))
+        for name in ("start_tokens", "seed_factors", "critical_range", "attention_factor_range"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validate(self) -> "SearchSettings":
         def integer(name, lo):
@@ -113,6 +121,16 @@ class SearchSettings:
         if self.fitness not in FITNESSES:
             raise SearchError(f"fitness: expected one of {list(FITNESSES)}, got {self.fitness!r}")
         integer("needles", 1)
+        ar = self.attention_factor_range
+        if ar and (len(ar) != 2 or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x)
+                                       or x <= 0 for x in ar) or ar[0] > ar[1]):
+            raise SearchError(f"attention_factor_range: expected [] (the paper's rule) or [lo, hi] with 0 < lo <= hi, "
+                              f"got {list(ar)!r}")
+        st = self.attention_factor_step
+        if not isinstance(st, (int, float)) or isinstance(st, bool) or not (math.isfinite(st) and st > 0):
+            raise SearchError(f"attention_factor_step: expected a positive number, got {st!r}")
+        if ar and math.floor(ar[1] / st + 1e-9) < math.ceil(ar[0] / st - 1e-9):
+            raise SearchError(f"attention_factor_range: {list(ar)} holds no point of the step-{st} grid")
         return self
 
     def to_dict(self) -> dict:
@@ -120,6 +138,7 @@ class SearchSettings:
         d["start_tokens"] = list(self.start_tokens)
         d["seed_factors"] = list(self.seed_factors)
         d["critical_range"] = list(self.critical_range)
+        d["attention_factor_range"] = list(self.attention_factor_range)
         return d
 
     @classmethod
