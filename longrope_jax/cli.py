@@ -9,6 +9,8 @@ import argparse
 import json
 import sys
 
+from longrope_jax.factors import ROPE_HELP
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -32,7 +34,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sliding-window", action="store_true", help="switch Mistral's sliding window off")
 
 
-PPL_DEFAULTS = dict(model=None, data=None, length=None, rope=["none"], samples=1, seed=0, field="text",
+PPL_DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
                     tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
                     q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None)
 
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME' (repeatable: windows split across them)")
     p.add_argument("--length", type=int, action="append", help="tokens per window (repeatable)")
     p.add_argument("--rope", action="append",
-                   help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json (repeatable)")
+                   help=f"{ROPE_HELP} (repeatable; default model: the model as configured, as transformers computes it)")
     p.add_argument("--samples", type=int, help="documents per length (seeded choice; default 1)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
@@ -166,16 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--rope", default="longrope",
-                   help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json")
+    p.add_argument("--rope", default="model", help=f"{ROPE_HELP} (default: the model as configured)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
     _add_model_flags(p)
     p.add_argument("--lengths", type=int, nargs="+", required=True)
     p.add_argument("--trials", type=int, default=10, help="trials per length, at stratified random depths")
-    p.add_argument("--rope", default="none",
-                   help="none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | longrope | FACTORS.json")
+    p.add_argument("--rope", default="model", help=f"{ROPE_HELP} (default: the model as configured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for passkey.png")
     p.set_defaults(func=cmd_passkey)

@@ -308,7 +308,7 @@ def run_ppl(model: str, data: str | list[str], lengths: list[int], ropes: list[s
                 "documents_available": w.available,
                 "seed": seed,
                 "tokenizer": tok_info,
-                "beyond_window": (length > m.cfg.max_position_embeddings and r == "none"),
+                "beyond_window": (length > m.cfg.max_position_embeddings and specs[r].method == "none"),
                 "original_window": m.cfg.max_position_embeddings,
                 "param_dtype": param_dtype,
                 "attention": attn,

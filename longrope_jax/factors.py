@@ -114,17 +114,22 @@ def to_spec(d: Mapping[str, Any], length: int | None = None, path: str = "factor
 ROPE_KINDS = ("none", "pi", "ntk", "dynamic", "yarn", "llama3")
 
 
+MODEL_ROPE = ("model", "longrope")  # the model as configured (``longrope``: the older name)
+ROPE_HELP = "model | none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | FACTORS.json"
+
+
 def resolve_rope(value: str, cfg, length: int | None = None, model_factors: Mapping | None = None) -> rope_lib.RopeSpec:
     """A ``--rope`` value -> RopeSpec for model config ``cfg`` (section 8 of REFERENCE.md).
 
-    ``none``, ``pi:S``, ``ntk:S``, ``dynamic:S``, ``yarn:S``, ``llama3:S`` (S over the model's
-    ``max_position_embeddings``), ``longrope`` (the factors attached to a checkpoint,
-    ``model_factors``, else the model's own config) or a factors file path.
+    ``model`` (alias ``longrope``: the factors attached to a checkpoint, ``model_factors``, else
+    the model's own config, as transformers computes it; every command's default), ``none`` (no
+    scaling), ``pi:S``, ``ntk:S``, ``dynamic:S``, ``yarn:S``, ``llama3:S`` (S over the model's
+    ``max_position_embeddings``) or a factors file path.
     """
     from longrope_jax.model import rope_spec
 
     theta, rd, lmax = cfg.rope_theta, cfg.rotary_dim, cfg.max_position_embeddings
-    if value == "longrope":
+    if value in MODEL_ROPE:
         return to_spec(model_factors, length, "checkpoint factors") if model_factors else rope_spec(cfg)
     if value == "none":
         return rope_lib.default(theta, rd)
@@ -151,6 +156,6 @@ def resolve_rope(value: str, cfg, length: int | None = None, model_factors: Mapp
             raise _err(value, "rope_theta", f"expected {theta} (the model's), got {d['rope_theta']}")
         return to_spec(d, length, value)
     raise FactorsError(
-        f"--rope {value}: expected none, pi:S, ntk:S, dynamic:S, yarn:S, llama3:S, longrope or an existing "
+        f"--rope {value}: expected model, none, pi:S, ntk:S, dynamic:S, yarn:S, llama3:S or an existing "
         f"factors file"
     )

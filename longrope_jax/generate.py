@@ -93,7 +93,7 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
     return Generation(out, reenc, kept if keep_logits else None)
 
 
-def run_generate(model: str, prompt: str, max_new_tokens: int, rope: str = "longrope", *,
+def run_generate(model: str, prompt: str, max_new_tokens: int, rope: str = "model", *,
                  param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
                  stream=None) -> dict:
     """The ``generate`` job: returns a result dict; ``stream`` receives decoded text pieces."""

@@ -32,7 +32,9 @@ class ModelConfig:
     """Architecture hyper-parameters (HF names where HF has one).
 
     ``rope_parameters`` is the standardised HF rope block (``rope_type`` and its keys, with
-    ``original_max_position_embeddings`` resolved); it is excluded from hashing.
+    ``original_max_position_embeddings`` resolved); it and the tokenizer ids (``bos_token_id``,
+    ``eos_token_id``: an int or a list, as Llama-3 configs have) are excluded from hashing and
+    equality: the config is a static jit argument, and neither changes the computation.
     """
 
     vocab_size: int
@@ -55,8 +57,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    bos_token_id: int | None = None
-    eos_token_id: Any = None
+    bos_token_id: int | None = dataclasses.field(default=None, compare=False, hash=False)
+    eos_token_id: Any = dataclasses.field(default=None, compare=False, hash=False)
     rope_parameters: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):

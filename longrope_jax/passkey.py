@@ -153,7 +153,7 @@ def _file_digest(path: str) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
-def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "none", *, seed: int = 0,
+def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "model", *, seed: int = 0,
                 param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
                 out_dir: str | None = None, log=None) -> dict:
     """The ``passkey`` job: trials, per-length accuracy, per-(length, depth) accuracy, heat map.

@@ -74,7 +74,7 @@ def test_ppl_short_document_is_a_clear_error(tiny, capsys):
 def test_ppl_bad_rope_value(tiny, capsys):
     d, data = tiny
     rc, _, err = _run(["ppl", "--model", d, "--data", data, "--length", "32", "--rope", "warp:9"], capsys)
-    assert rc == 2 and "--rope warp:9: expected none, pi:S" in err
+    assert rc == 2 and "--rope warp:9: expected model, none, pi:S" in err
 
 
 def test_entry_point_subprocess(tiny):
@@ -83,7 +83,7 @@ def test_entry_point_subprocess(tiny):
                         "--length", "32"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     rec = json.loads(p.stdout.splitlines()[0])
-    assert rec["rope"] == "none" and rec["ppl"] > 1
+    assert rec["rope"] == "model" and rec["ppl"] > 1  # the default: the model as configured
 
 
 def test_ppl_config_file_with_dotted_overrides(tiny, capsys):
@@ -122,3 +122,34 @@ def test_config_override_of_wrong_type_is_a_clear_error(tiny, capsys):
     cfg = os.path.join(os.path.dirname(__file__), "..", "configs", "ppl", "smollm2_beyond_window.py")
     rc, _, err = _run(["ppl", "--config", cfg, "--config.seed=1.5"], capsys)
     assert rc == 2 and "--config.seed: expected a int, got '1.5'" in err
+
+
+def test_default_rope_is_the_models_own_scaling(tmp_path, capsys):
+    """A model whose config scales its RoPE (here HF ``linear``, factor 2) is scored as configured
+    unless --rope says otherwise."""
+    d = make_hf_dir(str(tmp_path), max_position_embeddings=64, rope_parameters={"rope_type": "linear", "factor": 2.0})
+    data = tmp_path / "doc.txt"
+    data.write_text(TEXT)
+    base = ["ppl", "--model", d, "--data", str(data), "--length", "96"]
+    rc, (default,), err = _run(base, capsys)
+    assert rc == 0, err
+    rc, (pi, none), err = _run([*base, "--rope", "pi:2", "--rope", "none"], capsys)
+    assert default["rope"] == "model" and default["method"] == pi["method"]
+    assert default["ppl"] == pi["ppl"] and abs(none["ppl"] - default["ppl"]) > 1e-3
+    assert not default["beyond_window"] and none["beyond_window"]
+    rc, (alias,), err = _run([*base, "--rope", "longrope"], capsys)
+    assert alias["ppl"] == default["ppl"]
+
+
+def test_a_list_eos_token_id_works_everywhere(tmp_path, capsys):
+    """Llama-3 configs carry ``eos_token_id: [a, b]``: a static jit argument must not hash it."""
+    d = make_hf_dir(str(tmp_path), max_position_embeddings=64, eos_token_id=[2, 3], bos_token_id=1)
+    assert json.load(open(os.path.join(d, "config.json")))["eos_token_id"] == [2, 3]
+    data = tmp_path / "doc.txt"
+    data.write_text(TEXT)
+    rc, (rec,), err = _run(["ppl", "--model", d, "--data", str(data), "--length", "40"], capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["generate", "--model", d, "--prompt", "The quick", "--max-new-tokens", "3"], capsys)
+    assert rc == 0, err
+    rc, out, err = _run(["passkey", "--model", d, "--lengths", "300", "--trials", "1"], capsys)
+    assert rc == 0, err
