@@ -23,6 +23,8 @@ def _attention(name: str, q_chunk: int | None):
         return fn
     if name == "blockwise":
         return functools.partial(fn, block_q=q_chunk, block_kv=q_chunk)
+    if name == "fused":
+        return functools.partial(fn, block=q_chunk)
     return functools.partial(fn, q_chunk=q_chunk)
 
 

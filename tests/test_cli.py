@@ -153,3 +153,17 @@ def test_a_list_eos_token_id_works_everywhere(tmp_path, capsys):
     assert rc == 0, err
     rc, out, err = _run(["passkey", "--model", d, "--lengths", "300", "--trials", "1"], capsys)
     assert rc == 0, err
+
+
+def test_ppl_fused_attention_beyond_512_tokens(tiny, capsys):
+    """``--attention fused`` on CPU (its XLA path) through ``ppl``, default and explicit block, equals
+    blockwise."""
+    d, data = tiny
+    base = ["ppl", "--model", d, "--data", data, "--length", "600", "--rope", "none"]
+    rc, (ref,), err = _run([*base, "--attention", "blockwise"], capsys)
+    assert rc == 0, err
+    for extra in ([], ["--q-chunk", "128"]):
+        rc, (got,), err = _run([*base, "--attention", "fused", *extra], capsys)
+        assert rc == 0, err
+        assert got["attention"] == "fused"
+        np.testing.assert_allclose(got["ppl"], ref["ppl"], rtol=1e-5)

@@ -9,7 +9,8 @@ The contract shared by all attention functions::
     positions: int[B, L] / int[B, S] global positions (any order: masks use them, not indices);
     segment_ids: int[B, L] / int[B, S] or None (packed documents never attend across);
     sliding_window: int or None: key j is visible to query i iff 0 <= p_i - p_j < window;
-    out: [B, L, H, D] in q's dtype.
+    out: [B, L, H, D] in q's dtype; a query row that sees no key (fully masked) is zero (what packed
+      documents and a ring's partial blocks need).
 
 Scores and softmax run in float32. GQA folds the query group into the score rows, so k and v
 are never expanded in memory.
@@ -48,7 +49,8 @@ def _attend(q, k, v, m, scale):
     qg = q.reshape(b, l, kvh, g, d)
     s = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) * jnp.float32(scale)
     s = jnp.where(m[:, None, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(jnp.any(m, axis=-1)[:, None, None, :, None], p, 0.0).astype(v.dtype)  # fully masked rows: 0
     o = jnp.einsum("bkgls,bskd->blkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, l, h, d).astype(q.dtype)
 

@@ -3,13 +3,17 @@
 - GPU: ``jax.nn.dot_product_attention`` (cuDNN flash attention for bf16/fp16 inputs; XLA
   otherwise).
 - TPU: the Pallas splash-attention kernel (GQA through its MQA form, one kernel per kv head).
-- CPU: none; ``implementation="splash_interpret"`` runs the TPU kernel in Pallas' TPU interpret
-  mode and ``"xla"`` runs ``jax.nn.dot_product_attention``'s XLA path, both for tests.
+- CPU (and ``implementation="xla"``): ``jax.nn.dot_product_attention``'s XLA path with the
+  contract's mask built from positions, segments and window: exact for any positions, O(L^2)
+  scores (a reference for the fused call, not a long-context path). ``"splash_interpret"`` runs
+  the TPU kernel in Pallas' TPU interpret mode, for tests.
 
-These kernels mask by index, not by position: causal means key index <= query index. That equals
-the position rule whenever positions increase with the index inside each segment (plain windows
-and packed documents); it does not hold for reordered (zigzag) positions or a KV cache, which
-need the blockwise or dense implementation. Queries and keys must have the same length.
+The cuDNN and splash kernels mask by index, not by position (causal: key index <= query index).
+That equals the contract's rule exactly when queries and keys carry the same positions and
+segments, segments are contiguous, and within a segment positions step by one with the index
+(plain windows, packed documents). Other inputs (zigzag orders, a row that sees no key) go to the
+blockwise kernel, chosen at run time by ``lax.cond`` on that test, so the contract holds for every
+input. Queries and keys must have the same length (no KV cache: a one-line error).
 """
 
 from __future__ import annotations
@@ -32,12 +36,32 @@ def _check(q, k, impl):
     check_heads(q, k)
 
 
-def _jax_nn(q, k, v, segs, sliding_window, scale, impl):
+def index_rule_holds(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None):
+    """bool[]: whether masking by index (what the cuDNN and splash kernels do) equals masking by
+    these positions and segments (see the module docstring), so every row also sees itself."""
+    off = q_positions - jnp.arange(q_positions.shape[1], dtype=q_positions.dtype)
+    ok = jnp.all(q_positions == kv_positions)
+    if q_segment_ids is None or kv_segment_ids is None:
+        return ok & jnp.all(off == off[:, :1])
+    step = jnp.diff(q_segment_ids, axis=1)
+    return (ok & jnp.all(q_segment_ids == kv_segment_ids) & jnp.all(step >= 0)
+            & jnp.all(jnp.where(step == 0, jnp.diff(off, axis=1) == 0, True)))
+
+
+def _xla(q, k, v, q_positions, kv_positions, segs, sliding_window, scale):
+    from longrope_jax.attention.dense import mask as visible
+
+    m = visible(q_positions, kv_positions, *(segs or (None, None)), sliding_window)  # [B, L, S]
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=m[:, None], implementation="xla")
+    return jnp.where(jnp.any(m, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)  # fully masked rows: 0
+
+
+def _cudnn(q, k, v, segs, sliding_window, scale):
     if segs is not None:
-        raise ValueError("fused attention (cudnn/xla): segment ids are not supported; use 'splash' or 'blockwise'")
+        raise ValueError("fused attention (cudnn): segment ids are not supported; use 'splash' or 'blockwise'")
     window = (sliding_window - 1, 0) if sliding_window is not None else None
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=window,
-                                        implementation=None if impl in ("auto", "cudnn") else "xla")
+                                        implementation="cudnn")
 
 
 @functools.lru_cache(maxsize=32)
@@ -71,7 +95,8 @@ def _splash(q, k, v, segs, sliding_window, scale, block, interpret):
     qh = jnp.transpose(qh.reshape(b, lp, kvh, g, d), (0, 2, 3, 1, 4)).reshape(b * kvh, g, lp, d)
     kh = jnp.transpose(kh, (0, 2, 1, 3)).reshape(b * kvh, lp, d)
     vh = jnp.transpose(vh, (0, 2, 1, 3)).reshape(b * kvh, lp, d)
-    kernel = _splash_kernel(lp, g, sliding_window, blk)
+    with jax.ensure_compile_time_eval():  # cached across traces: its arrays must be concrete
+        kernel = _splash_kernel(lp, g, sliding_window, blk)
     if segs is not None:
         sq = jnp.repeat(jnp.pad(segs[0], [(0, 0), (0, pad)], constant_values=-1), kvh, axis=0)
         sk_ = jnp.repeat(jnp.pad(segs[1], [(0, 0), (0, pad)], constant_values=-2), kvh, axis=0)
@@ -95,8 +120,8 @@ def fused_attention(
     k,
     v,
     *,
-    q_positions=None,
-    kv_positions=None,
+    q_positions,
+    kv_positions,
     q_segment_ids=None,
     kv_segment_ids=None,
     sliding_window: int | None = None,
@@ -104,7 +129,9 @@ def fused_attention(
     implementation: str = "auto",
     block: int = 512,
 ):
-    """Fused causal attention; shapes as in :mod:`.dense` (positions are not used for masking)."""
+    """Fused causal attention; shapes and contract as in :mod:`.dense`."""
+    from longrope_jax.attention.blockwise import blockwise_attention
+
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"fused attention: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     _check(q, k, implementation)
@@ -114,13 +141,19 @@ def fused_attention(
         segs = (q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32))
     impl = implementation
     if impl == "auto":
-        backend = jax.default_backend()
-        impl = {"gpu": "cudnn", "tpu": "splash"}.get(backend)
-        if impl is None:
-            raise ValueError(f"fused attention: no fused kernel on backend {backend!r}; use 'blockwise'")
-    if impl in ("cudnn", "xla"):
-        return _jax_nn(q, k, v, segs, sliding_window, scale, impl)
-    return _splash(q, k, v, segs, sliding_window, scale, block, interpret=impl == "splash_interpret")
+        impl = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
+    if impl == "xla":
+        return _xla(q, k, v, q_positions, kv_positions, segs, sliding_window, scale)
+    if impl == "cudnn":
+        kernel = lambda: _cudnn(q, k, v, segs, sliding_window, scale)  # noqa: E731
+    else:
+        kernel = lambda: _splash(q, k, v, segs, sliding_window, scale, block,  # noqa: E731
+                                 interpret=impl == "splash_interpret")
+    general = lambda: blockwise_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,  # noqa: E731
+                                          q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                          sliding_window=sliding_window, scale=scale, block_q=block, block_kv=block)
+    holds = index_rule_holds(q_positions, kv_positions, *(segs or (None, None)))
+    return jax.lax.cond(holds, lambda _: kernel(), lambda _: general(), None)
 
 
 __all__ = ["fused_attention", "IMPLEMENTATIONS"]
