@@ -31,22 +31,26 @@ class Trial:
     correct: bool
 
 
+def prompt_text(units: int, depth: float, key: str) -> str:
+    """The passkey prompt as text: ``units`` filler sentences, the needle after ``int(depth * units)``."""
+    cut = int(depth * units)
+    return INTRO + FILLER * cut + NEEDLE.format(key=key) + FILLER * (units - cut) + QUESTION
+
+
 def build_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
-    """Token ids of a passkey prompt of about ``length`` tokens (never more)."""
-    intro = tokenizer.encode(INTRO)
-    needle = tokenizer.encode(NEEDLE.format(key=key))
-    question = tokenizer.encode(QUESTION)
-    filler_unit = tokenizer.encode(FILLER)
-    room = length - len(intro) - len(needle) - len(question)
-    if room < 0:
-        raise ValueError(f"--lengths: {length} tokens cannot hold the passkey prompt "
-                         f"(needs at least {length - room} tokens)")
-    filler = (filler_unit * (room // len(filler_unit) + 1))[:room]
-    cut = int(round(depth * room))
-    # Keep the needle on a sentence boundary of the filler, so it reads as a sentence.
-    unit = len(filler_unit)
-    cut = min(room, (cut // unit) * unit)
-    return intro + filler[:cut] + needle + filler[cut:] + question
+    """Token ids of a passkey prompt of at most ``length`` tokens: the most filler sentences that
+    fit. The prompt is encoded once, as text (pieces encoded one by one would each get the
+    tokenizer's BOS, and SentencePiece's leading "▁")."""
+    unit = max(1, len(tokenizer.encode_plain(FILLER)))
+    units = max(0, (length - len(tokenizer.encode(prompt_text(0, depth, key)))) // unit)
+    while True:
+        ids = tokenizer.encode(prompt_text(units, depth, key))
+        if len(ids) <= length or units == 0:
+            break
+        units = max(0, units - max(1, (len(ids) - length) // unit))
+    if len(ids) > length:
+        raise ValueError(f"--lengths: {length} tokens cannot hold the passkey prompt (needs at least {len(ids)} tokens)")
+    return ids
 
 
 def run_trials(params, cfg, tokenizer, spec_for_length, lengths: list[int], trials: int, seed: int = 0,

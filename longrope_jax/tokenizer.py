@@ -48,12 +48,16 @@ class Tokenizer:
                             end_of_word_suffix="", fuse_unk=False))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(md.get("tokenizer.ggml.add_space_prefix", False)))
         tok.decoder = decoders.ByteLevel()
-        bos_id = md.get("tokenizer.ggml.bos_token_id")
-        if md.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
-            bos = tokens[bos_id]
+        ends = []  # (token, id) added before / after each sequence, as llama.cpp's flags say
+        for flag, key in (("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")):
+            i = md.get(f"tokenizer.ggml.{key}")
+            ends.append((tokens[i], i) if md.get(f"tokenizer.ggml.{flag}", False) and i is not None else None)
+        bos, eos = ends
+        if bos or eos:
+            pre, post = (f"{bos[0]}:0 " if bos else ""), (f" {eos[0]}:0" if eos else "")
             tok.post_processor = processors.TemplateProcessing(
-                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1", special_tokens=[(bos, bos_id)]
-            )
+                single=f"{pre}$A:0{post}", pair=f"{pre}$A:0{post} $B:1{post}",
+                special_tokens=list(dict.fromkeys(e for e in ends if e)))
         else:
             tok.post_processor = processors.ByteLevel(trim_offsets=False)
         from tokenizers.pre_tokenizers import ByteLevel
@@ -72,6 +76,17 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids without special tokens (BOS/EOS): to measure a piece of a prompt."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids with special tokens, and each token's ``(start, end)`` character span in ``text``
+        (``(0, 0)`` for a special token): a prompt is encoded once, its spans found by offsets."""
+        e = self.backend.encode(text)
+        special = e.special_tokens_mask
+        return list(e.ids), [(0, 0) if sp else (int(a), int(b)) for (a, b), sp in zip(e.offsets, special)]
 
     def decode(self, ids) -> str:
         return self.backend.decode(list(ids))

@@ -53,3 +53,28 @@ def test_bad_needle_requests_are_clear_errors(tok):
         needle.plant(tok, text, 400, np.random.default_rng(0), needles=0)
     with pytest.raises(ValueError, match="the document has 50 tokens"):
         needle.plant(tok, text[:50], 400, np.random.default_rng(0), needles=1)
+
+
+def test_prompts_are_encoded_once_with_a_bos_and_metaspace_tokenizer(tmp_path):
+    """With a LLaMA-2-style tokenizer (BOS on every encode, "▁" before each piece) the needle
+    window and the passkey prompt are one encoding of their text: one BOS, and the answer tokens
+    found by offsets."""
+    from longrope_jax import passkey
+    from tiny import sentencepiece_like_tokenizer_file
+
+    tok = Tokenizer.from_file(sentencepiece_like_tokenizer_file(str(tmp_path), [TEXT, passkey.INTRO, passkey.FILLER,
+                                                                                needle.NEEDLE, needle.QUESTION]))
+    assert tok.encode("a")[0] == 1 and tok.describe()["adds_special_tokens"]
+    doc = tok.encode(TEXT * 2)
+    ids, w, depths, values = needle.plant(tok, doc, 500, np.random.default_rng(3), needles=3)
+    assert ids.shape == (500,) and ids.tolist().count(1) == 1 and ids[0] == 1
+    prompt = tok.decode(ids.tolist())
+    for key, v in zip(needle.KEYS, values):
+        assert needle.NEEDLE.format(key=key, value=v).strip() in prompt
+    assert prompt.endswith(needle.ANSWER.format(key=needle.KEYS[2]) + " " + values[2])
+    scored = tok.decode(ids[1:][w > 0].tolist()).replace(" ", "")
+    assert scored == "".join(values)  # exactly the answers' digits are scored
+    p = passkey.build_prompt(tok, 300, 0.5, "41867")
+    assert len(p) <= 300 and p.count(1) == 1
+    assert any(p == tok.encode(passkey.prompt_text(n, 0.5, "41867")) for n in range(300))  # one encode
+    assert "The pass key is 41867." in tok.decode(p)

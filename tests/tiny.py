@@ -37,3 +37,21 @@ def make_hf_dir(root: str, name: str = "tiny", seed: int = 0, **kw) -> str:
     out = os.path.join(root, name)
     hf.save(out, cfg, params, tokenizer_file=tf)
     return out
+
+
+def sentencepiece_like_tokenizer_file(path: str, texts) -> str:
+    """A LLaMA-2/Mistral-style tokenizer.json: Metaspace pre-tokenizer ("▁" before words) and a
+    post-processor that adds BOS ``<s>`` (id 1) to every encoding; BPE trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    alphabet = sorted(set("".join(texts)) | set("0123456789"))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=alphabet, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    f = os.path.join(path, "tokenizer.json")
+    tok.save(f)
+    return f
