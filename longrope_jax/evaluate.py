@@ -256,7 +256,7 @@ def run_ppl(model: str, data: str | list[str], lengths: list[int], ropes: list[s
     import time
 
     from longrope_jax import rope as rope_lib
-    from longrope_jax.data import read_sources, source_list, windows_from
+    from longrope_jax.data import read_sources, source_label, windows_from
     from longrope_jax.factors import resolve_rope
     from longrope_jax.loading import load_model
 
@@ -268,7 +268,7 @@ def run_ppl(model: str, data: str | list[str], lengths: list[int], ropes: list[s
     log(f"loaded {model} in {time.time() - t0:.1f}s: {m.cfg.num_hidden_layers} layers, window "
         f"{m.cfg.max_position_embeddings}")
     sources = read_sources(data, field, log=log)
-    data = source_list(data)[0] if len(sources) == 1 else source_list(data)  # as reported
+    data = source_label(data)
     tok_info = m.tokenizer.describe()
     for length in lengths:
         w = windows_from(sources, m.tokenizer, length, samples, seed)

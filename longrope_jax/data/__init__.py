@@ -6,10 +6,11 @@ from longrope_jax.data.documents import (
     Windows,
     read_documents,
     read_sources,
+    source_label,
     source_list,
     windows,
     windows_from,
 )
 
-__all__ = ["DataError", "Document", "Windows", "read_documents", "read_sources", "source_list", "windows",
-           "windows_from"]
+__all__ = ["DataError", "Document", "Windows", "read_documents", "read_sources", "source_label", "source_list",
+           "windows", "windows_from"]

@@ -330,6 +330,13 @@ def source_list(data: str | Sequence[str]) -> list[str]:
     return sources
 
 
+def source_label(data: str | Sequence[str]) -> str | list[str]:
+    """How results name ``data``: the source itself when there is one (as before sources could
+    repeat), else the list."""
+    sources = source_list(data)
+    return sources[0] if len(sources) == 1 else sources
+
+
 def read_sources(data: str | Sequence[str], field: str = "text", *, log: Callable[[str], None] | None = None
                  ) -> list[tuple[str, list[Document]]]:
     """``[(source, documents)]`` for each source of ``data`` (see :func:`source_list`)."""

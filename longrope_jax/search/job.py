@@ -311,7 +311,7 @@ def run_search(model: str, data: str | list[str], target_length: int, out: str, 
       on_generation: called with the summary dict (what ``summary.json`` holds) after each
         generation, e.g. to redraw a live plot in a notebook.
     """
-    from longrope_jax.data import read_sources, source_list, windows_from
+    from longrope_jax.data import read_sources, source_label, windows_from
     from longrope_jax.loading import load_model
     from longrope_jax.search import fitness as fitness_lib
     from longrope_jax.search import plots
@@ -342,7 +342,7 @@ def run_search(model: str, data: str | list[str], target_length: int, out: str, 
                        readjust=readjust, log=log)
     window, scale, space = plan["window"], plan["scale"], plan["space"]
     sources = read_sources(data, field)
-    data = source_list(data)[0] if len(sources) == 1 else source_list(data)  # one source: as before
+    data = source_label(data)
     w = windows_from(sources, m.tokenizer, target_length, samples, seed)
     tokens, weights, needle_info = w.tokens, None, None
     if settings.fitness == "needle":
