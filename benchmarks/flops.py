@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     results = []
     for length in args.lengths:
         tokens = _bench.pydoc_tokens(ours.tokenizer, length)
-        spec = resolve_rope("none", cfg, length).replace(method="")
+        spec = resolve_rope("none", cfg, length)
         attn = evaluate.pick_attention("auto", length)
         qc = args.q_chunk if length > 2048 else None
         import numpy as np

@@ -9,7 +9,7 @@ Layout of a checkpoint directory:
     tokenizer/                 tokenizer.json and, when the source had them, tokenizer_config.json,
                                special_tokens_map.json, tokenizer.model
 
-Writes are atomic (:mod:`longrope_jax.outdir`). Restoring checks the format version, the params'
+Writes are atomic (:mod:`longrope_jax.atomic`). Restoring checks the format version, the params'
 structure, shapes and dtypes against the config, and a sha256 over every param byte.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from longrope_jax import factors as factors_lib
-from longrope_jax import hf, outdir
+from longrope_jax import atomic, hf
 from longrope_jax.model import ModelConfig
 
 FORMAT = "longrope-jax-checkpoint/1"
@@ -147,11 +147,10 @@ def save(path: str, cfg: ModelConfig, params: Mapping, *, tokenizer_file: str | 
     """
     import ml_dtypes  # noqa: F401
 
-    path = outdir.check(path, overwrite, "checkpoint")
+    path = atomic.check_dir(path, overwrite, "checkpoint")
     leaves = _check_params(params, cfg, "params")
     if factors is not None:
-        factors = factors_lib.validate(factors, "factors", rotary_dim=cfg.rotary_dim)
-        _check_theta(factors, cfg, "factors")
+        factors = dict(factors_lib.check_model(factors_lib.validate(factors, "factors"), cfg, "factors"))
     files = []
     for f in ([tokenizer_file] if tokenizer_file else []) + list(tokenizer_files):
         base = os.path.basename(f)
@@ -176,7 +175,7 @@ def save(path: str, cfg: ModelConfig, params: Mapping, *, tokenizer_file: str | 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     text = json.dumps(meta, indent=2, default=_json_default)
-    with outdir.atomic_dir(path, overwrite=overwrite, what="checkpoint") as tmp:
+    with atomic.directory(path, overwrite=overwrite, what="checkpoint") as tmp:
         _orbax_save(os.path.join(tmp, PARAMS), params)
         if files:
             os.makedirs(os.path.join(tmp, TOKENIZER))
@@ -194,13 +193,6 @@ def _factors_json(factors):
     if d.get("per_length"):
         d["per_length"] = {str(k): v for k, v in d["per_length"].items()}
     return d
-
-
-def _check_theta(factors: Mapping, cfg: ModelConfig, source: str) -> None:
-    theta = float(factors["rope_theta"])
-    if abs(theta - cfg.rope_theta) > 1e-6 * cfg.rope_theta:
-        raise factors_lib.FactorsError(
-            f"{source}: field 'rope_theta': expected {cfg.rope_theta} (the model's), got {factors['rope_theta']}")
 
 
 def _orbax_save(path: str, params: Mapping) -> None:
@@ -278,7 +270,8 @@ def restore(path: str, *, verify: bool = True) -> tuple[ModelConfig, dict, dict]
     fac = meta["rope"].get("factors")
     if fac is not None:
         try:
-            meta["rope"]["factors"] = factors_lib.validate(fac, f + ":rope.factors", rotary_dim=cfg.rotary_dim)
+            meta["rope"]["factors"] = dict(factors_lib.check_model(
+                factors_lib.validate(fac, f + ":rope.factors"), cfg, f + ":rope.factors"))
         except factors_lib.FactorsError as e:
             raise CheckpointError(str(e)) from None
     tok = meta.get("tokenizer") or {}

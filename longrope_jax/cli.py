@@ -1,4 +1,4 @@
-"""``longrope-jax``: argparse subcommands, each parsing flags and calling one library function.
+"""``longrope-jax``: argparse subcommands, each parsing flags and calling one job (``longrope_jax.jobs``).
 
 JSON lines go to stdout, the human table and progress to stderr (REFERENCE.md section 8).
 """
@@ -16,16 +16,6 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _table(rows: list[dict]) -> str:
-    head = f"{'length':>8} {'rope':<24} {'ppl':>12} {'predictions':>12} {'seconds':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        mark = " (beyond window, unscaled)" if r.get("beyond_window") else ""
-        lines.append(f"{r['length']:>8} {r['rope']:<24} {r['ppl']:>12.4f} {r['predictions']:>12} "
-                     f"{r['seconds']:>8.1f}{mark}")
-    return "\n".join(lines)
-
-
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="ml_collections config file (get_config()); --config.KEY=VALUE overrides")
     p.add_argument("--model", help="HF directory, .gguf file, 'smollm2', or Hub id")
@@ -37,106 +27,59 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 PPL_DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
                     tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
                     q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None)
+PPL_KINDS = dict(model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
+                 tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
+                 attention="auto|dense|blockwise|fused", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
+                 plot="bool", out="str?")
 
 
-def settings(args, extra: list[str], defaults: dict, required: tuple[str, ...]) -> dict:
-    """Flags over ``--config FILE`` (with ``--config.key=value`` overrides) over defaults."""
+def settings(args, extra: list[str], defaults: dict, kinds: dict, required: tuple[str, ...]) -> dict:
+    """Flags over ``--config FILE`` (with ``--config.key=value`` overrides) over defaults, checked
+    (``config_files.merge``, shared with ``search``)."""
     from longrope_jax import config_files
 
-    s = dict(defaults)
-    if args.config:
-        c = config_files.apply_overrides(config_files.load(args.config), extra, args.config)
-        s.update({k: (v if v not in ("", 0) or k not in ("tokenizer", "q_chunk") else None)
-                  for k, v in c.to_dict().items() if k in defaults})
-    elif extra:
+    return config_files.merge(defaults, kinds, config_path=args.config, overrides=extra, flags=vars(args),
+                              required=required, listy=("data", "length", "rope"),
+                              unset_if_falsy=("tokenizer", "q_chunk", "memory_budget_gib", "out"))
+
+
+def _no_extra(extra: list[str]) -> None:
+    if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-    for k in defaults:
-        v = getattr(args, k, None)
-        if v is not None and v is not False:
-            s[k] = v
-    missing = [k for k in required if not s.get(k)]
-    if missing:
-        raise ValueError(f"missing --{missing[0].replace('_', '-')} (or a --config file that sets it)")
-    return s
 
 
 def cmd_ppl(args, extra) -> int:
-    from longrope_jax.evaluate import run_ppl
+    from longrope_jax.jobs import ppl
 
-    s = settings(args, extra, PPL_DEFAULTS, ("model", "data", "length"))
-    rows = []
-    for rec in run_ppl(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"],
-                       seed=s["seed"], param_dtype=s["param_dtype"], attention=s["attention"],
-                       q_chunk=s["q_chunk"], loss_chunk=s["loss_chunk"], tokenizer=s["tokenizer"],
-                       sliding_window=not s["no_sliding_window"], field=s["field"],
-                       memory_budget=int(s["memory_budget_gib"] * 2**30) if s["memory_budget_gib"] else None,
-                       log=_log):
-        print(json.dumps(rec), flush=True)
-        rows.append(rec)
-    _log(_table(rows))
-    if s["plot"]:
-        import os
-
-        from longrope_jax.plots import ppl_vs_length
-
-        path = ppl_vs_length(rows, os.path.join(s["out"] or ".", "ppl_vs_length.png"))
-        _log(f"wrote {path}")
-    return 0
+    return ppl.main(settings(args, extra, PPL_DEFAULTS, PPL_KINDS, ("model", "data", "length")), _log)
 
 
 def cmd_generate(args, extra) -> int:
-    from longrope_jax.generate import run_generate
+    from longrope_jax.jobs import generate
 
-    if extra:
-        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-
-    def stream(piece):
-        print(piece, end="", file=sys.stderr, flush=True)
-
-    rec = run_generate(args.model, args.prompt, args.max_new_tokens, args.rope, param_dtype=args.param_dtype or "float32",
-                       tokenizer=args.tokenizer, sliding_window=not args.no_sliding_window, stream=stream)
-    print(file=sys.stderr)
-    print(json.dumps(rec), flush=True)
-    return 0
+    _no_extra(extra)
+    return generate.main(args, _log)
 
 
 def cmd_passkey(args, extra) -> int:
-    from longrope_jax.passkey import run_passkey
+    from longrope_jax.jobs import passkey
 
-    if extra:
-        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-    res = run_passkey(args.model, args.lengths, args.trials, args.rope, seed=args.seed,
-                      param_dtype=args.param_dtype or "float32", tokenizer=args.tokenizer,
-                      sliding_window=not args.no_sliding_window, out_dir=args.out, log=_log)
-    for row in res["by_depth"]:
-        print(json.dumps(dict(row, model=res["model"], rope=res["rope"])), flush=True)
-    print(json.dumps({k: v for k, v in res.items() if k != "by_depth"}), flush=True)
-    _log("  length  accuracy")
-    for n, acc in res["accuracy"].items():
-        _log(f"{n:>8}  {acc:8.0%}")
-    if res.get("heatmap"):
-        _log(f"wrote {res['heatmap']}")
-    return 0
+    _no_extra(extra)
+    return passkey.main(args, _log)
 
 
 def cmd_convert(args, extra) -> int:
-    from longrope_jax.convert import run
+    from longrope_jax.jobs import convert
 
-    if extra:
-        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
-    rec = run(args.model, args.out, factors=args.factors, to=args.to, overwrite=args.overwrite,
-              allow_drop_start_tokens=args.allow_drop_start_tokens, shard_bytes=args.shard_bytes, log=_log)
-    print(json.dumps(rec), flush=True)
-    return 0
+    _no_extra(extra)
+    return convert.main(args, _log)
 
 
 def cmd_search(args, extra) -> int:
-    from longrope_jax.search.job import run_search
+    from longrope_jax.jobs import search
     from longrope_jax.search.settings import resolve
 
-    res = run_search(**resolve(args.config, extra, vars(args)), log=_log)
-    print(json.dumps(res), flush=True)
-    return 0
+    return search.main(resolve(args.config, extra, vars(args)), _log)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +169,7 @@ def main(argv=None) -> int:
     enable_compilation_cache()
     try:
         return args.func(args, extra)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input (each names its file and field), unreadable paths
         _log(f"longrope-jax {args.command}: error: {e}")
         return 2
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -174,7 +175,6 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     tokens = jnp.asarray(tokens, jnp.int32)
     k = specs.long_factor.shape[0]
     s, length = tokens.shape
-    specs = specs.replace(method="")
     devices = list(devices) if devices is not None else jax.local_devices()
     nd = len(devices)
     if sequential is None:
@@ -231,7 +231,6 @@ def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention:
     Returns ``{"ppl", "nll", "nll_per_window", "predictions"}``: the mean is over all predictions.
     """
     tokens = np.asarray(tokens, np.int32)
-    spec = spec.replace(method="")  # a label only: dropping it lets methods share one compilation
     out = []
     for i in range(0, tokens.shape[0], batch):
         nll = window_nll(params, jnp.asarray(tokens[i:i + batch]), spec, cfg=cfg, attention=attention,
@@ -243,76 +242,29 @@ def perplexity(params, cfg: ModelConfig, tokens: np.ndarray, spec, *, attention:
             "predictions": int(tokens.shape[0] * (tokens.shape[1] - 1))}
 
 
-def run_ppl(model: str, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1, seed: int = 0,
-            param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
-            loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True,
-            field: str = "text", memory_budget: int | None = None, log=None):
-    """The ``ppl`` job: yields one result dict per (length, rope), in the order given.
+def score_named(params, cfg: ModelConfig, tokens, specs: Mapping[str, Any], *, log=None, **score_kw
+                ) -> dict[str, tuple[np.ndarray, float]]:
+    """NLL of named specs on windows ``tokens: int32[S, L]``: ``{name: (float64[S], seconds)}``.
 
-    Follows the perplexity protocol of REFERENCE.md section 8. At each length, the ``--rope``
-    values that share a spec structure (none, PI, NTK, YaRN, llama3, factor files of one model)
-    are stacked and scored together by the candidate evaluator. ``log`` receives progress lines.
+    Specs that share a structure (none, PI, NTK, YaRN, llama3, factor files of one model) are
+    stacked and scored together by :func:`score`; ``seconds`` is each one's share of its group's
+    call. ``score_kw``: :func:`score`'s options. ``log`` receives one line per group.
     """
     import time
 
     from longrope_jax import rope as rope_lib
-    from longrope_jax.data import read_sources, source_label, windows_from
-    from longrope_jax.factors import resolve_rope
-    from longrope_jax.loading import load_model
 
-    log = log or (lambda msg: None)
-    t0 = time.time()
-    m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
-    if m.tokenizer is None:
-        raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
-    log(f"loaded {model} in {time.time() - t0:.1f}s: {m.cfg.num_hidden_layers} layers, window "
-        f"{m.cfg.max_position_embeddings}")
-    sources = read_sources(data, field, log=log)
-    data = source_label(data)
-    tok_info = m.tokenizer.describe()
-    for length in lengths:
-        w = windows_from(sources, m.tokenizer, length, samples, seed)
-        if w.skipped_short:
-            log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
-        attn = pick_attention(attention, length)
-        qc = default_block(length, q_chunk)
-        specs = {r: resolve_rope(r, m.cfg, length, m.factors) for r in ropes}
-        groups: dict = {}
-        for r, sp in specs.items():
-            groups.setdefault(rope_lib.static_key(sp), []).append(r)
-        nll, secs = {}, {}
-        for names in groups.values():
-            t1 = time.time()
-            res = score(m.params, m.cfg, w.tokens, rope_lib.stack([specs[r] for r in names]),
-                        memory_budget=memory_budget, attention=attn, q_chunk=qc, loss_chunk=loss_chunk)
-            dt = time.time() - t1
-            tokens = len(names) * w.tokens.size
-            log(f"length {length}: scored {', '.join(names)} on {w.tokens.shape[0]} window(s) in {dt:.1f}s "
-                f"({tokens / dt:.0f} tok/s incl. compilation)")
-            for i, r in enumerate(names):
-                nll[r], secs[r] = res[i], dt / len(names)
-        for r in ropes:
-            per = nll[r]
-            mean = float(per.mean())
-            yield {
-                "model": model,
-                "model_sha256": m.sha256,
-                "data": data,
-                "length": length,
-                "rope": r,
-                "method": specs[r].method,
-                "ppl": math.exp(mean),
-                "nll": mean,
-                "nll_per_window": per.tolist(),
-                "predictions": int(w.tokens.shape[0] * (length - 1)),
-                "documents": w.documents,
-                "documents_skipped_short": w.skipped_short,
-                "documents_available": w.available,
-                "seed": seed,
-                "tokenizer": tok_info,
-                "beyond_window": (length > m.cfg.max_position_embeddings and specs[r].method == "none"),
-                "original_window": m.cfg.max_position_embeddings,
-                "param_dtype": param_dtype,
-                "attention": attn,
-                "seconds": round(secs[r], 2),
-            }
+    groups: dict = {}
+    for name, sp in specs.items():
+        groups.setdefault(rope_lib.static_key(sp), []).append(name)
+    out = {}
+    for names in groups.values():
+        t = time.time()
+        res = score(params, cfg, tokens, rope_lib.stack([specs[n] for n in names]), **score_kw)
+        dt = time.time() - t
+        if log is not None:
+            log(f"length {tokens.shape[1]}: scored {', '.join(names)} on {tokens.shape[0]} window(s) in {dt:.1f}s "
+                f"({len(names) * tokens.size / dt:.0f} tok/s incl. compilation)")
+        for i, n in enumerate(names):
+            out[n] = (res[i], dt / len(names))
+    return out

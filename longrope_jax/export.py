@@ -23,7 +23,7 @@ import shutil
 from typing import Mapping, Sequence
 
 from longrope_jax import factors as factors_lib
-from longrope_jax import hf, outdir
+from longrope_jax import atomic, hf
 from longrope_jax import rope as rope_lib
 from longrope_jax.model import ModelConfig
 
@@ -67,11 +67,8 @@ def longrope_config(cfg: ModelConfig, factors: Mapping, *, allow_drop_start_toke
     ``factors`` is validated (rotary dim, rope_theta). ``notes`` reports what HF cannot express:
     ``dropped_start_tokens`` and ``per_length_not_exported``.
     """
-    f = factors_lib.validate(factors, source, rotary_dim=cfg.rotary_dim)
+    f = factors_lib.check_model(factors_lib.validate(factors, source), cfg, source)
     theta = float(f["rope_theta"])
-    if abs(theta - cfg.rope_theta) > 1e-6 * cfg.rope_theta:
-        raise factors_lib.FactorsError(
-            f"{source}: field 'rope_theta': expected {cfg.rope_theta} (the model's), got {f['rope_theta']}")
     starts = check_start_tokens(f, allow_drop_start_tokens, source)
     orig, lmax = int(f["original_max_position_embeddings"]), int(f["max_position_embeddings"])
     for key, v in (("original_max_position_embeddings", orig), ("max_position_embeddings", lmax)):
@@ -144,7 +141,7 @@ def save_hf(path: str, cfg: ModelConfig, params: Mapping, *, factors: Mapping | 
       shard_bytes: the largest safetensors shard; more weights than this are sharded with an index.
       log: a callable for warnings (default: none; the report carries them).
     """
-    path = outdir.check(path, overwrite, "HF export")
+    path = atomic.check_dir(path, overwrite, "HF export")
     notes: dict = {}
     if factors is not None:
         cfg, notes = longrope_config(cfg, factors, allow_drop_start_tokens=allow_drop_start_tokens,
@@ -169,7 +166,7 @@ def save_hf(path: str, cfg: ModelConfig, params: Mapping, *, factors: Mapping | 
     for w in warnings:
         if log:
             log(f"warning: {w}")
-    with outdir.atomic_dir(path, overwrite=overwrite, what="HF export") as tmp:
+    with atomic.directory(path, overwrite=overwrite, what="HF export") as tmp:
         with open(os.path.join(tmp, hf.CONFIG), "w") as fh:
             json.dump(config, fh, indent=2)
         weights = hf.write_weights(tmp, cfg, params, shard_bytes=shard_bytes)

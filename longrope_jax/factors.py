@@ -6,6 +6,7 @@ monotonicity are the search's rules, not the loader's (published factors exceed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,8 +25,9 @@ def _err(path, field, msg):
     return FactorsError(f"{path}: field {field!r}: {msg}")
 
 
-def validate(d: Mapping[str, Any], path: str = "factors.json", rotary_dim: int | None = None) -> dict:
-    """Checks a factors dict; returns it with factor lists as float lists."""
+def validate(d: Mapping[str, Any], path: str = "factors.json") -> dict:
+    """Checks a factors dict on its own (``check_model``: against a model); returns it with factor
+    lists as float lists."""
     if not isinstance(d, Mapping):
         raise FactorsError(f"{path}: expected a JSON object")
     if d.get("format") != FORMAT:
@@ -37,8 +39,6 @@ def validate(d: Mapping[str, Any], path: str = "factors.json", rotary_dim: int |
     rd = d["rotary_dim"]
     if not isinstance(rd, int) or rd <= 0 or rd % 2:
         raise _err(path, "rotary_dim", f"expected a positive even integer, got {rd!r}")
-    if rotary_dim is not None and rd != rotary_dim:
-        raise _err(path, "rotary_dim", f"expected {rotary_dim} (the model's rotary dim), got {rd}")
     out = dict(d)
     n = rd // 2
 
@@ -74,7 +74,7 @@ def validate(d: Mapping[str, Any], path: str = "factors.json", rotary_dim: int |
     return out
 
 
-def load(path: str, rotary_dim: int | None = None) -> dict:
+def load(path: str) -> dict:
     """Reads and validates a factors file."""
     if not os.path.exists(path):
         raise FactorsError(f"{path}: not found (expected a {FORMAT} factors file)")
@@ -83,7 +83,7 @@ def load(path: str, rotary_dim: int | None = None) -> dict:
             d = json.load(fh)
     except json.JSONDecodeError as e:
         raise FactorsError(f"{path}: not valid JSON ({e})") from None
-    return validate(d, path, rotary_dim)
+    return validate(d, path)
 
 
 def to_spec(d: Mapping[str, Any], length: int | None = None, path: str = "factors.json") -> rope_lib.RopeSpec:
@@ -118,21 +118,36 @@ MODEL_ROPE = ("model", "longrope")  # the model as configured (``longrope``: the
 ROPE_HELP = "model | none | pi:S | ntk:S | dynamic:S | yarn:S | llama3:S | FACTORS.json"
 
 
-def resolve_rope(value: str, cfg, length: int | None = None, model_factors: Mapping | None = None) -> rope_lib.RopeSpec:
-    """A ``--rope`` value -> RopeSpec for model config ``cfg`` (section 8 of REFERENCE.md).
+def check_model(d: Mapping[str, Any], cfg, source: str) -> Mapping[str, Any]:
+    """The one agreement check of a factors dict with a model (every command, export, checkpoint
+    and search go through it): the same rotary dim and ``rope_theta`` (within 1e-6)."""
+    if int(d["rotary_dim"]) != cfg.rotary_dim:
+        raise _err(source, "rotary_dim", f"expected {cfg.rotary_dim} (the model's rotary dim), got {d['rotary_dim']}")
+    if abs(float(d["rope_theta"]) - cfg.rope_theta) > 1e-6 * cfg.rope_theta:
+        raise _err(source, "rope_theta", f"expected {cfg.rope_theta} (the model's), got {d['rope_theta']}")
+    return d
 
-    ``model`` (alias ``longrope``: the factors attached to a checkpoint, ``model_factors``, else
-    the model's own config, as transformers computes it; every command's default), ``none`` (no
-    scaling), ``pi:S``, ``ntk:S``, ``dynamic:S``, ``yarn:S``, ``llama3:S`` (S over the model's
-    ``max_position_embeddings``) or a factors file path.
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """A parsed ``--rope`` value, checked before any model is loaded.
+
+    kind: ``model``, one of ``ROPE_KINDS`` or ``file``; scale: S of ``kind:S``; factors: the
+    validated factors file of ``file``.
     """
-    from longrope_jax.model import rope_spec
 
-    theta, rd, lmax = cfg.rope_theta, cfg.rotary_dim, cfg.max_position_embeddings
+    value: str
+    kind: str
+    scale: float | None = None
+    factors: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False)
+
+
+def parse_rope(value: str) -> Rope:
+    """A ``--rope`` value -> :class:`Rope` (REFERENCE.md section 8), or a one-line FactorsError."""
     if value in MODEL_ROPE:
-        return to_spec(model_factors, length, "checkpoint factors") if model_factors else rope_spec(cfg)
+        return Rope(value, "model")
     if value == "none":
-        return rope_lib.default(theta, rd)
+        return Rope(value, "none")
     kind, sep, arg = value.partition(":")
     if sep and kind in ROPE_KINDS[1:]:
         try:
@@ -141,21 +156,58 @@ def resolve_rope(value: str, cfg, length: int | None = None, model_factors: Mapp
             raise FactorsError(f"--rope {value}: expected {kind}:S with S a number, got {arg!r}") from None
         if not (math.isfinite(s) and s > 0):
             raise FactorsError(f"--rope {value}: expected a positive scale, got {arg!r}")
-        if kind == "pi":
-            return rope_lib.pi(theta, rd, s)
-        if kind == "ntk":
-            return rope_lib.ntk(theta, rd, s)
-        if kind == "dynamic":
-            return rope_lib.dynamic_ntk(theta, rd, s, lmax)
-        if kind == "yarn":
-            return rope_lib.yarn(theta, rd, s, lmax)
-        return rope_lib.llama3(theta, rd, s, lmax)
+        return Rope(value, kind, s)
     if os.path.exists(value):
-        d = load(value, rotary_dim=rd)
-        if abs(float(d["rope_theta"]) - theta) > 1e-6 * theta:
-            raise _err(value, "rope_theta", f"expected {theta} (the model's), got {d['rope_theta']}")
-        return to_spec(d, length, value)
+        return Rope(value, "file", factors=load(value))
     raise FactorsError(
         f"--rope {value}: expected model, none, pi:S, ntk:S, dynamic:S, yarn:S, llama3:S or an existing "
         f"factors file"
     )
+
+
+def rope_label(rope: Rope | str, cfg, model_factors: Mapping | None = None) -> str:
+    """The method a ``--rope`` value names for ``cfg``: ``none``, ``pi:2``, ``yarn:4``, ``longrope`` ...
+    (what results record as ``method``; ``model`` resolves to the model's own)."""
+    rope = parse_rope(rope) if isinstance(rope, str) else rope
+    if rope.kind == "file" or (rope.kind == "model" and model_factors):
+        return "longrope"
+    if rope.kind != "model":
+        return rope.kind if rope.scale is None else f"{rope.kind}:{rope.scale:g}"
+    block = dict(cfg.rope_parameters or {})
+    kind = {"su": "longrope", "linear": "pi"}.get(block.get("rope_type") or "default", block.get("rope_type"))
+    if kind in ("default", "longrope"):
+        return "none" if kind == "default" else kind
+    factor = block.get("factor")
+    if factor is None:  # yarn without a factor: the window over the original one (rope.from_hf)
+        factor = cfg.max_position_embeddings / (block.get("original_max_position_embeddings")
+                                                or cfg.max_position_embeddings)
+    return f"{kind}:{float(factor):g}"
+
+
+def resolve_rope(value: Rope | str, cfg, length: int | None = None,
+                 model_factors: Mapping | None = None) -> rope_lib.RopeSpec:
+    """A ``--rope`` value (or its :class:`Rope`) -> RopeSpec for model config ``cfg``.
+
+    ``model`` (alias ``longrope``: the factors attached to a checkpoint, ``model_factors``, else
+    the model's own config, as transformers computes it; every command's default), ``none`` (no
+    scaling), ``pi:S``, ``ntk:S``, ``dynamic:S``, ``yarn:S``, ``llama3:S`` (S over the model's
+    ``max_position_embeddings``) or a factors file path (checked against the model).
+    """
+    from longrope_jax.model import rope_spec
+
+    rope = parse_rope(value) if isinstance(value, str) else value
+    theta, rd, lmax = cfg.rope_theta, cfg.rotary_dim, cfg.max_position_embeddings
+    if rope.kind == "model":
+        return to_spec(model_factors, length, "checkpoint factors") if model_factors else rope_spec(cfg)
+    if rope.kind == "file":
+        return to_spec(check_model(rope.factors, cfg, rope.value), length, rope.value)
+    s = rope.scale
+    return {"none": lambda: rope_lib.default(theta, rd), "pi": lambda: rope_lib.pi(theta, rd, s),
+            "ntk": lambda: rope_lib.ntk(theta, rd, s), "dynamic": lambda: rope_lib.dynamic_ntk(theta, rd, s, lmax),
+            "yarn": lambda: rope_lib.yarn(theta, rd, s, lmax), "llama3": lambda: rope_lib.llama3(theta, rd, s, lmax),
+            }[rope.kind]()
+
+
+def load_for(path: str, cfg, flag: str | None = None) -> dict:
+    """Reads a factors file and checks it against the model (``flag``: the option that named it)."""
+    return dict(check_model(load(path), cfg, path if flag is None else f"{path} (--{flag})"))

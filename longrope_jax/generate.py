@@ -63,7 +63,6 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
         raise ValueError("generate: the prompt encodes to no tokens")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens: expected at least 1, got {max_new_tokens}")
-    spec = spec.replace(method="")
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
     seq = list(prompt)
     max_len = len(prompt) + max_new_tokens
@@ -91,28 +90,3 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
         else:
             logits, cache = _step(params, jnp.asarray([nxt], jnp.int32), jnp.int32(p), spec, cache, cfg=cfg)
     return Generation(out, reenc, kept if keep_logits else None)
-
-
-def run_generate(model: str, prompt: str, max_new_tokens: int, rope: str = "model", *,
-                 param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
-                 stream=None) -> dict:
-    """The ``generate`` job: returns a result dict; ``stream`` receives decoded text pieces."""
-    from longrope_jax.factors import resolve_rope
-    from longrope_jax.loading import load_model
-
-    m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
-    if m.tokenizer is None:
-        raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
-    ids = m.tokenizer.encode(prompt)
-    spec = resolve_rope(rope, m.cfg, len(ids) + max_new_tokens, m.factors)
-    done: list[int] = []
-
-    def show(t):
-        if stream:
-            before = m.tokenizer.decode(done)
-            done.append(t)
-            stream(m.tokenizer.decode(done)[len(before):])
-
-    g = greedy(m.params, m.cfg, ids, max_new_tokens, spec, eos_token_id=m.cfg.eos_token_id, progress=show)
-    return {"model": model, "rope": rope, "prompt_tokens": len(ids), "new_tokens": len(g.tokens),
-            "tokens": g.tokens, "completion": m.tokenizer.decode(g.tokens), "reencoded_at": g.reencoded_at}

@@ -9,12 +9,14 @@ shard, in float32 / bfloat16 / float16.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from longrope_jax.model import ARCHITECTURES, ModelConfig
+from longrope_jax import rope as rope_lib
+from longrope_jax.model import ARCHITECTURES, ModelConfig, rope_spec
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -29,10 +31,53 @@ class HFError(ValueError):
 def _require(d: Mapping[str, Any], key: str, source: str, kind=int):
     if d.get(key) is None:
         raise HFError(f"{source}: field {key!r} is missing (expected {kind.__name__})")
+    return _typed(d, key, source, "int", prefix="")
+
+
+# Optional fields of config.json and of its rope block: name -> kind (checked when present and not null).
+_TOP_FIELDS = {"rope_theta": "number", "num_key_value_heads": "int", "head_dim": "int", "max_position_embeddings": "int",
+               "rms_norm_eps": "number", "partial_rotary_factor": "fraction", "sliding_window": "int",
+               "original_max_position_embeddings": "int", "tie_word_embeddings": "bool",
+               "attention_bias": "bool", "mlp_bias": "bool", "use_sliding_window": "bool",
+               "bos_token_id": "ids", "eos_token_id": "ids"}
+_ROPE_FIELDS = {"rope_theta": "number", "partial_rotary_factor": "fraction", "factor": "number",
+                "original_max_position_embeddings": "int", "beta_fast": "number", "beta_slow": "number",
+                "mscale": "number", "mscale_all_dim": "number", "attention_factor": "number",
+                "low_freq_factor": "number", "high_freq_factor": "number", "truncate": "bool"}
+_EXPECTED = {"int": "a positive integer", "number": "a positive finite number", "fraction": "a number in (0, 1]",
+             "bool": "true or false", "ids": "a token id >= 0 or a list of them"}
+
+
+def _typed(d: Mapping[str, Any], key: str, source: str, kind: str, prefix: str = ""):
+    """``d[key]`` checked against ``kind`` (see ``_EXPECTED``); an ``HFError`` naming file and field."""
     v = d[key]
-    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-        raise HFError(f"{source}: field {key!r}: expected a positive integer, got {v!r}")
+    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          "number": num and math.isfinite(v) and v > 0,
+          "fraction": num and 0 < v <= 1,
+          "bool": isinstance(v, bool),
+          "ids": all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                     for x in (v if isinstance(v, list) and v else [v]))}[kind]
+    if not ok:
+        raise HFError(f"{source}: field {prefix + key!r}: expected {_EXPECTED[kind]}, got {v!r:.80}")
     return v
+
+
+def check_fields(d: Mapping[str, Any], source: str = CONFIG) -> None:
+    """Type checks of the optional fields of an HF config dict and its rope block (REFERENCE.md
+    section 7): a wrong type fails here, naming the file and field, not later in a jitted call."""
+    for key, kind in _TOP_FIELDS.items():
+        if d.get(key) is not None:
+            _typed(d, key, source, kind)
+    for name in ("rope_scaling", "rope_parameters"):
+        block = d.get(name)
+        if block is None:
+            continue
+        if not isinstance(block, Mapping):
+            raise HFError(f"{source}: field {name!r}: expected an object, got {block!r:.80}")
+        for key, kind in _ROPE_FIELDS.items():
+            if block.get(key) is not None:
+                _typed(block, key, source, kind, prefix=f"{name}.")
 
 
 def rope_parameters(d: Mapping[str, Any], source: str = CONFIG) -> tuple[dict, float, float]:
@@ -61,13 +106,20 @@ def rope_parameters(d: Mapping[str, Any], source: str = CONFIG) -> tuple[dict, f
             block["original_max_position_embeddings"] = d["original_max_position_embeddings"]
         else:
             block.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise HFError(f"{source}: field 'rope_theta': expected a positive number, got {theta!r}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise HFError(f"{source}: field 'rope_theta': expected a positive finite number, got {theta!r:.80}")
     return block, float(theta), float(partial or 1.0)
 
 
 def config_from_hf(d: Mapping[str, Any], source: str = CONFIG, **overrides) -> ModelConfig:
-    """A ``ModelConfig`` from an HF ``config.json`` dict (LlamaForCausalLM / MistralForCausalLM)."""
+    """A ``ModelConfig`` from an HF ``config.json`` dict (LlamaForCausalLM / MistralForCausalLM).
+
+    Every field is checked here, the rope block included (its spec is built once), so a malformed
+    config fails when it is read, with the file and field named.
+    """
+    if not isinstance(d, Mapping):
+        raise HFError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    check_fields(d, source)
     archs = d.get("architectures") or []
     if archs:
         arch = archs[0]
@@ -122,7 +174,12 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG, **overrides) -> M
         rope_parameters=block,
     )
     kw.update(overrides)
-    return ModelConfig(**kw)
+    cfg = ModelConfig(**kw)
+    try:
+        rope_spec(cfg, source)  # the rope block's own keys (factor lists, required keys)
+    except rope_lib.RopeError as e:
+        raise HFError(str(e)) from None
+    return cfg
 
 
 def read_config(path: str, **overrides) -> ModelConfig:
@@ -374,23 +431,14 @@ def save(path: str, cfg: ModelConfig, params: Mapping, *, tokenizer_file: str | 
     Weights go to ``model.safetensors`` or to shards of at most ``shard_bytes`` with an index.
     """
     import shutil
-    import tempfile
 
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    from longrope_jax import atomic
+
+    with atomic.directory(path, overwrite=True, what="HF directory") as tmp:
         with open(os.path.join(tmp, CONFIG), "w") as fh:
             json.dump(config_to_hf(cfg), fh, indent=2)
         write_weights(tmp, cfg, params, dtype=dtype, shard_bytes=shard_bytes)
         if tokenizer_file:
             shutil.copy(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
-        os.chmod(tmp, 0o755)
         for f in os.listdir(tmp):
             os.chmod(os.path.join(tmp, f), 0o644)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

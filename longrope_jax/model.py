@@ -91,13 +91,14 @@ class ModelConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def rope_spec(cfg: ModelConfig) -> rope_lib.RopeSpec:
-    """The model's own RoPE, from its HF rope block."""
+def rope_spec(cfg: ModelConfig, source: str = "config.json") -> rope_lib.RopeSpec:
+    """The model's own RoPE, from its HF rope block (``source`` names it in errors)."""
     return rope_lib.from_hf(
         cfg.rope_parameters,
         theta=cfg.rope_theta,
         rotary_dim=cfg.rotary_dim,
         max_position_embeddings=cfg.max_position_embeddings,
+        source=source,
     )
 
 
@@ -239,7 +240,7 @@ class Transformer(nn.Module):
             self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
 
     def __call__(self, tokens, positions=None, segment_ids=None, rope=None, return_hidden: bool = False,
-                 cache=None):
+                 cache=None, seq_len=None):
         """
         Args:
           tokens: int32[B, L].
@@ -249,6 +250,8 @@ class Transformer(nn.Module):
             model's own.
           return_hidden: return the final normed hidden states ``[B, L, D]`` instead of logits.
           cache: a KV cache from :func:`init_cache`; then returns ``(output, new_cache)``.
+          seq_len: the whole call's length for the short/long choice (``rope.cos_sin``), when
+            ``positions`` are a shard or a packed row; None: ``max(positions) + 1``.
         """
         b, l = tokens.shape
         if positions is None:
@@ -259,7 +262,7 @@ class Transformer(nn.Module):
                 f"rope: expected a single spec (factors [P]), got factors {spec.long_factor.shape}: "
                 "vmap the model over the candidate axis"
             )
-        cos, sin = rope_lib.cos_sin(positions, spec)
+        cos, sin = rope_lib.cos_sin(positions, spec, seq_len)
         x = self.embed_tokens(tokens)
         x, new_cache = self.layers(x, cos, sin, positions, segment_ids, cache)
         x = self.norm(x)

@@ -9,7 +9,6 @@ appear in it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import numpy as np
@@ -118,100 +117,3 @@ def summarise(trials: list[Trial], bins: int = 5) -> list[dict]:
                 rows.append({"length": length, "depth_lo": lo, "depth_hi": hi, "trials": len(sel),
                              "accuracy": sum(t.correct for t in sel) / len(sel)})
     return rows
-
-
-def heatmap(rows: list[dict], path: str, title: str) -> str:
-    """A PNG heat map of accuracy: depth bins (rows) by length (columns)."""
-    from longrope_jax.plots import _pyplot, _save
-
-    plt = _pyplot()
-    lengths = list(dict.fromkeys(r["length"] for r in rows))
-    depths = sorted({(r["depth_lo"], r["depth_hi"]) for r in rows})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for r in rows:
-        grid[depths.index((r["depth_lo"], r["depth_hi"])), lengths.index(r["length"])] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.5 * len(depths) + 2.5))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
-    ax.set_yticks(range(len(depths)), [f"{lo:.1f}-{hi:.1f}" for lo, hi in depths])
-    ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if not math.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="accuracy")
-    ax.set_title(title)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
-
-
-LOG_FORMAT = "longrope-passkey-log/1"
-
-
-def _file_digest(path: str) -> str:
-    import hashlib
-
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
-
-
-def run_passkey(model: str, lengths: list[int], trials: int, rope: str = "model", *, seed: int = 0,
-                param_dtype: str = "float32", tokenizer: str | None = None, sliding_window: bool = True,
-                out_dir: str | None = None, log=None) -> dict:
-    """The ``passkey`` job: trials, per-length accuracy, per-(length, depth) accuracy, heat map.
-
-    With ``out_dir``, every finished trial is appended to ``out_dir/trials.jsonl`` (fsynced), and a
-    rerun of the same command takes the logged trials instead of decoding them again, so an
-    interrupted run loses at most the trial in flight. A log of other settings is refused.
-    """
-    import os
-
-    from longrope_jax import runlog
-    from longrope_jax.factors import resolve_rope
-    from longrope_jax.loading import load_model
-
-    if trials < 1:
-        raise ValueError(f"--trials: expected at least 1, got {trials}")
-    journal = None
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        header = {"format": LOG_FORMAT, "model": model, "rope": rope, "seed": seed, "lengths": list(lengths),
-                  "trials": trials, "param_dtype": param_dtype, "tokenizer": tokenizer,
-                  "sliding_window": sliding_window}
-        for what, path in (("model", model), ("rope", rope), ("tokenizer", tokenizer)):
-            if path and os.path.isfile(path):  # a file named in the header: its content counts, not its name
-                header[f"{what}_sha256"] = _file_digest(path)
-        fields = {f.name for f in dataclasses.fields(Trial)}
-        # Checked before the model loads, so a wrong --out fails at once.
-        runlog.check_file(os.path.join(out_dir, "trials.jsonl"), header, "passkey run")
-        journal = runlog.RunLog(os.path.join(out_dir, "trials.jsonl"), header, what="passkey run",
-                                record_name="trial record", is_record=lambda r: fields | {"index"} <= set(r))
-    try:
-        done = {}
-        if journal is not None:
-            for r in journal.records:
-                done[(r["length"], r["index"])] = Trial(**{k: r[k] for k in fields})
-            if done:
-                (log or (lambda m: None))(f"{journal.path}: {len(done)} trial(s) done, resumed")
-        m = load_model(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
-        if m.tokenizer is None:
-            raise ValueError(f"{model}: the model has no tokenizer.json; pass --tokenizer PATH")
-        on_trial = (lambda t, trial: journal.append(dict(dataclasses.asdict(trial), index=t))) if journal else None
-        ts = run_trials(m.params, m.cfg, m.tokenizer, lambda n: resolve_rope(rope, m.cfg, n, m.factors), lengths,
-                        trials, seed, log, done=done, on_trial=on_trial)
-    finally:
-        if journal is not None:
-            journal.close()
-    rows = summarise(ts)
-    result = {
-        "model": model, "rope": rope, "seed": seed, "trials_per_length": trials,
-        "accuracy": {str(n): sum(t.correct for t in ts if t.length == n) / trials for n in lengths},
-        "by_depth": rows,
-        "trials": [dataclasses.asdict(t) for t in ts],
-    }
-    if out_dir:
-        result["heatmap"] = heatmap(rows, os.path.join(out_dir, "passkey.png"), f"passkey: {model}, rope {rope}")
-        result["log"] = journal.path
-    return result

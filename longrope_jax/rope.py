@@ -49,7 +49,8 @@ class RopeSpec:
       original_max: switching threshold for the short/long pair (None: long set always).
       dynamic_scale: if set, dynamic NTK (HF ``dynamic``) with this factor over
         ``dynamic_max`` positions; the factors are then ignored.
-      method: a label for humans and provenance (``"yarn:2.0"`` ...).
+    Labels (``"yarn:2"``) are not part of a spec: what computes the same compiles once (callers
+    name their specs; ``factors.rope_label``).
     """
 
     short_factor: jax.Array
@@ -61,7 +62,6 @@ class RopeSpec:
     original_max: int | None = struct.field(pytree_node=False, default=None)
     dynamic_scale: float | None = struct.field(pytree_node=False, default=None)
     dynamic_max: int = struct.field(pytree_node=False, default=0)
-    method: str = struct.field(pytree_node=False, default="default")
 
     @property
     def num_pairs(self) -> int:
@@ -69,12 +69,12 @@ class RopeSpec:
 
 
 def static_key(spec: RopeSpec) -> tuple:
-    """The static fields that must agree for specs to be stacked (the ``method`` label aside)."""
+    """The static fields that must agree for specs to be stacked."""
     return (spec.theta, spec.rotary_dim, spec.original_max, spec.dynamic_scale, spec.dynamic_max)
 
 
 def value_key(spec: RopeSpec) -> tuple:
-    """What a spec computes, hashable: its static fields (the label aside) and its data's float32/int32
+    """What a spec computes, hashable: its static fields and its data's float32/int32
     bytes. Specs with equal keys give bit-identical angles (a search reuses scores by this key)."""
     leaves = (spec.short_factor, spec.long_factor, spec.attention_factor, spec.start_tokens)
     return static_key(spec) + tuple((np.asarray(x).dtype.str, np.asarray(x).shape, np.asarray(x).tobytes())
@@ -86,8 +86,7 @@ def stack(specs: Sequence[RopeSpec]) -> RopeSpec:
     statics = {static_key(s) for s in specs}
     if len(statics) != 1:
         raise RopeError(f"cannot stack RoPE specs with different static fields: {sorted(map(str, statics))}")
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.replace(method="") for s in specs])
-    return stacked.replace(method="+".join(s.method for s in specs))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *specs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,18 +130,23 @@ def inv_freq(spec: RopeSpec, seq_len: jax.Array | int) -> jax.Array:
     return 1.0 / (factors * _pos_freq(spec.theta, spec.rotary_dim))
 
 
-def cos_sin(positions: jax.Array, spec: RopeSpec) -> tuple[jax.Array, jax.Array]:
+def cos_sin(positions: jax.Array, spec: RopeSpec, seq_len: jax.Array | int | None = None
+            ) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotation angles, attention factor applied.
 
     Args:
       positions: int[...] global token positions, any shape (e.g. ``[B, L]``), any order.
       spec: a RopeSpec; its data fields may have leading candidate axes ``[*K]``.
+      seq_len: the length of the whole call, which picks the short or long factors (and dynamic
+        NTK's base): give it when ``positions`` are a part of the call (a sequence shard, a
+        packed row), whose local maximum says nothing of the whole. None: ``max(positions) + 1``
+        of this array, as transformers does for a whole sequence. A stage that must not switch
+        passes a fixed set instead (:func:`fixed`).
     Returns:
-      (cos, sin): float32[*K, ..., P]. The short/long choice uses ``max(positions) + 1`` over
-      the whole call, as transformers does.
+      (cos, sin): float32[*K, ..., P].
     """
     positions = jnp.asarray(positions)
-    seq_len = jnp.max(positions) + 1
+    seq_len = jnp.max(positions) + 1 if seq_len is None else seq_len
     batch = spec.long_factor.shape[:-1]
     nb, npos = len(batch), positions.ndim
 
@@ -165,6 +169,17 @@ def cos_sin(positions: jax.Array, spec: RopeSpec) -> tuple[jax.Array, jax.Array]
         return jnp.where(keep, jnp.cos(orig), c), jnp.where(keep, jnp.sin(orig), s)
 
     return jax.lax.cond(jnp.any(spec.start_tokens > 0), with_start, lambda cs: cs, (cos, sin))
+
+
+def fixed(spec: RopeSpec, which: str) -> RopeSpec:
+    """The spec with one factor set for every call: ``"long"`` or ``"short"`` (what a fine-tuning
+    stage trains with; no switching on any length). Dynamic NTK has no fixed set."""
+    if which not in ("long", "short"):
+        raise RopeError(f"fixed: expected 'long' or 'short', got {which!r}")
+    if spec.dynamic_scale is not None:
+        raise RopeError("fixed: dynamic NTK recomputes its base from the length; it has no fixed factor set")
+    f = spec.long_factor if which == "long" else spec.short_factor
+    return spec.replace(short_factor=f, long_factor=f, original_max=None)
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array, layout: str = HALF) -> jax.Array:
@@ -224,7 +239,6 @@ def _spec(
     short_factors=None,
     original_max: int | None = None,
     start_tokens: int = 0,
-    method: str,
     dynamic_scale: float | None = None,
     dynamic_max: int = 0,
 ) -> RopeSpec:
@@ -241,7 +255,6 @@ def _spec(
         original_max=int(original_max) if original_max is not None else None,
         dynamic_scale=dynamic_scale,
         dynamic_max=int(dynamic_max),
-        method=method,
     )
 
 
@@ -260,14 +273,14 @@ def _check_scale(scale, name="factor"):
 def default(theta: float, rotary_dim: int) -> RopeSpec:
     """Unscaled RoPE."""
     _check_rotary(theta, rotary_dim)
-    return _spec(1.0, theta=theta, rotary_dim=rotary_dim, method="none")
+    return _spec(1.0, theta=theta, rotary_dim=rotary_dim)
 
 
 def pi(theta: float, rotary_dim: int, scale: float) -> RopeSpec:
     """Position interpolation (HF ``linear``): ``lambda_i = s``."""
     _check_rotary(theta, rotary_dim)
     _check_scale(scale)
-    return _spec(scale, theta=theta, rotary_dim=rotary_dim, method=f"pi:{scale:g}")
+    return _spec(scale, theta=theta, rotary_dim=rotary_dim)
 
 
 def ntk_factors(rotary_dim: int, scale: float) -> np.ndarray:
@@ -280,7 +293,7 @@ def ntk(theta: float, rotary_dim: int, scale: float) -> RopeSpec:
     """Static NTK-aware scaling: ``base' = base * s ** (d / (d - 2))``."""
     _check_rotary(theta, rotary_dim)
     _check_scale(scale)
-    return _spec(ntk_factors(rotary_dim, scale), theta=theta, rotary_dim=rotary_dim, method=f"ntk:{scale:g}")
+    return _spec(ntk_factors(rotary_dim, scale), theta=theta, rotary_dim=rotary_dim)
 
 
 def dynamic_ntk(theta: float, rotary_dim: int, scale: float, max_position_embeddings: int) -> RopeSpec:
@@ -294,7 +307,6 @@ def dynamic_ntk(theta: float, rotary_dim: int, scale: float, max_position_embedd
         1.0,
         theta=theta,
         rotary_dim=rotary_dim,
-        method=f"dynamic:{scale:g}",
         dynamic_scale=float(scale),
         dynamic_max=max_position_embeddings,
     )
@@ -356,7 +368,7 @@ def yarn(
     if attention_factor is None:
         attention_factor = yarn_attention_factor(scale, mscale, mscale_all_dim)
     return _spec(
-        factors, theta=theta, rotary_dim=rotary_dim, attention_factor=attention_factor, method=f"yarn:{scale:g}"
+        factors, theta=theta, rotary_dim=rotary_dim, attention_factor=attention_factor
     )
 
 
@@ -392,7 +404,7 @@ def llama3(
     _check_rotary(theta, rotary_dim)
     _check_scale(scale)
     f = llama3_factors(theta, rotary_dim, scale, original_max, low_freq_factor, high_freq_factor)
-    return _spec(f, theta=theta, rotary_dim=rotary_dim, method=f"llama3:{scale:g}")
+    return _spec(f, theta=theta, rotary_dim=rotary_dim)
 
 
 def longrope_attention_factor(max_position_embeddings: int, original_max: int, factor: float | None = None) -> float:
@@ -452,7 +464,6 @@ def longrope(
         short_factors=sf,
         original_max=original_max,
         start_tokens=int(start_tokens),
-        method="longrope",
     )
 
 

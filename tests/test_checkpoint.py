@@ -17,7 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from longrope_jax import checkpoint, cli, convert, export, hf, outdir
+from longrope_jax import atomic, checkpoint, cli, export, hf
+from longrope_jax.jobs import convert
 from longrope_jax import factors as factors_lib
 from longrope_jax.loading import load_model
 from longrope_jax.model import Transformer, init_params
@@ -286,11 +287,11 @@ def test_failure_mid_write_leaves_output_as_it_was(ckpt, tmp_path, monkeypatch):
     assert listing(tmp_path) == ["deep", "deep/out", "deep/out/old.txt"]
 
 
-def test_outdir_check_messages(tmp_path):
-    with pytest.raises(outdir.OutputError, match="exists and is not a directory"):
+def test_atomic_check_dir_messages(tmp_path):
+    with pytest.raises(atomic.OutputError, match="exists and is not a directory"):
         (tmp_path / "f").write_text("")
-        outdir.check(str(tmp_path / "f"), overwrite=True)
-    assert outdir.check(str(tmp_path / "new")) == str(tmp_path / "new")
+        atomic.check_dir(str(tmp_path / "f"), overwrite=True)
+    assert atomic.check_dir(str(tmp_path / "new")) == str(tmp_path / "new")
     with pytest.raises(export.ExportError, match=r"not a tokenizer file"):
         cfg = tiny_config()
         export.save_hf(str(tmp_path / "x"), cfg, init_params(cfg), tokenizer_files=[str(tmp_path / "f")])

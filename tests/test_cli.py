@@ -167,3 +167,102 @@ def test_ppl_fused_attention_beyond_512_tokens(tiny, capsys):
         assert rc == 0, err
         assert got["attention"] == "fused"
         np.testing.assert_allclose(got["ppl"], ref["ppl"], rtol=1e-5)
+
+
+def _bad_inputs(root, model, data):
+    """(name, argv, what the one stderr line must say) for each bad input a user may give."""
+    def hf_dir(name, edit=None, text=None):
+        d = os.path.join(root, name)
+        if not os.path.exists(d):
+            import shutil
+
+            shutil.copytree(model, d)
+            f = os.path.join(d, "config.json")
+            with open(f) as fh:
+                c = json.load(fh)
+            if edit:
+                edit(c)
+            with open(f, "w") as fh:
+                fh.write(text(json.dumps(c)) if text else json.dumps(c))
+        return d
+
+    def factors(name, **kw):
+        d = dict({"format": "longrope-factors/1", "rope_theta": 10000.0, "rotary_dim": 8,
+                  "original_max_position_embeddings": 64, "max_position_embeddings": 128,
+                  "long_factor": [1.0, 1.5, 2.0, 2.0]}, **kw)
+        f = os.path.join(root, name + ".json")
+        with open(f, "w") as fh:
+            fh.write(json.dumps(d))  # NaN as the bare token NaN, as Python writes it
+        return f
+
+    def file(name, text):
+        f = os.path.join(root, name)
+        with open(f, "w") as fh:
+            fh.write(text)
+        return f
+
+    ppl = ["ppl", "--data", data, "--length", "32"]
+    cfg = os.path.join(root, "config")
+    return [
+        ("missing model", ppl + ["--model", os.path.join(root, "nope")], "nope: no such file or directory"),
+        ("truncated config.json", ppl + ["--model", hf_dir("trunc", text=lambda s: s[:len(s) // 2])],
+         "trunc/config.json: not valid JSON"),
+        ("missing field", ppl + ["--model", hf_dir("nohidden", lambda c: c.pop("hidden_size"))],
+         "nohidden/config.json: field 'hidden_size' is missing"),
+        ("wrong type", ppl + ["--model", hf_dir("strhidden", lambda c: c.update(hidden_size="32"))],
+         "strhidden/config.json: field 'hidden_size': expected a positive integer, got '32'"),
+        ("rope_theta a list", ppl + ["--model", hf_dir("thetalist", lambda c: c.update(rope_theta=[1, 2]))],
+         "thetalist/config.json: field 'rope_theta': expected a positive finite number"),
+        ("rope block of the wrong type", ppl + ["--model", hf_dir("yarnx", lambda c: c.update(
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": "x"}))],
+         "yarnx/config.json: field 'rope_parameters.factor': expected a positive finite number, got 'x'"),
+        ("short rope-block factors", ppl + ["--model", hf_dir("lr", lambda c: c.update(rope_parameters={
+            "rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0], "short_factor": [1.0] * 4}))],
+         "lr/config.json: long_factor: expected 4 factors"),
+        ("missing data", ["ppl", "--model", model, "--data", os.path.join(root, "none.txt"), "--length", "32"],
+         "none.txt: not found"),
+        ("NaN factors", ppl + ["--model", model, "--rope", factors("nan", long_factor=[1.0, float("nan"), 2, 2])],
+         "nan.json: long_factor[1]: expected a finite factor > 0, got nan"),
+        ("short factors", ppl + ["--model", model, "--rope", factors("short", long_factor=[1.0, 2.0])],
+         "short.json: long_factor: expected 4 factors (rotary_dim / 2), got 2"),
+        ("factors of another rope_theta", ppl + ["--model", model, "--rope", factors("theta", rope_theta=5e5)],
+         "theta.json: field 'rope_theta': expected 10000.0 (the model's), got 500000.0"),
+        ("truncated factors", ppl + ["--model", model, "--rope", file("tf.json", '{"format": "longr')],
+         "tf.json: not valid JSON"),
+        ("bad scale", ppl + ["--model", model, "--rope", "yarn:abc"], "--rope yarn:abc: expected yarn:S with S a number"),
+        ("negative scale", ppl + ["--model", model, "--rope", "pi:-2"], "--rope pi:-2: expected a positive scale"),
+        ("unknown --rope", ppl + ["--model", model, "--rope", "warp:9"], "--rope warp:9: expected model, none, pi:S"),
+        ("missing config file", ["ppl", "--config", os.path.join(root, "none.py")], "none.py: config file not found"),
+        ("config syntax error", ["ppl", "--config", file("syntax.py", "def get_config(:\n")],
+         "syntax.py: line 1: invalid Python"),
+        ("config field of the wrong type", ["ppl", "--config", file("wrongtype.py", (
+            "import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict("
+            f"dict(model={model!r}, data={data!r}, length=[32], samples='3'))\n"))],
+         "wrongtype.py: setting 'samples': expected an integer >= 1, got '3'"),
+        ("config missing a field", ["ppl", "--config", file("nolength.py", (
+            "import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict("
+            f"dict(model={model!r}, data={data!r}))\n"))], "missing --length (or a --config file that sets it)"),
+        ("unknown config field", ["ppl", "--config", file("unknown.py", (
+            "import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict(dict(lenght=[32]))\n"))],
+         "unknown.py: unknown setting 'lenght'"),
+        ("search override of the wrong type", ["search", "--model", model, "--data", data, "--target-length", "128",
+                                               "--out", cfg, "--config.population=abc"],
+         "--config.population: expected a int, got 'abc'"),
+        ("garbage tokenizer", ppl + ["--model", model, "--tokenizer", file("tok.json", "{bad")],
+         "tok.json: cannot read tokenizer"),
+    ]
+
+
+def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
+    """Each bad input exits 2 with one stderr line naming the file and field, and no traceback
+    (an uncaught exception would fail this test), before any model loading is reported."""
+    d, data = tiny
+    cases = _bad_inputs(str(tmp_path), d, data)
+    assert len(cases) >= 12
+    for name, argv, expected in cases:
+        rc = cli.main(argv)
+        out, err = capsys.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 2 and not out.strip(), name
+        assert len(lines) == 1 and lines[0].startswith(f"longrope-jax {argv[0]}: error: "), (name, lines)
+        assert expected in lines[0], (name, lines[0])

@@ -12,7 +12,8 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from longrope_jax import cli, evaluate  # noqa: E402
+from longrope_jax import cli  # noqa: E402
+from longrope_jax.jobs import ppl as ppl_job  # noqa: E402
 from longrope_jax.data import DataError, read_documents, windows  # noqa: E402
 from longrope_jax.data import documents  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_random_mock_examples_through_array_record_source():
 
 def test_run_ppl_and_cli_on_tfds(tmp_path, mock_pg19, capsys):
     d = make_hf_dir(str(tmp_path), max_position_embeddings=64)
-    recs = list(evaluate.run_ppl(d, "tfds:pg19:validation", [48], ["none", "yarn:2"], samples=2))
+    recs = list(ppl_job.run(d, "tfds:pg19:validation", [48], ["none", "yarn:2"], samples=2))
     assert len(recs) == 2 and all(np.isfinite(r["ppl"]) for r in recs)
     assert recs[0]["documents_available"] == 3 and recs[0]["documents_skipped_short"] == 1
     assert all(n.startswith("tfds:pg19:validation:") for n in recs[0]["documents"])

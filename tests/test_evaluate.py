@@ -57,10 +57,10 @@ def test_candidate_batch_equals_one_by_one(model):
 def test_new_factor_values_never_recompile(model):
     cfg, params, tokens = model
     kw = dict(cfg=cfg, attention="blockwise", q_chunk=16)
-    evaluate.candidates_nll(params, jnp.asarray(tokens), _candidates(cfg, 4, 0).replace(method=""), **kw)
+    evaluate.candidates_nll(params, jnp.asarray(tokens), _candidates(cfg, 4, 0), **kw)
     before = evaluate.candidates_nll._cache_size()
     for seed in (1, 2, 3):
-        evaluate.candidates_nll(params, jnp.asarray(tokens), _candidates(cfg, 4, seed).replace(method=""), **kw)
+        evaluate.candidates_nll(params, jnp.asarray(tokens), _candidates(cfg, 4, seed), **kw)
     assert evaluate.candidates_nll._cache_size() == before
 
 

@@ -22,7 +22,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from longrope_jax import cli, convert, export, hf  # noqa: E402
+from longrope_jax import cli, export, hf  # noqa: E402
+from longrope_jax.jobs import convert  # noqa: E402
 from longrope_jax import factors as factors_lib  # noqa: E402
 from longrope_jax.model import Transformer  # noqa: E402
 
@@ -86,7 +87,7 @@ def _jitted(cfg):
 
 
 def our_logits(cfg, params, tokens, spec):
-    return np.asarray(_jitted(cfg)(params, jnp.asarray(tokens), spec.replace(method="")))
+    return np.asarray(_jitted(cfg)(params, jnp.asarray(tokens), spec))
 
 
 def tokens_for(length, batch=2):
@@ -137,7 +138,7 @@ def test_exported_longrope_matches_transformers(exported, arch):
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert ref.config.rope_parameters["rope_type"] == "longrope"
     cfg, params = hf.load(src)
-    fd = factors_lib.load(fac, rotary_dim=cfg.rotary_dim)
+    fd = factors_lib.load(fac)
     errs = {}
     for length in LENGTHS:
         t = tokens_for(length)

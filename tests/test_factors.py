@@ -40,7 +40,8 @@ def test_file_to_spec(tmp_path):
     ("short_factor", [1.0, 0.0, 2.0, 3.0], r"short_factor\[1\]: expected a finite factor > 0, got 0.0"),
     ("long_factor", [1.0, -2.0, 2.0, 3.0], r"long_factor\[1\]: expected a finite factor > 0, got -2.0"),
     ("format", "longrope-factors/2", r"field 'format': expected 'longrope-factors/1'"),
-    ("rotary_dim", 16, r"field 'rotary_dim': expected 8 \(the model's rotary dim\), got 16"),
+    ("rotary_dim", 16, r"long_factor: expected 8 factors \(rotary_dim / 2\), got 4"),  # the file disagrees with itself
+    ("rope_theta", 5e5, r"field 'rope_theta': expected 10000.0 \(the model's\), got 500000.0"),
 ])
 def test_bad_factor_files(tmp_path, field, value, msg):
     f = _file(tmp_path, **{field: value})
@@ -49,14 +50,24 @@ def test_bad_factor_files(tmp_path, field, value, msg):
     assert str(f) in str(e.value)
 
 
+def test_a_file_of_another_rotary_dim_is_refused(tmp_path):
+    f = _file(tmp_path, rotary_dim=16, long_factor=[1.0] * 8, short_factor=[1.0] * 8)
+    factors.load(f)  # a valid file ...
+    with pytest.raises(factors.FactorsError, match=r"field 'rotary_dim': expected 8 \(the model's rotary dim\), got 16"):
+        factors.resolve_rope(f, tiny_config())  # ... of another model
+
+
 def test_rope_values():
     cfg = tiny_config()
-    assert factors.resolve_rope("none", cfg).method == "none"
+    assert factors.rope_label("none", cfg) == "none"
     np.testing.assert_allclose(factors.resolve_rope("pi:4", cfg).long_factor, [4.0] * P)
     np.testing.assert_allclose(factors.resolve_rope("ntk:4", cfg).long_factor, rope.ntk_factors(8, 4.0), rtol=1e-6)
     assert factors.resolve_rope("dynamic:2", cfg).dynamic_scale == 2.0
     assert abs(float(factors.resolve_rope("yarn:4", cfg).attention_factor) - (0.1 * np.log(4) + 1)) < 1e-6
-    assert factors.resolve_rope("llama3:8", cfg).method == "llama3:8"
+    assert factors.rope_label("llama3:8", cfg) == "llama3:8"
+    assert factors.rope_label("model", cfg) == "none"  # tiny_config: the default rope block
+    yarn_cfg = cfg.replace(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
+    assert factors.rope_label("model", yarn_cfg) == "yarn:4"
     for bad in ("pi:x", "pi:-1", "bogus", "yarn:0"):
         with pytest.raises(factors.FactorsError, match=r"--rope"):
             factors.resolve_rope(bad, cfg)

@@ -55,7 +55,7 @@ def test_generation_across_original_window_equals_full_reencode(arch, window, at
 def test_stale_cache_would_be_wrong():
     """Without the re-encode, the first long step differs: the test above has teeth."""
     cfg, params = _longrope_model()
-    spec = model_lib.rope_spec(cfg).replace(method="")
+    spec = model_lib.rope_spec(cfg)
     seq = list(range(1, L_ORIG + 1))  # 16 tokens: prefill uses the short factors
     cache = init_cache(cfg, 1, L_ORIG + 1)
     _, cache = generate._prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg)

@@ -113,8 +113,7 @@ def _jitted(cfg):
 def _apply(cfg, params, tokens, spec=None, positions=None, segment_ids=None):
     """Our logits with ``spec`` (default: the model's own, ``rope_spec(cfg)``)."""
     spec = rope_spec(cfg) if spec is None else spec
-    # ``method`` is a static label the model never reads; dropping it only saves recompilations.
-    return _jitted(cfg)(params, jnp.asarray(tokens), spec.replace(method=""), positions, segment_ids)
+    return _jitted(cfg)(params, jnp.asarray(tokens), spec, positions, segment_ids)
 
 
 def _maxdiff(a, b) -> float:
@@ -298,6 +297,20 @@ def test_config_schemas(reference, tmp_path):
 # Self-consistency of our own model.
 
 
+def test_a_shard_takes_the_whole_calls_factors(reference):
+    """The causal prefix of a sequence beyond the window, run alone with ``seq_len`` = the whole
+    call's length, gives transformers' logits of the whole sequence at those positions: a shard
+    below the window still uses the long factors. From its own length it takes the short ones."""
+    model, _, cfg, params = reference("llama-gqa-tied", "longrope")
+    n, cut = L_ORIG + 8, L_ORIG // 2
+    tokens = _tokens(n)
+    ref = _hf_logits(model, tokens)[:, :cut]
+    fwd = jax.jit(lambda p, t, seq_len: Transformer(cfg).apply({"params": p}, t, rope=rope_spec(cfg), seq_len=seq_len))
+    err = _maxdiff(fwd(params, jnp.asarray(tokens[:, :cut]), n), ref)
+    assert err <= TOL, f"max |logit diff| {err:.3g} > {TOL}"
+    assert _maxdiff(fwd(params, jnp.asarray(tokens[:, :cut]), None), ref) > 10 * TOL
+
+
 def test_packed_documents_equal_alone(reference):
     _, _, cfg, params = reference("mistral-gqa-swa", "longrope")  # GQA, sliding window, LongRoPE
     spec = rope_spec(cfg)
@@ -344,9 +357,12 @@ def test_vmap_over_candidate_specs(reference):
 
 
 def test_stack_different_builders():
-    """Specs from different builders (different labels, same statics) stack."""
+    """Specs from different builders (same statics) stack, and share one tree structure: no
+    label in the spec makes methods compile apart."""
     s = rope_lib.stack([rope_lib.pi(THETA, HEAD_DIM, 2.0), rope_lib.ntk(THETA, HEAD_DIM, 2.0)])
-    assert s.long_factor.shape == (2, P) and s.method == "pi:2+ntk:2"
+    assert s.long_factor.shape == (2, P)
+    assert (jax.tree.structure(rope_lib.pi(THETA, HEAD_DIM, 2.0))
+            == jax.tree.structure(rope_lib.yarn(THETA, HEAD_DIM, 2.0, 64)))
     with pytest.raises(rope_lib.RopeError):
         rope_lib.stack([rope_lib.pi(THETA, HEAD_DIM, 2.0), rope_lib.pi(2 * THETA, HEAD_DIM, 2.0)])
 

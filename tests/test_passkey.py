@@ -5,6 +5,7 @@ import json
 import pytest
 
 from longrope_jax import cli, passkey
+from longrope_jax.jobs import passkey as passkey_job
 from longrope_jax.tokenizer import Tokenizer
 
 from tiny import byte_tokenizer_file, make_hf_dir
@@ -60,7 +61,7 @@ def test_passkey_resumes_from_its_log(tmp_path, capsys):
     assert cli.main(args + ["--out", str(tmp_path / "full")]) == 0
     full = json.loads(capsys.readouterr()[0].splitlines()[-1])
     log = (tmp_path / "full" / "trials.jsonl").read_text().splitlines()
-    assert len(log) == 1 + 4 and json.loads(log[0])["format"] == passkey.LOG_FORMAT
+    assert len(log) == 1 + 4 and json.loads(log[0])["format"] == passkey_job.LOG_FORMAT
     # An interrupted run: the header, two trials, and a third line torn by the crash.
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "trials.jsonl").write_text("\n".join(log[:3]) + "\n" + log[3][:20])

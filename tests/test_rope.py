@@ -628,3 +628,43 @@ def test_from_hf_bad_blocks():
         rope.default(10000.0, 63)
     with pytest.raises(hf.HFError, match="rope_scaling"):
         hf.rope_parameters({"rope_scaling": [1, 2]})
+
+
+# --------------------------------------------------------------------------------------------
+# The short/long switch is a decision of the whole call (sharded or packed positions).
+
+
+def _shard_cos_sin(spec, positions, seq_len):
+    return [np.asarray(a) for a in jax.jit(rope.cos_sin)(jnp.asarray(positions, jnp.int32), spec, seq_len)]
+
+
+@pytest.mark.parametrize("kind", ["longrope", "dynamic"])
+def test_shards_on_both_sides_of_the_switch_agree_with_the_whole_call(phi3_factors, kind):
+    """A sequence of 5120 positions over a 4096 window, cut into two shards: one wholly below the
+    window, one beyond it. Given the call's length, each shard's cos/sin is transformers' for the
+    whole sequence at its positions; from its local maximum the first shard takes the short
+    factors (dynamic NTK: the unscaled base) and is wrong."""
+    short, long = phi3_factors
+    orig, n = PHI3_SHAPE["orig"], 5120
+    if kind == "longrope":
+        d = phi3_dict(short, long, block_orig=False, original_max_position_embeddings=orig, max_position_embeddings=n)
+        config = hf_config(d, Phi3Config)
+    else:
+        d = config_dict({"rope_type": "dynamic", "factor": 2.0}, head_dim=96, heads=32, kv_heads=32, max_pos=orig)
+        config = hf_config(d)
+    spec = ours_from_config(d)
+    positions = arange_positions(n)
+    hc, hs, _, _ = hf_cos_sin(config, positions)  # the whole sequence, one call
+    tol = 5e-4  # angles up to 5e3 rad: float32 ulps of the angle (see assert_cos_sin)
+    cut = 2048
+    for lo, hi in ((0, cut), (cut, n)):
+        cos, sin = _shard_cos_sin(spec, positions[:, lo:hi], n)
+        np.testing.assert_allclose(cos, hc[:, lo:hi], atol=tol, rtol=0)
+        np.testing.assert_allclose(sin, hs[:, lo:hi], atol=tol, rtol=0)
+    local, _ = _shard_cos_sin(spec, positions[:, :cut], None)  # the shard's own max + 1 = 2048
+    assert np.abs(local - hc[:, :cut]).max() > 100 * tol
+    if kind == "longrope":  # a stage's fixed long set: the same angles, whatever the shard
+        cos, _ = _shard_cos_sin(rope.fixed(spec, "long"), positions[:, :cut], None)
+        np.testing.assert_allclose(cos, hc[:, :cut], atol=tol, rtol=0)
+        with pytest.raises(rope.RopeError, match="no fixed factor set"):
+            rope.fixed(ours_from_config(config_dict({"rope_type": "dynamic", "factor": 2.0})), "long")

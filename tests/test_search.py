@@ -16,7 +16,7 @@ from longrope_jax.model import init_params
 from longrope_jax.search import operators, settings as settings_lib
 from longrope_jax.search.evolve import SearchLog, evolve
 from longrope_jax.search.genome import Candidate, SearchError, Space, from_factors, space_for
-from longrope_jax.search.job import run_search
+from longrope_jax.jobs.search import run as run_search
 from longrope_jax.search.settings import SearchSettings
 
 from tiny import byte_tokenizer_file, tiny_config
@@ -66,7 +66,7 @@ def test_settings_validation():
     assert settings_lib.resolve(None, ["--config.seed=3"], dict(base, seed=5))["seed"] == 5  # flags win
     with pytest.raises(config_files.ConfigError, match="has no field 'populaton'"):
         settings_lib.resolve(None, ["--config.populaton=8"], base)
-    with pytest.raises(SearchError, match="missing --target-length"):
+    with pytest.raises(config_files.ConfigError, match="missing --target-length"):
         settings_lib.resolve(None, [], dict(base, target_length=None))
 
 
@@ -369,7 +369,7 @@ def test_search_smoke_and_factors_round_trip(tiny, capsys, monkeypatch):
     for f in ("factors.json", "summary.json", "log.jsonl", "search_progress.png", "search_factors.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
-    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    d = factors.load(os.path.join(out, "factors.json"))
     assert d["original_max_position_embeddings"] == 32 and d["max_position_embeddings"] == 64
     assert d["long_factor"] == sorted(d["long_factor"]) and 1.0 <= min(d["long_factor"]) <= max(d["long_factor"]) <= 2.5
     prov = d["provenance"]
@@ -402,7 +402,7 @@ def test_search_smoke_and_factors_round_trip(tiny, capsys, monkeypatch):
 def test_baselines_survive_a_crash_in_generation_0(tiny, capsys, monkeypatch):
     """The baselines are written as soon as they are scored: a search killed before its first
     generation ends does not score them again when resumed."""
-    from longrope_jax.search import job
+    from longrope_jax.search import run as search_run
 
     model, data, root = tiny
     out = str(root / "crash")
@@ -413,7 +413,7 @@ def test_baselines_survive_a_crash_in_generation_0(tiny, capsys, monkeypatch):
         raise RuntimeError("killed in generation 0")
 
     with monkeypatch.context() as m:
-        m.setattr(job.evolve_lib, "evolve", crash)
+        m.setattr(search_run.evolve_lib, "evolve", crash)
         with pytest.raises(RuntimeError, match="killed in generation 0"):
             cli.main(argv)
     capsys.readouterr()
@@ -507,7 +507,7 @@ def test_bad_seeds_are_clear_errors(tiny, capsys):
     rc, _, err = _cli(base + ["--seed", "-1"], capsys)
     assert rc == 2 and "--seed: expected an integer >= 0, got -1" in err
     rc, _, err = _cli(base + ["--config.seed=-3"], capsys)
-    assert rc == 2 and "--seed: expected an integer >= 0, got -3" in err
+    assert rc == 2 and "--config.seed: expected an integer >= 0, got -3" in err
     rc, _, err = _cli(base + ["--config.seed=1.5"], capsys)
     assert rc == 2 and "--config.seed: expected a int, got '1.5'" in err
     with pytest.raises(SystemExit):
@@ -680,7 +680,7 @@ def test_attention_gene_search_logs_exports_and_resumes(tiny, tmp_path, capsys):
     assert records[0]["attention_factor"] == 1.1  # seeds start at the paper's sqrt(1 + ln 2 / ln 32) = 1.0954
     assert any(r["origin"] == "seed:yarn+yarn-attention" and r["attention_factor"] == 1.06 for r in records)
     assert len(set(afs)) > 2 and all(0.9 <= a <= 1.3 for a in afs)
-    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    d = factors.load(os.path.join(out, "factors.json"))
     best = min(records, key=lambda r: r["ppl"])
     assert d["attention_factor"] == best["attention_factor"] == res["attention_factor"]
     assert d["provenance"]["search"]["attention_factor_range"] == [0.9, 1.3]
@@ -735,7 +735,7 @@ def test_progressive_search_multiplies_onto_the_base_factors(tiny, capsys, monke
     summary = json.load(open(os.path.join(out, "summary.json")))
     lam2 = np.asarray(summary["result"]["searched_factors"])
     assert np.all(np.diff(lam2) >= 0) and lam2.min() >= 1.0 and lam2.max() <= 2.5  # the rules apply to lambda_2
-    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    d = factors.load(os.path.join(out, "factors.json"))
     np.testing.assert_allclose(d["long_factor"], np.asarray(LAMBDA_1) * lam2, rtol=1e-9)
     assert d["original_max_position_embeddings"] == 32 and d["max_position_embeddings"] == 128
     assert d["provenance"]["parent"] == {"command": "the first search"}
@@ -774,7 +774,7 @@ def test_a_candidate_with_a_baselines_spec_takes_its_score(tiny):
     exactly: they take those scores (what a forward gives them) instead of a forward pass each."""
     from longrope_jax import loading, rope
     from longrope_jax.search import fitness as fitness_lib
-    from longrope_jax.search.job import plan_search
+    from longrope_jax.jobs.search import load_plan as plan_search
 
     model, _, root = tiny
     m = loading.load_model(model)
@@ -818,7 +818,7 @@ def test_readjust_writes_short_factors_or_a_per_length_entry(tiny, capsys):
     assert res["kind"] == "readjust-short" and res["slot"] == "short"
     assert list(res["baselines"]) == ["none", "file"]
     np.testing.assert_allclose(res["baselines"]["file"], before[32], rtol=1e-5)
-    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    d = factors.load(os.path.join(out, "factors.json"))
     assert d["long_factor"] == [1.0, 1.3, 1.8, 3.0] and d["max_position_embeddings"] == 128
     assert d["short_factor"] != [1.0] * 4 or res["ppl"] <= res["baselines"]["file"]
     np.testing.assert_allclose(_ppl(capsys, model, data, 32, os.path.join(out, "factors.json"))["ppl"], res["ppl"],
@@ -830,7 +830,7 @@ def test_readjust_writes_short_factors_or_a_per_length_entry(tiny, capsys):
                              "--samples", "2", "--seed", "1", "--readjust", ext, *SMOKE], capsys)
     assert rc == 0, err
     assert res2["kind"] == "readjust-per_length"
-    d2 = factors.load(os.path.join(out2, "factors.json"), rotary_dim=8)
+    d2 = factors.load(os.path.join(out2, "factors.json"))
     assert list(d2["per_length"]) == [64] and d2["short_factor"] == [1.0] * 4
     new = os.path.join(out2, "factors.json")
     np.testing.assert_allclose(_ppl(capsys, model, data, 64, new)["ppl"], res2["ppl"], rtol=1e-5)
@@ -859,7 +859,7 @@ def test_longrope2_needle_search(tiny, capsys):
     assert rc == 0, err
     assert res["kind"] == "longrope2" and res["fitness"] == "needle" and 1 <= res["critical_dim"] <= 3
     assert "LongRoPE2 mode: critical dim in [1, 3]" in err
-    d = factors.load(os.path.join(out, "factors.json"), rotary_dim=8)
+    d = factors.load(os.path.join(out, "factors.json"))
     f, k = np.asarray(d["long_factor"]), d["critical_dim"]
     assert k == res["critical_dim"] and np.all((f[k:] >= 8.0) & (f[k:] <= 16.0))  # [s, 2s], s = 256 / 32
     np.testing.assert_allclose(f[:k], f[k] ** (np.arange(k) / k), rtol=1e-9)

@@ -155,6 +155,10 @@ JOB_DEFAULTS: dict[str, Any] = dict(
     memory_budget_gib=None, max_evals=None, time_budget=None, base_factors=None, readjust=None,
 )
 REQUIRED = ("model", "data", "target_length", "out")
+JOB_KINDS = dict(model="str", data="strs", target_length="int", out="str", samples="int", seed="int0", field="str",
+                 tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
+                 attention="auto|dense|blockwise", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
+                 max_evals="int?", time_budget="number?", base_factors="str?", readjust="str?")
 # Values that mean "unset" in a config file (ml_collections fields keep one type).
 _UNSET_IF_FALSY = ("tokenizer", "q_chunk", "memory_budget_gib", "max_evals", "time_budget", "base_factors",
                    "readjust")
@@ -165,49 +169,19 @@ def defaults() -> dict:
     return {**JOB_DEFAULTS, **SearchSettings().to_dict()}
 
 
-def default_config():
-    """The defaults as an ml_collections ConfigDict (what ``configs/search/default.py`` holds)."""
-    import ml_collections
-
-    return ml_collections.ConfigDict(defaults())
-
-
 def resolve(config_path: str | None = None, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
             ) -> dict:
     """Settings of one search: ``flags`` (None / False: not given) over ``--config.key=value``
-    ``overrides`` over the ``config_path`` file over :func:`defaults`.
+    ``overrides`` over the ``config_path`` file over :func:`defaults` (``config_files.merge``,
+    shared with every command).
 
-    Returns the keyword arguments of :func:`longrope_jax.search.job.run_search` (the algorithm's
-    knobs gathered into ``settings``). Unknown config keys and missing required values are errors.
+    Returns the keyword arguments of :func:`longrope_jax.jobs.search.run` (the algorithm's knobs
+    gathered into ``settings``). Unknown config keys and missing required values are errors.
     """
     from longrope_jax import config_files
 
-    cfg = default_config()
-    source = "the default search config"
-    if config_path:
-        source = config_path
-        loaded = config_files.load(config_path).to_dict()
-        unknown = sorted(set(loaded) - set(cfg.keys()))
-        if unknown:
-            raise SearchError(f"{config_path}: unknown search setting {unknown[0]!r} (known: {sorted(cfg.keys())})")
-        for k, v in loaded.items():
-            cfg[k] = v
-    for item in overrides:
-        try:
-            config_files.apply_overrides(cfg, [item], source)
-        except TypeError as e:  # ml_collections refuses a value of another type (1.5 for an int)
-            key = item.split("=", 1)[0]
-            raise SearchError(f"{key}: {e}") from None
-    s = cfg.to_dict()
-    for k in _UNSET_IF_FALSY:
-        if s.get(k) in ("", 0, 0.0):
-            s[k] = None
-    for k, v in (flags or {}).items():
-        if k in s and v is not None and v is not False:
-            s[k] = v
-    missing = [k for k in REQUIRED if s.get(k) in (None, "")]
-    if missing:
-        raise SearchError(f"missing --{missing[0].replace('_', '-')} (or a --config file that sets it)")
+    s = config_files.merge(defaults(), JOB_KINDS, config_path=config_path, overrides=overrides, flags=flags,
+                           required=REQUIRED, listy=("data",), unset_if_falsy=_UNSET_IF_FALSY)
     algo = SearchSettings.from_mapping(s)
     job = {k: s[k] for k in JOB_DEFAULTS}
     job["settings"] = algo

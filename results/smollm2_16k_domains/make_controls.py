@@ -15,7 +15,7 @@ import os
 
 from longrope_jax import factors as factors_lib
 from longrope_jax import rope as rope_lib
-from longrope_jax.search.job import write_json
+from longrope_jax.atomic import write_json
 from longrope_jax.search.fitness import base_document
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -24,7 +24,7 @@ import numpy as np
 
 from longrope_jax import checkpoint, export, hf
 from longrope_jax import factors as factors_lib
-from longrope_jax import loading, outdir
+from longrope_jax import loading, atomic
 from longrope_jax.model import ModelConfig
 
 TARGETS = ("checkpoint", "hf")
@@ -106,11 +106,11 @@ def run(model: str, out: str, *, factors: str | None = None, to: str | None = No
     t0 = time.time()
     if to is not None and to not in TARGETS:
         raise ValueError(f"--to {to}: expected one of {TARGETS}")
-    out_abs = outdir.check(out, overwrite, "output")  # before any (slow) reading
+    out_abs = atomic.check_dir(out, overwrite, "output")  # before any (slow) reading
     src_path = os.path.abspath(loading.resolve_path(model))
     if os.path.exists(src_path) and (os.path.realpath(src_path) == os.path.realpath(out_abs)
                                      or os.path.realpath(src_path).startswith(os.path.realpath(out_abs) + os.sep)):
-        raise outdir.OutputError(f"{out_abs}: is the source model (or holds it); expected a different output path")
+        raise atomic.OutputError(f"{out_abs}: is the source model (or holds it); expected a different output path")
     target = to or ("hf" if checkpoint.is_checkpoint(src_path) else "checkpoint")
     fac = None
     if factors is not None:
@@ -123,12 +123,10 @@ def run(model: str, out: str, *, factors: str | None = None, to: str | None = No
         if fac is None and src.factors is not None:
             fac, factors = src.factors, f"{src.info['path']}:{checkpoint.METADATA}:rope.factors"
         if fac is not None:
-            fac = factors_lib.validate(fac, factors, rotary_dim=src.cfg.rotary_dim)
+            fac = dict(factors_lib.check_model(factors_lib.validate(fac, factors), src.cfg, factors))
         result = {"command": "convert", "source": model, "source_kind": src.kind, "to": target, "out": out_abs,
                   "factors": factors, "dtype": _dtype_name(src.params)}
         if target == "checkpoint":
-            if fac is not None:
-                checkpoint._check_theta(fac, src.cfg, factors)
             log(f"writing checkpoint {out_abs}")
             meta = checkpoint.save(out_abs, src.cfg, src.params, tokenizer_files=src.tokenizer_files, factors=fac,
                                    source=src.info, overwrite=overwrite)
@@ -145,3 +143,13 @@ def run(model: str, out: str, *, factors: str | None = None, to: str | None = No
             src.tmp.cleanup()
     result["seconds"] = round(time.time() - t0, 3)
     return result
+
+
+def main(args, log) -> int:
+    """``longrope-jax convert`` with its parsed flags."""
+    import json
+
+    rec = run(args.model, args.out, factors=args.factors, to=args.to, overwrite=args.overwrite,
+              allow_drop_start_tokens=args.allow_drop_start_tokens, shard_bytes=args.shard_bytes, log=log)
+    print(json.dumps(rec), flush=True)
+    return 0

@@ -1,0 +1,107 @@
+"""The ``ppl`` job: perplexity of a model under RoPE scalings at given lengths (REFERENCE.md
+section 8's protocol). JSON lines on stdout, the table and progress on stderr, a plot on request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Iterator
+
+from longrope_jax import evaluate
+from longrope_jax import factors as factors_lib
+from longrope_jax.data import read_sources, source_label, windows_from
+from longrope_jax.loading import LoadedModel, model_from
+
+
+def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1,
+        seed: int = 0, param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
+        loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True, field: str = "text",
+        memory_budget: int | None = None, log=None) -> Iterator[dict]:
+    """Yields one result dict per (length, rope), in the order given.
+
+    Every input is checked before the model loads (data sources, ``--rope`` values and their
+    factors files). At each length the ropes that share a spec structure are scored together
+    (``evaluate.score_named``). ``model``: a path, or a model already loaded.
+    """
+    log = log or (lambda msg: None)
+    parsed = {r: factors_lib.parse_rope(r) for r in ropes}
+    sources = read_sources(data, field, log=log)
+    t0 = time.time()
+    m = model_from(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
+    tok = m.need_tokenizer()
+    for p in parsed.values():  # factors files against this model, before any scoring
+        if p.kind == "file":
+            factors_lib.check_model(p.factors, m.cfg, p.value)
+    name = m.source
+    if not isinstance(model, LoadedModel):
+        log(f"loaded {name} in {time.time() - t0:.1f}s: {m.cfg.num_hidden_layers} layers, window "
+            f"{m.cfg.max_position_embeddings}")
+    label = source_label(data)
+    tok_info = tok.describe()
+    for length in lengths:
+        w = windows_from(sources, tok, length, samples, seed)
+        if w.skipped_short:
+            log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
+        attn = evaluate.pick_attention(attention, length)
+        specs = {r: factors_lib.resolve_rope(p, m.cfg, length, m.factors) for r, p in parsed.items()}
+        scores = evaluate.score_named(m.params, m.cfg, w.tokens, specs, log=log, memory_budget=memory_budget,
+                                      attention=attn, q_chunk=evaluate.default_block(length, q_chunk),
+                                      loss_chunk=loss_chunk)
+        for r in ropes:
+            per, secs = scores[r]
+            mean = float(per.mean())
+            method = factors_lib.rope_label(parsed[r], m.cfg, m.factors)
+            yield {
+                "model": name,
+                "model_sha256": m.sha256,
+                "data": label,
+                "length": length,
+                "rope": r,
+                "method": method,
+                "ppl": math.exp(mean),
+                "nll": mean,
+                "nll_per_window": per.tolist(),
+                "predictions": int(w.tokens.shape[0] * (length - 1)),
+                "documents": w.documents,
+                "documents_skipped_short": w.skipped_short,
+                "documents_available": w.available,
+                "seed": seed,
+                "tokenizer": tok_info,
+                "beyond_window": length > m.cfg.max_position_embeddings and method == "none",
+                "original_window": m.cfg.max_position_embeddings,
+                "param_dtype": param_dtype,
+                "attention": attn,
+                "seconds": round(secs, 2),
+            }
+
+
+def table(rows: list[dict]) -> str:
+    """The human table of ``run``'s records."""
+    head = f"{'length':>8} {'rope':<24} {'ppl':>12} {'predictions':>12} {'seconds':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mark = " (beyond window, unscaled)" if r.get("beyond_window") else ""
+        lines.append(f"{r['length']:>8} {r['rope']:<24} {r['ppl']:>12.4f} {r['predictions']:>12} "
+                     f"{r['seconds']:>8.1f}{mark}")
+    return "\n".join(lines)
+
+
+def main(s: dict, log) -> int:
+    """``longrope-jax ppl`` with merged settings ``s`` (``cli.PPL_DEFAULTS``'s keys)."""
+    rows = []
+    gib = s["memory_budget_gib"]
+    for rec in run(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"], seed=s["seed"],
+                   param_dtype=s["param_dtype"], attention=s["attention"], q_chunk=s["q_chunk"],
+                   loss_chunk=s["loss_chunk"], tokenizer=s["tokenizer"], sliding_window=not s["no_sliding_window"],
+                   field=s["field"], memory_budget=int(gib * 2**30) if gib else None, log=log):
+        print(json.dumps(rec), flush=True)
+        rows.append(rec)
+    log(table(rows))
+    if s["plot"]:
+        from longrope_jax.plots import ppl_vs_length
+
+        log(f"wrote {ppl_vs_length(rows, os.path.join(s['out'] or '.', 'ppl_vs_length.png'))}")
+    return 0
