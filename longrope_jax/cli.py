@@ -6,7 +6,6 @@ JSON lines go to stdout, the human table and progress to stderr (REFERENCE.md se
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from longrope_jax.factors import ROPE_HELP

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 import os
 import tempfile
 
 import numpy as np
 
-from longrope_jax import cache, hf
+from longrope_jax import atomic, cache, hf
 from longrope_jax.model import ModelConfig
 from longrope_jax.tokenizer import Tokenizer, load_for
 
@@ -81,8 +80,7 @@ def gguf_to_cache(path: str) -> tuple[str, str]:
         tf = os.path.join(tmp, "tokenizer.json")
         tok.backend.save(tf)
         hf.save(out, cfg, params, tokenizer_file=tf)
-    with open(os.path.join(out, "source.json"), "w") as fh:
-        json.dump({"gguf": os.path.abspath(path), "sha256": sha}, fh)
+    atomic.write_json(os.path.join(out, "source.json"), {"gguf": os.path.abspath(path), "sha256": sha}, indent=None)
     return out, sha
 
 

@@ -920,3 +920,37 @@ def test_progress_plot_keeps_the_search_in_view(tmp_path, monkeypatch):
     ax = figs[1].axes[0]
     assert ticks(ax) == [0]
     assert [line.get_marker() for line in ax.get_lines()[:2]] == ["o", "x"]
+
+
+def test_weights_in_memory_are_searched_step_by_step(tiny, capsys):
+    """The search's parts over params in memory, called one at a time (plan, windows, fitness,
+    baselines + evolution, no files), find what the ``search`` job finds on the same weights
+    written to disk and loaded back."""
+    from longrope_jax import loading
+    from longrope_jax.jobs import search as search_job
+    from longrope_jax.search import run as search_run
+
+    model, data, root = tiny
+    m = loading.load_model(model)
+    params = jax.tree.map(lambda a: a * 1.1, m.params)  # "fine-tuned": other weights than the file's
+    settings = SearchSettings(population=6, iterations=2, mutations=2, crossovers=2, parents=4)
+    plan = search_job.load_plan(m.cfg, settings, 64)
+    assert plan["kind"] == "plain" and set(plan["baselines"]) == {"none", "pi:2", "ntk:2", "yarn:2", "dynamic:2"}
+    w, tokens, weights, _ = search_job.search_windows(m.tokenizer, data, "text", 64, 2, 1, settings)
+    fit = search_run.make_fitness(params, m.cfg, tokens, plan, weights=weights)
+    seen = []
+    s = search_run.search_factors(fit, plan, settings, seed=1, progress=False,
+                                  on_generation=lambda b, r: seen.append(r.evaluations))
+    assert s.result.best is not None and seen == sorted(seen) and len(seen) == 3
+    tuned = str(root / "tuned")
+    hf.save(tuned, m.cfg, params, tokenizer_file=os.path.join(model, "tokenizer.json"))
+    rc, (line,), _ = _cli(["search", "--model", tuned, "--data", data, "--target-length", "64", "--out",
+                           str(root / "tuned_run"), "--samples", "2", "--seed", "1", *SMOKE], capsys)
+    assert rc == 0
+    np.testing.assert_allclose(s.result.best.ppl, line["ppl"], rtol=1e-6)
+    np.testing.assert_allclose(s.baselines["none"]["ppl"], line["baselines"]["none"], rtol=1e-6)
+    d = factors.load(os.path.join(str(root / "tuned_run"), "factors.json"))
+    assert d["long_factor"] == fit.document(s.result.best.candidate)["long_factor"]
+    rc, (orig,), _ = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--out",
+                           str(root / "orig_run"), "--samples", "2", "--seed", "1", *SMOKE], capsys)
+    assert abs(orig["baselines"]["none"] - line["baselines"]["none"]) > 1e-3  # the weights really differ

@@ -110,7 +110,7 @@ def load_plan(cfg, settings: SearchSettings, target_length: int, *, original_win
     base = factors_lib.load_for(base_factors, cfg, "base-factors") if isinstance(base_factors, str) else base_factors
     re = None if readjust is None else factors_lib.load_for(readjust, cfg, "readjust")
     plan = plan_lib.plan_search(cfg, settings, target_length, original_window=original_window, base_factors=base,
-                                readjust=re, names={"readjust": readjust, "base_factors": base_factors},
+                                readjust=re, names={"readjust": readjust},
                                 seed_factors=seeds, log=log)
     if isinstance(base_factors, str):
         plan["base_factors_file"] = os.path.abspath(base_factors)

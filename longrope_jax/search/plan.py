@@ -80,10 +80,10 @@ def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_w
     - LongRoPE2 mode (``settings.mode``): plain, with the critical-dimension space.
 
     Factors come loaded and checked against the model (``factors.load_for``); ``names`` says
-    what messages call them (``{"readjust": path, "base_factors": path}``); ``seed_factors``:
-    ``(name, factors dict)`` pairs added to the seeds.
+    what messages call them (``{"readjust": path}``); ``seed_factors``: ``(name, factors dict)``
+    pairs added to the seeds.
     """
-    names = {"readjust": "the readjusted factors", "base_factors": "the base factors", **(names or {})}
+    names = {"readjust": "the readjusted factors", **(names or {})}
     from longrope_jax.search import fitness as fitness_lib
 
     log = log or (lambda msg: None)
