@@ -23,25 +23,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sliding-window", action="store_true", help="switch Mistral's sliding window off")
 
 
-PPL_DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
-                    tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
-                    q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None)
-PPL_KINDS = dict(model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
-                 tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
-                 attention="auto|dense|blockwise|fused", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
-                 plot="bool", out="str?")
-
-
-def settings(args, extra: list[str], defaults: dict, kinds: dict, required: tuple[str, ...]) -> dict:
-    """Flags over ``--config FILE`` (with ``--config.key=value`` overrides) over defaults, checked
-    (``config_files.merge``, shared with ``search``)."""
-    from longrope_jax import config_files
-
-    return config_files.merge(defaults, kinds, config_path=args.config, overrides=extra, flags=vars(args),
-                              required=required, listy=("data", "length", "rope"),
-                              unset_if_falsy=("tokenizer", "q_chunk", "memory_budget_gib", "out"))
-
-
 def _no_extra(extra: list[str]) -> None:
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -50,7 +31,7 @@ def _no_extra(extra: list[str]) -> None:
 def cmd_ppl(args, extra) -> int:
     from longrope_jax.jobs import ppl
 
-    return ppl.main(settings(args, extra, PPL_DEFAULTS, PPL_KINDS, ("model", "data", "length")), _log)
+    return ppl.main(ppl.resolve(args.config, extra, vars(args)), _log)
 
 
 def cmd_generate(args, extra) -> int:

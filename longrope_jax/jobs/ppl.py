@@ -15,6 +15,26 @@ from longrope_jax import factors as factors_lib
 from longrope_jax.data import read_sources, source_label, windows_from
 from longrope_jax.loading import LoadedModel, model_from
 
+# The settings of ``longrope-jax ppl`` (flags, a --config file, --config.key=value overrides).
+DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
+                tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
+                q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None)
+KINDS = dict(model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
+             tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
+             attention="auto|dense|blockwise|fused", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
+             plot="bool", out="str?")
+REQUIRED = ("model", "data", "length")
+
+
+def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
+    """The settings of one ``ppl`` run: flags over overrides over the config file over
+    ``DEFAULTS``, checked against ``KINDS`` (``config_files.merge``, shared with ``search``)."""
+    from longrope_jax import config_files
+
+    return config_files.merge(DEFAULTS, KINDS, config_path=config_path, overrides=overrides, flags=flags,
+                              required=REQUIRED, listy=("data", "length", "rope"),
+                              unset_if_falsy=("tokenizer", "q_chunk", "memory_budget_gib", "out"))
+
 
 def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1,
         seed: int = 0, param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
@@ -90,7 +110,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(s: dict, log) -> int:
-    """``longrope-jax ppl`` with merged settings ``s`` (``cli.PPL_DEFAULTS``'s keys)."""
+    """``longrope-jax ppl`` with resolved settings ``s`` (:func:`resolve`)."""
     rows = []
     gib = s["memory_budget_gib"]
     for rec in run(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"], seed=s["seed"],
