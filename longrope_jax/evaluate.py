@@ -44,7 +44,11 @@ def default_block(length: int, q_chunk: int | None = None) -> int | None:
 
 def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int, weights=None):
     """Summed (``weights``-weighted) NLL per row. hidden: [B, T, D]; targets: int32[B, T];
-    weights: float32[B, T] or None (all 1) -> float32[B]."""
+    weights: float32[B, T] or None (all 1) -> float32[B].
+
+    Each chunk's projection and loss is rematerialised in the backward (``jax.checkpoint``), so
+    neither pass holds more than one ``[B, loss_chunk, vocab]`` logits tile.
+    """
     b, t, d = hidden.shape
     c = min(loss_chunk, t)
     n = -(-t // c)
@@ -57,6 +61,7 @@ def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int, we
     def split(x):
         return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
 
+    @jax.checkpoint
     def one(args):
         h, y, m = args
         logits = model.apply({"params": params}, h, method=Transformer.project).astype(jnp.float32)

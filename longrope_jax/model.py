@@ -24,7 +24,10 @@ from longrope_jax import rope as rope_lib
 from longrope_jax.attention import dense_attention
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable")
+# "attention": recompute a layer in the backward but keep the flash kernel's output and
+# log-sum-exp (``checkpoint_name`` "attention_out" / "attention_lse"), so attention's forward is
+# not run twice.
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "nothing_saveable", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +213,7 @@ def _remat_policy(name: str):
         "dots": jax.checkpoint_policies.checkpoint_dots,
         "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
         "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+        "attention": jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
     }[name]
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from longrope_jax.attention import blockwise_attention, dense_attention
 
+from tiny import largest_residual
+
 
 def _inputs(seed, b=2, l=77, h=6, kv=2, d=16):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -144,3 +146,156 @@ def test_fused_clear_errors():
         fused_attention(q, k[:, :8], v[:, :8], q_positions=pos, kv_positions=pos[:, :8], implementation="xla")
     with pytest.raises(ValueError, match="implementation must be one of"):
         fused_attention(q, k, v, q_positions=pos, kv_positions=pos, implementation="flash9")
+
+
+# --------------------------------------------------------------------------------------------
+# The flash backward: gradients against jax.grad of dense, per-block functions driven by hand.
+
+FLASH_CASES = {
+    "causal_gqa": dict(),
+    "mha": dict(kv=6),
+    "mqa": dict(kv=1),
+    "window": dict(window=9),
+    "segments": dict(segments=True),
+    "zigzag_positions": dict(permute=True),
+    "fully_masked_rows": dict(masked_rows=True),
+}
+
+
+def _case(name, seed=0):
+    """(q, k, v, kwargs) of a case: 77 tokens, so every block size below leaves an uneven block."""
+    c = FLASH_CASES[name]
+    q, k, v, pos = _inputs(seed, kv=c.get("kv", 2))
+    seg = None
+    kw = dict(q_positions=pos, kv_positions=pos, sliding_window=c.get("window"))
+    if c.get("segments"):
+        seg = jnp.broadcast_to((jnp.arange(77) >= 30).astype(jnp.int32) + (jnp.arange(77) >= 61), pos.shape)
+        pos = pos - jnp.array([0, 30, 61])[seg]
+        kw.update(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    if c.get("permute"):
+        perm = np.random.default_rng(0).permutation(77)
+        q, k, v, pos = q[:, perm], k[:, perm], v[:, perm], pos[:, perm]
+        kw.update(q_positions=pos, kv_positions=pos)
+    if c.get("masked_rows"):  # rows 5..8 in a document no key has; rows 0..2 before every key
+        qseg = jnp.zeros_like(pos).at[:, 5:9].set(9)
+        kw.update(kv_positions=pos + 3, q_segment_ids=qseg, kv_segment_ids=jnp.zeros_like(pos))
+    return q, k, v, kw
+
+
+def _grads(fn, q, k, v, kw):
+    def loss(q, k, v):
+        o = fn(q, k, v, **kw)
+        return jnp.sum(o * jnp.cos(o)), o
+
+    (_, o), g = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return o, g
+
+
+def _close(ours, ref, what):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err, scale = float(np.max(np.abs(ours - ref))), float(np.max(np.abs(ref)))
+    assert np.all(np.isfinite(ours)) and err <= 1e-5 * scale, f"{what}: max diff {err:.3g}, max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("name,blocks", [(n, (16, 16)) for n in FLASH_CASES] + [("causal_gqa", (32, 8)),
+                                         ("window", (8, 32)), ("fully_masked_rows", (8, 8))])
+def test_flash_values_and_gradients_equal_dense(name, blocks):
+    """Values and d/dq, d/dk, d/dv of the flash kernel equal ``jax.grad`` of the dense reference:
+    max |diff| <= 1e-5 x max |ref| per tensor."""
+    q, k, v, kw = _case(name)
+    od, gd = _grads(dense_attention, q, k, v, kw)
+    ob, gb = _grads(lambda *a, **x: blockwise_attention(*a, **x, block_q=blocks[0], block_kv=blocks[1]), q, k, v, kw)
+    _close(ob, od, "out")
+    for what, a, b in zip("qkv", gb, gd):
+        _close(a, b, f"d{what}")
+    if name == "fully_masked_rows":
+        assert np.all(np.asarray(ob)[:, :3] == 0) and np.all(np.asarray(gb[0])[:, :3] == 0)
+
+
+def test_flash_saves_no_score_tile(capsys):
+    """The backward keeps q, k, v, the output and the log-sum-exp: no residual grows with L x S
+    (dense's does: the check can fail)."""
+    q, k, v, kw = _case("causal_gqa")
+    flash = largest_residual(lambda q, k, v: blockwise_attention(q, k, v, **kw, block_q=16, block_kv=16), capsys,
+                              q, k, v)
+    assert flash <= q.size
+    assert largest_residual(lambda q, k, v: dense_attention(q, k, v, **kw), capsys, q, k, v) >= 77 * 77
+
+
+def _fold(q, kvh):
+    """[B, L, H, D] -> the block layout [B, KV, G, L, D]."""
+    b, l, h, d = q.shape
+    return jnp.transpose(q.reshape(b, l, kvh, h // kvh, d), (0, 2, 3, 1, 4))
+
+
+def _unfold(x):
+    b, kvh, g, l = x.shape[:4]
+    return jnp.moveaxis(x, 3, 1).reshape(b, l, kvh * g, *x.shape[4:])
+
+
+@pytest.mark.parametrize("name", ["causal_gqa", "window", "segments", "zigzag_positions", "fully_masked_rows"])
+def test_block_functions_over_pieces_equal_the_kernel(name):
+    """What a ring does: k/v split into uneven pieces, each merged into the carry by ``block_fwd``,
+    then each piece's gradients from ``block_bwd`` with the final lse and delta. The out, lse and
+    gradients equal the dense reference's (lse: logsumexp of its masked scores)."""
+    from longrope_jax.attention import blockwise as bw
+    from longrope_jax.attention.dense import mask
+
+    q, k, v, kw = _case(name)
+    kvh, scale = k.shape[2], q.shape[-1] ** -0.5
+    qp, kp = kw["q_positions"], kw["kv_positions"]
+    qs, ks = kw.get("q_segment_ids"), kw.get("kv_segment_ids")
+    window = kw["sliding_window"]
+    cuts = [0, 20, 33, 77]  # pieces of 20, 13 and 44 keys
+    pieces = [(k[:, a:b], v[:, a:b], kp[:, a:b], None if ks is None else ks[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+    qf = _fold(q, kvh)
+    carry = bw.init_carry(qf)
+    for kb, vb, kpb, ksb in pieces:
+        carry = bw.block_fwd(qf, jnp.moveaxis(kb, 1, 2), jnp.moveaxis(vb, 1, 2), qp, kpb, qs, ksb, carry,
+                             sliding_window=window, scale=scale)
+    out, lse = bw.finalize(carry)
+    od, gd = _grads(dense_attention, q, k, v, kw)
+    _close(_unfold(out), od, "out")
+    m = mask(qp, kp, qs, ks, window)
+    s = jnp.einsum("blkgd,bskd->bkgls", q.reshape(*q.shape[:2], kvh, -1, q.shape[-1]), k) * scale
+    ref_lse = jax.nn.logsumexp(jnp.where(m[:, None, None], s, -jnp.inf), axis=-1)
+    seen = np.asarray(jnp.any(m, axis=-1))[:, None, None]
+    np.testing.assert_allclose(np.asarray(lse)[np.broadcast_to(seen, lse.shape)],
+                               np.asarray(ref_lse)[np.broadcast_to(seen, lse.shape)], atol=1e-5, rtol=1e-6)
+    assert np.all(np.asarray(lse)[~np.broadcast_to(seen, lse.shape)] == bw.LSE_MASKED)
+    # The backward: d_out of the same loss, delta = rowsum(d_out * out).
+    d_out = jax.grad(lambda o: jnp.sum(o * jnp.cos(o)))(od)
+    do_f = _fold(d_out, kvh)
+    delta = jnp.sum(do_f * out, axis=-1)
+    dq = jnp.zeros(qf.shape, jnp.float32)
+    dks, dvs = [], []
+    for kb, vb, kpb, ksb in pieces:
+        dqj, dkj, dvj = bw.block_bwd(qf, jnp.moveaxis(kb, 1, 2), jnp.moveaxis(vb, 1, 2), qp, kpb, qs, ksb, lse, delta,
+                                     do_f, sliding_window=window, scale=scale)
+        dq, dks, dvs = dq + dqj, dks + [jnp.moveaxis(dkj, 2, 1)], dvs + [jnp.moveaxis(dvj, 2, 1)]
+    _close(_unfold(dq), gd[0], "dq")
+    _close(jnp.concatenate(dks, axis=1), gd[1], "dk")
+    _close(jnp.concatenate(dvs, axis=1), gd[2], "dv")
+
+
+def test_a_remat_policy_keeps_the_flash_output_and_lse(capsys):
+    """Under ``jax.checkpoint`` with the model's ``attention`` policy the backward keeps the tagged
+    output and log-sum-exp (attention's forward is not run again); with ``nothing_saveable`` not."""
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from longrope_jax.model import _remat_policy
+
+    q, k, v, kw = _case("causal_gqa")
+
+    def layer(q, k, v):
+        return jnp.sum(jnp.cos(blockwise_attention(jnp.sin(q), k, v, **kw, block_q=16, block_kv=16)))
+
+    def names(policy):
+        capsys.readouterr()
+        print_saved_residuals(jax.checkpoint(layer, policy=_remat_policy(policy)), q, k, v)
+        return set(re.findall(r"named '(\w+)'", capsys.readouterr().out))
+
+    assert names("attention") == {"attention_out", "attention_lse"}
+    assert names("nothing_saveable") == set()

@@ -8,7 +8,7 @@ import pytest
 from longrope_jax import evaluate, rope
 from longrope_jax.model import Transformer, init_params
 
-from tiny import tiny_config
+from tiny import largest_residual, tiny_config
 
 L = 48
 
@@ -41,6 +41,30 @@ def test_chunked_loss_equals_full_loss(model):
     for chunk in (5, 16, 47, 1024):
         got = evaluate.chunked_nll(m, params, hidden[:, :-1], jnp.asarray(tokens[:, 1:]), chunk)
         np.testing.assert_allclose(got, full, rtol=1e-6)
+
+
+def test_chunked_loss_gradient_equals_full_and_keeps_one_tile(model, capsys):
+    """The chunked loss's gradient (w.r.t. the hidden states and the params) equals the full-logits
+    loss's, and its backward saves no logits: each chunk's are recomputed."""
+    cfg, params, tokens = model
+    m = Transformer(cfg)
+    hidden = m.apply({"params": params}, jnp.asarray(tokens), return_hidden=True)[:, :-1]
+    y = jnp.asarray(tokens[:, 1:])
+
+    def full(p, h):
+        lp = jax.nn.log_softmax(m.apply({"params": p}, h, method=Transformer.project).astype(jnp.float32), -1)
+        return -jnp.sum(jnp.take_along_axis(lp, y[..., None], -1))
+
+    def chunked(p, h):
+        return jnp.sum(evaluate.chunked_nll(m, p, h, y, 8))
+
+    gf, gc = jax.grad(full, argnums=(0, 1))(params, hidden), jax.grad(chunked, argnums=(0, 1))(params, hidden)
+    for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gf)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))), rtol=0)
+    logits_size = hidden.shape[0] * hidden.shape[1] * cfg.vocab_size
+
+    largest = [largest_residual(f, capsys, params, hidden) for f in (chunked, full)]
+    assert largest[0] < logits_size // 4 and largest[1] >= logits_size  # the check can fail
 
 
 def test_candidate_batch_equals_one_by_one(model):

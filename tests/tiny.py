@@ -55,3 +55,18 @@ def sentencepiece_like_tokenizer_file(path: str, texts) -> str:
     f = os.path.join(path, "tokenizer.json")
     tok.save(f)
     return f
+
+
+def largest_residual(fn, capsys, *args) -> int:
+    """Elements of the largest array ``jax.grad(fn)`` saves from the forward for the backward
+    (``jax.ad_checkpoint.print_saved_residuals``, read through pytest's ``capsys``)."""
+    import re
+
+    import numpy as np
+    from jax.ad_checkpoint import print_saved_residuals
+
+    capsys.readouterr()
+    print_saved_residuals(fn, *args)
+    shapes = re.findall(r"^\w+\[([\d,]*)\]", capsys.readouterr().out, flags=re.M)
+    assert shapes
+    return max(int(np.prod([int(x) for x in s.split(",") if x] or [1])) for s in shapes)

@@ -1,24 +1,43 @@
-"""Blockwise (online-softmax) attention: memory O(L x block), exact, same contract as dense.
+"""Blockwise (flash) attention: exact, same contract as dense, memory O(L x block) forward and
+backward.
 
-For each query block, a scan over key/value blocks keeps a float32 running max, denominator and
-numerator. A key block is skipped (``lax.switch``) when no pair in it can be visible: every key
-position is after every query position (above the causal diagonal), or every pair is outside the
-sliding window; a block where every pair is visible (below the diagonal, inside the window, one
-segment) is computed without a mask or infinity guards, which on CPU saves passes over the score
-tile (the exponential and those passes are the cost, REFERENCE.md section 7). The test uses positions, not indices, so reordered (zigzag) positions still skip
-correctly. Under GQA the query group is folded into the matmul rows (``[KV, G * block, D]``), so k
-and v are never expanded.
+Built from two pure per-block functions that a ring calls for each visiting k/v block:
+
+- :func:`block_fwd` merges one k/v block into a float32 carry (running max, denominator,
+  accumulator); :func:`finalize` turns the carry into the output and its log-sum-exp.
+- :func:`block_bwd` gives one k/v block's gradients from the *final* log-sum-exp and
+  ``delta = rowsum(d_out * out)``.
+
+Both skip a block (``lax.switch``) when no pair in it can be visible: every key position after
+every query position (above the causal diagonal), or every pair outside the sliding window, or
+(segments) no shared document; a block where every pair is visible is computed without a mask
+or infinity guards, which on CPU saves passes over the score tile (REFERENCE.md section 7). The
+tests use positions, not indices, so reordered (zigzag) positions still skip correctly.
+
+Block layout (GQA folds the query group into the rows, so k and v are never expanded):
+``q: [B, KV, G, bq, D]``, ``k, v: [B, KV, bk, D]``, positions ``int32[B, bq]`` / ``int32[B, bk]``
+(a padded key sits at position ``PAD_POSITION``: never visible), segment ids the same or None.
+
+:func:`blockwise_attention` is a ``jax.custom_vjp`` that saves q, k, v, the output and the
+log-sum-exp (the latter two tagged ``attention_out`` / ``attention_lse`` with
+``checkpoint_name``) and recomputes the score tiles block by block in the backward.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from longrope_jax.attention.dense import check_heads
 from longrope_jax.attention.dense import mask as visible
 
-_BIG = jnp.iinfo(jnp.int32).max
+PAD_POSITION = jnp.iinfo(jnp.int32).max
+# The log-sum-exp of a row that sees no key: finite, so exp(s - lse) is 0, never NaN.
+LSE_MASKED = 1e30
+SKIP, FULL, MASKED = 0, 1, 2
 
 
 def _pad_to(x, n, axis, value):
@@ -28,6 +47,218 @@ def _pad_to(x, n, axis, value):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def block_kind(q_pos, kv_pos, q_seg=None, kv_seg=None, sliding_window: int | None = None):
+    """``SKIP`` (no pair visible), ``FULL`` (every pair visible) or ``MASKED``: int32 scalar.
+
+    q_pos: int32[B, bq]; kv_pos: int32[B, bk] (``PAD_POSITION`` for padding); segments alike.
+    """
+    q_lo, q_hi = jnp.min(q_pos), jnp.max(q_pos)
+    k_lo = jnp.min(kv_pos)
+    k_hi = jnp.max(jnp.where(kv_pos == PAD_POSITION, -PAD_POSITION, kv_pos))
+    skip = k_lo > q_hi
+    # Every key at or before every query, no padded key: all visible (window, segments aside).
+    every = (k_hi <= q_lo) & (jnp.max(kv_pos) != PAD_POSITION)
+    if sliding_window is not None:
+        # float32 is exact for positions below 2**24 and cannot overflow.
+        k_hi_f, k_lo_f = k_hi.astype(jnp.float32), k_lo.astype(jnp.float32)
+        skip = skip | (q_lo.astype(jnp.float32) - k_hi_f >= sliding_window)
+        every = every & (q_hi.astype(jnp.float32) - k_lo_f < sliding_window)
+    if q_seg is not None and kv_seg is not None:
+        skip = skip | (jnp.max(kv_seg) < jnp.min(q_seg)) | (jnp.min(kv_seg) > jnp.max(q_seg))
+        every = every & (jnp.min(q_seg) == jnp.max(q_seg)) & (jnp.min(kv_seg) == jnp.min(q_seg)) & (
+            jnp.max(kv_seg) == jnp.min(q_seg))
+    return jnp.where(skip, SKIP, jnp.where(every, FULL, MASKED)).astype(jnp.int32)
+
+
+def _scores(q, k, scale):
+    """float32[B, KV, G, bq, bk] of a q block and a k block."""
+    qs = q * jnp.asarray(scale, q.dtype)  # scaling q is cheaper than scaling the score tile
+    return jnp.einsum("bkgqd,bksd->bkgqs", qs, k, preferred_element_type=jnp.float32)
+
+
+def _vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window):
+    return visible(q_pos, kv_pos, q_seg, kv_seg, sliding_window)[:, None, None]  # [B, 1, 1, bq, bk]
+
+
+def init_carry(q):
+    """The empty carry of a q block ``[B, KV, G, bq, D]``: (max -inf, denominator 0, accumulator 0)."""
+    b, kvh, g, bq, d = q.shape
+    return (jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
+            jnp.zeros((b, kvh, g, bq, d), jnp.float32))
+
+
+def block_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, carry, *, sliding_window: int | None = None,
+              scale: float = 1.0):
+    """Merges one k/v block into ``carry`` (see :func:`init_carry`); returns the new carry."""
+
+    def update(c, sc, guard):
+        m, den, acc = c
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if guard else m_new
+        p = jnp.exp(sc - safe[..., None])
+        corr = jnp.exp(m - safe)  # exp(-inf) = 0 before the first visible key
+        pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, den * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+    def masked(c):  # a block on the diagonal / window edge / segment boundary
+        vis = _vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window)
+        return update(c, jnp.where(vis, _scores(q, k, scale), -jnp.inf), True)
+
+    def full(c):  # every pair visible: no mask, and every row's max is finite
+        return update(c, _scores(q, k, scale), False)
+
+    kind = block_kind(q_pos, kv_pos, q_seg, kv_seg, sliding_window)
+    return jax.lax.switch(kind, (lambda c: c, full, masked), carry)
+
+
+def finalize(carry):
+    """(out float32[B, KV, G, bq, D], lse float32[B, KV, G, bq]) of a finished carry: a row that
+    saw no key is zero with ``lse = LSE_MASKED``."""
+    m, den, acc = carry
+    seen = den > 0
+    out = acc / jnp.where(seen, den, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, den, 1.0)), LSE_MASKED)
+    return out, lse
+
+
+def block_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, d_out, *, sliding_window: int | None = None,
+              scale: float = 1.0):
+    """One k/v block's gradients: ``(dq float32[B, KV, G, bq, D], dk, dv float32[B, KV, bk, D])``.
+
+    lse: the q block's final log-sum-exp ``[B, KV, G, bq]`` (:func:`finalize`); delta:
+    ``rowsum(d_out * out)`` ``[B, KV, G, bq]``; d_out: ``[B, KV, G, bq, D]``.
+    """
+
+    def grads(sc):
+        p = jnp.exp(sc - lse[..., None])  # masked scores are -inf: p = 0
+        dv = jnp.einsum("bkgqs,bkgqd->bksd", p, d_out, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkgqd,bksd->bkgqs", d_out, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+        ds = p * (dp - delta[..., None]) * jnp.float32(scale)
+        dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k.astype(jnp.float32), preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q.astype(jnp.float32), preferred_element_type=jnp.float32)
+        return dq, dk, dv
+
+    def masked(_):
+        return grads(jnp.where(_vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window), _scores(q, k, scale), -jnp.inf))
+
+    def full(_):
+        return grads(_scores(q, k, scale))
+
+    def skip(_):
+        return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+
+    kind = block_kind(q_pos, kv_pos, q_seg, kv_seg, sliding_window)
+    return jax.lax.switch(kind, (skip, full, masked), None)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel: blocks of the whole arrays, a custom VJP over them.
+
+
+def _q_rows(x, bq, kvh):
+    """[B, L, H, *rest] -> the q block layout [nq, B, KV, G, bq, *rest] (rows padded with 0)."""
+    b, l, h = x.shape[:3]
+    nq = -(-l // bq)
+    x = _pad_to(x, nq * bq, 1, 0).reshape(b, nq, bq, kvh, h // kvh, *x.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 2, 4)
+
+
+def _kv_rows(x, bk):
+    """[B, S, KV, D] -> [nk, B, KV, bk, D] (rows padded with 0)."""
+    b, s, kvh, d = x.shape
+    nk = -(-s // bk)
+    return jnp.transpose(_pad_to(x, nk * bk, 1, 0).reshape(b, nk, bk, kvh, d), (1, 0, 3, 2, 4))
+
+
+def _ids(x, blk, fill):
+    """int[B, N] -> int32[n, B, blk], padded with ``fill``; None stays None."""
+    if x is None:
+        return None
+    b, n = x.shape
+    nb = -(-n // blk)
+    return jnp.moveaxis(_pad_to(x.astype(jnp.int32), nb * blk, 1, fill).reshape(b, nb, blk), 1, 0)
+
+
+def _blocks(q, k, v, qp, kp, qs, ks, bq, bk):
+    """The block layout of the whole arrays: q [nq, B, KV, G, bq, D], k/v [nk, B, KV, bk, D],
+    positions [nq, B, bq] / [nk, B, bk], segments alike or None. Padded query rows sit at
+    position 0 (sliced off later); padded keys at ``PAD_POSITION`` (never visible)."""
+    kvh = k.shape[2]
+    return (_q_rows(q, bq, kvh), _kv_rows(k, bk), _kv_rows(v, bk), _ids(qp, bq, 0), _ids(kp, bk, PAD_POSITION),
+            _ids(qs, bq, 0), _ids(ks, bk, -1))
+
+
+def _unblock_q(x, l):
+    """[nq, B, KV, G, bq, *rest] -> [B, L, KV * G, *rest] (padded rows dropped)."""
+    nq, b, kvh, g, bq = x.shape[:5]
+    x = jnp.moveaxis(x, 4, 2)  # [nq, B, bq, KV, G, ...]
+    x = jnp.moveaxis(x, 0, 1).reshape(b, nq * bq, kvh * g, *x.shape[5:])
+    return x[:, :l]
+
+
+def _unblock_kv(x, s):
+    """[nk, B, KV, bk, D] -> [B, S, KV, D]."""
+    nk, b, kvh, bk, d = x.shape
+    return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, nk * bk, kvh, d)[:, :s]
+
+
+def _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
+    qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
+
+    def one_q_block(args):
+        qb, qpos, qseg = args
+
+        def step(carry, kv):
+            kb, vb, kpos, kseg = kv
+            return block_fwd(qb, kb, vb, qpos, kpos, qseg, kseg, carry, sliding_window=window, scale=scale), None
+
+        carry, _ = jax.lax.scan(step, init_carry(qb), (kx, vx, kpb, ksb))
+        return finalize(carry)
+
+    out, lse = jax.lax.map(one_q_block, (qx, qpb, qsb))  # [nq, B, KV, G, bq, D], [nq, B, KV, G, bq]
+    return _unblock_q(out, q.shape[1]).astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _flash(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
+    return _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
+    out, lse = _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk)
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+    return out, (q, k, v, qp, kp, qs, ks, out, lse)
+
+
+def _flash_bwd(window, scale, bq, bk, res, d_out):
+    q, k, v, qp, kp, qs, ks, out, lse = res
+    l, s = q.shape[1], k.shape[1]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, L, H]
+    qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
+    # d_out and delta in the q block layout (padded rows: 0, so they add nothing to dk, dv).
+    dox, dlx = _q_rows(d_out.astype(jnp.float32), bq, k.shape[2]), _q_rows(delta, bq, k.shape[2])
+
+    def one_q_block(acc, args):
+        qb, qpos, qseg, lseb, dlb, dob = args
+
+        def step(dq, kv):
+            kb, vb, kpos, kseg = kv
+            dqj, dkj, dvj = block_bwd(qb, kb, vb, qpos, kpos, qseg, kseg, lseb, dlb, dob, sliding_window=window,
+                                      scale=scale)
+            return dq + dqj, (dkj, dvj)
+
+        dq, (dks, dvs) = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kx, vx, kpb, ksb))
+        return (acc[0] + dks, acc[1] + dvs), dq
+
+    zeros = (jnp.zeros(kx.shape, jnp.float32), jnp.zeros(vx.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(one_q_block, zeros, (qx, qpb, qsb, lse, dlx, dox))
+    dq = _unblock_q(dq, l).astype(q.dtype)
+    return (dq, _unblock_kv(dk, s).astype(k.dtype), _unblock_kv(dv, s).astype(v.dtype), None, None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(
@@ -44,83 +275,11 @@ def blockwise_attention(
     block_q: int = 512,
     block_kv: int = 512,
 ):
-    """Exact attention computed block by block. Shapes as in :mod:`.dense`."""
-    b, l, h, d = q.shape
-    s, kvh = k.shape[1], k.shape[2]
-    g = check_heads(q, k)
-    scale = d**-0.5 if scale is None else scale
-    use_seg = q_segment_ids is not None and kv_segment_ids is not None
-    bq, bk = min(block_q, l), min(block_kv, s)
-    nq, nk = -(-l // bq), -(-s // bk)
-
-    # Padded keys sit at position +inf (never visible); padded query rows are sliced off.
-    qp = _pad_to(q_positions.astype(jnp.int32), nq * bq, 1, 0)
-    kp = _pad_to(kv_positions.astype(jnp.int32), nk * bk, 1, _BIG)
-    qs = _pad_to(q_segment_ids, nq * bq, 1, 0) if use_seg else None
-    ks = _pad_to(kv_segment_ids, nk * bk, 1, -1) if use_seg else None
-    qx = _pad_to(q, nq * bq, 1, 0).reshape(b, nq, bq, kvh, g, d)
-    qx = jnp.transpose(qx, (1, 0, 3, 4, 2, 5))  # [nq, B, KV, G, bq, D]
-    kx = jnp.transpose(_pad_to(k, nk * bk, 1, 0).reshape(b, nk, bk, kvh, d), (1, 0, 3, 2, 4))  # [nk, B, KV, bk, D]
-    vx = jnp.transpose(_pad_to(v, nk * bk, 1, 0).reshape(b, nk, bk, kvh, d), (1, 0, 3, 2, 4))
-    kpb = jnp.moveaxis(kp.reshape(b, nk, bk), 1, 0)  # [nk, B, bk]
-    ksb = jnp.moveaxis(ks.reshape(b, nk, bk), 1, 0) if use_seg else None
-
-    def one_q_block(args):
-        qb, qpb, qsb = args  # [B, KV, G, bq, D], [B, bq], [B, bq]
-        qb = qb * jnp.asarray(scale, qb.dtype)  # scaling q is cheaper than scaling the score tile
-        q_lo, q_hi = jnp.min(qpb), jnp.max(qpb)
-        if use_seg:
-            q_seg_lo, q_seg_hi = jnp.min(qsb), jnp.max(qsb)
-
-        def scores(kb):
-            return jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-
-        def update(c, sc, vb, guard):
-            m, den, acc = c
-            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-            safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if guard else m_new
-            p = jnp.exp(sc - safe[..., None])
-            corr = jnp.exp(m - safe)  # exp(-inf) = 0 before the first visible key
-            den = den * corr + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-            return m_new, den, acc * corr[..., None] + pv
-
-        def step(carry, kv):
-            kb, vb, kpos, kseg = kv
-
-            def masked(c):  # a block on the diagonal / window edge / segment boundary
-                vis = visible(qpb, kpos, qsb, kseg, sliding_window)[:, None, None]  # [B, 1, 1, bq, bk]
-                return update(c, jnp.where(vis, scores(kb), -jnp.inf), vb, True)
-
-            def full(c):  # every pair visible: no mask, and every row's max is finite
-                return update(c, scores(kb), vb, False)
-
-            k_lo = jnp.min(kpos)
-            k_hi = jnp.max(jnp.where(kpos == _BIG, -_BIG, kpos))
-            skip = k_lo > q_hi
-            # Every key at or before every query, no padded key: all visible (window, segments aside).
-            every = (k_hi <= q_lo) & (jnp.max(kpos) != _BIG)
-            if sliding_window is not None:
-                # float32 is exact for positions below 2**24 and cannot overflow.
-                k_hi_f, k_lo_f = k_hi.astype(jnp.float32), k_lo.astype(jnp.float32)
-                skip = skip | (q_lo.astype(jnp.float32) - k_hi_f >= sliding_window)
-                every = every & (q_hi.astype(jnp.float32) - k_lo_f < sliding_window)
-            if use_seg:
-                every = every & (q_seg_lo == q_seg_hi) & (jnp.min(kseg) == q_seg_lo) & (jnp.max(kseg) == q_seg_lo)
-            branch = jnp.where(skip, 0, jnp.where(every, 1, 2))
-            return jax.lax.switch(branch, (lambda c: c, full, masked), carry), None
-
-        init = (
-            jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kvh, g, bq), jnp.float32),
-            jnp.zeros((b, kvh, g, bq, d), jnp.float32),
-        )
-        (m, den, acc), _ = jax.lax.scan(step, init, (kx, vx, kpb, ksb))
-        out = acc / jnp.where(den > 0, den, 1.0)[..., None]
-        return out.astype(q.dtype)  # [B, KV, G, bq, D]
-
-    qpbs = jnp.moveaxis(qp.reshape(b, nq, bq), 1, 0)
-    qsbs = jnp.moveaxis(qs.reshape(b, nq, bq), 1, 0) if use_seg else None
-    out = jax.lax.map(one_q_block, (qx, qpbs, qsbs))  # [nq, B, KV, G, bq, D]
-    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, nq * bq, h, d)
-    return out[:, :l]
+    """Exact attention computed block by block, with a flash backward. Shapes as in :mod:`.dense`."""
+    check_heads(q, k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if q_segment_ids is None or kv_segment_ids is None:
+        q_segment_ids = kv_segment_ids = None
+    bq, bk = min(block_q, q.shape[1]), min(block_kv, k.shape[1])
+    return _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                  None if sliding_window is None else int(sliding_window), float(scale), bq, bk)
