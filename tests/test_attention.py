@@ -222,6 +222,21 @@ def test_flash_saves_no_score_tile(capsys):
     assert largest_residual(lambda q, k, v: dense_attention(q, k, v, **kw), capsys, q, k, v) >= 77 * 77
 
 
+def test_flash_inside_a_layer_scan_saves_no_score_tile(capsys):
+    """Under an outer ``lax.scan`` (the model's layers) the backward still keeps only per-layer
+    q, k, v, out and lse: JAX would otherwise save the forward's per-block score tiles
+    ([nq, nk, ..., bq, bk], quadratic in L) as residuals of the scan."""
+    q, k, v, kw = _case("causal_gqa")
+
+    def layers(q, k, v):
+        def body(x, _):
+            return blockwise_attention(x, k, v, **kw, block_q=16, block_kv=16), None
+
+        return jax.lax.scan(body, q, None, length=3)[0]
+
+    assert largest_residual(layers, capsys, q, k, v) <= 3 * q.size
+
+
 def _fold(q, kvh):
     """[B, L, H, D] -> the block layout [B, KV, G, L, D]."""
     b, l, h, d = q.shape

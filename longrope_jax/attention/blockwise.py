@@ -206,15 +206,22 @@ def _unblock_kv(x, s):
 
 def _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
     qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
+    nk = kx.shape[0]
 
     def one_q_block(args):
         qb, qpos, qseg = args
 
-        def step(carry, kv):
-            kb, vb, kpos, kseg = kv
-            return block_fwd(qb, kb, vb, qpos, kpos, qseg, kseg, carry, sliding_window=window, scale=scale), None
+        # A while loop, not a scan: under an outer scan's autodiff (the model's layer scan), JAX
+        # saves a scan's per-iteration branch values of ``lax.switch`` here as residuals even though
+        # the custom VJP never needs them ([nq, nk] score tiles: quadratic memory); a while loop
+        # is never linearised, so nothing of it is saved.
+        def step(state):
+            j, carry = state
+            kseg = None if ksb is None else ksb[j]
+            return j + 1, block_fwd(qb, kx[j], vx[j], qpos, kpb[j], qseg, kseg, carry, sliding_window=window,
+                                    scale=scale)
 
-        carry, _ = jax.lax.scan(step, init_carry(qb), (kx, vx, kpb, ksb))
+        _, carry = jax.lax.while_loop(lambda st: st[0] < nk, step, (0, init_carry(qb)))
         return finalize(carry)
 
     out, lse = jax.lax.map(one_q_block, (qx, qpb, qsb))  # [nq, B, KV, G, bq, D], [nq, B, KV, G, bq]
