@@ -72,10 +72,9 @@ def block_kind(q_pos, kv_pos, q_seg=None, kv_seg=None, sliding_window: int | Non
     return jnp.where(skip, SKIP, jnp.where(every, FULL, MASKED)).astype(jnp.int32)
 
 
-def _scores(q, k, scale):
-    """float32[B, KV, G, bq, bk] of a q block and a k block."""
-    qs = q * jnp.asarray(scale, q.dtype)  # scaling q is cheaper than scaling the score tile
-    return jnp.einsum("bkgqd,bksd->bkgqs", qs, k, preferred_element_type=jnp.float32)
+def _scores(q, k):
+    """float32[B, KV, G, bq, bk] of a (scaled) q block and a k block."""
+    return jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32)
 
 
 def _vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window):
@@ -102,12 +101,15 @@ def block_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, carry, *, sliding_window: i
         pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, den * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
 
+    if scale != 1.0:  # outside the branches (scaling inside them costs a pass each); the kernel pre-scales
+        q = q * jnp.asarray(scale, q.dtype)
+
     def masked(c):  # a block on the diagonal / window edge / segment boundary
         vis = _vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window)
-        return update(c, jnp.where(vis, _scores(q, k, scale), -jnp.inf), True)
+        return update(c, jnp.where(vis, _scores(q, k), -jnp.inf), True)
 
     def full(c):  # every pair visible: no mask, and every row's max is finite
-        return update(c, _scores(q, k, scale), False)
+        return update(c, _scores(q, k), False)
 
     kind = block_kind(q_pos, kv_pos, q_seg, kv_seg, sliding_window)
     return jax.lax.switch(kind, (lambda c: c, full, masked), carry)
@@ -131,20 +133,22 @@ def block_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, d_out, *, slidi
     ``rowsum(d_out * out)`` ``[B, KV, G, bq]``; d_out: ``[B, KV, G, bq, D]``.
     """
 
+    qs = q * jnp.asarray(scale, q.dtype)  # outside the branches (scaling inside them costs a pass each)
+
     def grads(sc):
         p = jnp.exp(sc - lse[..., None])  # masked scores are -inf: p = 0
         dv = jnp.einsum("bkgqs,bkgqd->bksd", p, d_out, preferred_element_type=jnp.float32)
         dp = jnp.einsum("bkgqd,bksd->bkgqs", d_out, v.astype(jnp.float32), preferred_element_type=jnp.float32)
-        ds = p * (dp - delta[..., None]) * jnp.float32(scale)
+        ds = p * (dp - delta[..., None])
         dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k.astype(jnp.float32), preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, q.astype(jnp.float32), preferred_element_type=jnp.float32)
-        return dq, dk, dv
+        dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, qs.astype(jnp.float32), preferred_element_type=jnp.float32)
+        return dq * jnp.float32(scale), dk, dv
 
     def masked(_):
-        return grads(jnp.where(_vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window), _scores(q, k, scale), -jnp.inf))
+        return grads(jnp.where(_vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window), _scores(qs, k), -jnp.inf))
 
     def full(_):
-        return grads(_scores(q, k, scale))
+        return grads(_scores(qs, k))
 
     def skip(_):
         return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -204,24 +208,31 @@ def _unblock_kv(x, s):
     return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, nk * bk, kvh, d)[:, :s]
 
 
-def _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
+def _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk, loop="scan"):
     qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
     nk = kx.shape[0]
 
     def one_q_block(args):
         qb, qpos, qseg = args
+        qb = qb * jnp.asarray(scale, qb.dtype)  # once per q block, not per k block
+        if loop == "scan":  # inference: a scan over the k blocks (faster on CPU than a while loop)
+            def step(carry, kv):
+                kb, vb, kpos, kseg = kv
+                return block_fwd(qb, kb, vb, qpos, kpos, qseg, kseg, carry, sliding_window=window), None
 
-        # A while loop, not a scan: under an outer scan's autodiff (the model's layer scan), JAX
-        # saves a scan's per-iteration branch values of ``lax.switch`` here as residuals even though
-        # the custom VJP never needs them ([nq, nk] score tiles: quadratic memory); a while loop
-        # is never linearised, so nothing of it is saved.
-        def step(state):
+            carry, _ = jax.lax.scan(step, init_carry(qb), (kx, vx, kpb, ksb))
+            return finalize(carry)
+
+        # Under differentiation a while loop: inside an outer scan's autodiff (the model's layer
+        # scan) JAX saves a scan's per-iteration ``lax.switch`` branch values as residuals,
+        # though the custom VJP never reads them ([nq, nk] score tiles: quadratic memory); a
+        # while loop is never linearised, so nothing of it is saved.
+        def body(state):
             j, carry = state
             kseg = None if ksb is None else ksb[j]
-            return j + 1, block_fwd(qb, kx[j], vx[j], qpos, kpb[j], qseg, kseg, carry, sliding_window=window,
-                                    scale=scale)
+            return j + 1, block_fwd(qb, kx[j], vx[j], qpos, kpb[j], qseg, kseg, carry, sliding_window=window)
 
-        _, carry = jax.lax.while_loop(lambda st: st[0] < nk, step, (0, init_carry(qb)))
+        _, carry = jax.lax.while_loop(lambda st: st[0] < nk, body, (0, init_carry(qb)))
         return finalize(carry)
 
     out, lse = jax.lax.map(one_q_block, (qx, qpb, qsb))  # [nq, B, KV, G, bq, D], [nq, B, KV, G, bq]
@@ -234,7 +245,7 @@ def _flash(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
 
 
 def _flash_fwd(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
-    out, lse = _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk)
+    out, lse = _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk, loop="while")
     out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return out, (q, k, v, qp, kp, qs, ks, out, lse)
 
