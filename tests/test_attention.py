@@ -151,15 +151,7 @@ def test_fused_clear_errors():
 # --------------------------------------------------------------------------------------------
 # The flash backward: gradients against jax.grad of dense, per-block functions driven by hand.
 
-FLASH_CASES = {
-    "causal_gqa": dict(),
-    "mha": dict(kv=6),
-    "mqa": dict(kv=1),
-    "window": dict(window=9),
-    "segments": dict(segments=True),
-    "zigzag_positions": dict(permute=True),
-    "fully_masked_rows": dict(masked_rows=True),
-}
+FLASH_CASES = {**CASES, "fully_masked_rows": dict(masked_rows=True)}
 
 
 def _case(name, seed=0):
