@@ -33,6 +33,9 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources"],
         "test": [
             "pytest",
+            # compiles TPU programs on CPU-only machines (tests/test_parallel.py); pinned with jax
+            # in constraints.txt
+            "libtpu",
             "torch==2.13.0",
             "transformers>=5.0",
             "accelerate",

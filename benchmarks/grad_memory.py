@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
@@ -63,37 +61,12 @@ def parse_args(argv=None):
 def compiled_memory(cfg, length: int, attention: str, block: int, device=None) -> dict:
     """Memory analysis of the compiled gradient of one window's mean NLL (nothing is run)."""
     import jax
-    import jax.numpy as jnp
 
-    from longrope_jax import evaluate
-    from longrope_jax.model import init_params, rope_spec
+    from longrope_jax import parallel
+    from longrope_jax.parallel import aot
 
-    spec = rope_spec(cfg)
-    params = jax.eval_shape(lambda: init_params(cfg, 0))
-
-    def loss(p, tokens):
-        return jnp.mean(evaluate._nll_one_spec(p, tokens, spec, cfg, attention, block, 1024))
-
-    sharding = None
-    if device is not None:
-        from jax.sharding import SingleDeviceSharding
-
-        sharding = SingleDeviceSharding(device)
-    args = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), params),
-            jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=sharding))
-    t = time.perf_counter()
-    try:
-        compiled = jax.jit(jax.grad(loss)).lower(*args).compile()
-    except jax.errors.JaxRuntimeError as e:  # a TPU compile refuses what exceeds the chip's HBM
-        need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not need:
-            raise
-        return {"temp_bytes": int(float(need.group(1)) * 2**30), "over_hbm": True,
-                "compile_seconds": round(time.perf_counter() - t, 2), "argument_bytes": 0, "output_bytes": 0}
-    seconds = time.perf_counter() - t
-    m = compiled.memory_analysis()
-    return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
-            "output_bytes": int(m.output_size_in_bytes), "compile_seconds": round(seconds, 2)}
+    mesh = parallel.build(None, [device or jax.devices()[0]])
+    return aot.loss_report(cfg, mesh, length=length, grad=True, attention=attention, block=block)
 
 
 def slope(points: list[tuple[int, int]]) -> float | None:
@@ -122,11 +95,9 @@ def main(argv=None) -> int:
     device = None
     where = f"CPU ({jax.devices()[0].device_kind})"
     if args.topology:
-        from jax.experimental import topologies
+        from longrope_jax.parallel import aot
 
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology,
-                                               chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
-        device = devices[0]
+        device = aot.topology_devices(args.topology)[0]
         where = f"{args.topology} ({device.device_kind}), one device"
     rows, results = [], []
     for n in args.lengths:
@@ -143,7 +114,7 @@ def main(argv=None) -> int:
 
         rows.append([n, gib(ours), gib(peer),
                      None if peer is None else peer["temp_bytes"] / ours["temp_bytes"],
-                     (ours["argument_bytes"] + ours["output_bytes"]) / 2**30])
+                     (ours.get("argument_bytes", 0) + ours.get("output_bytes", 0)) / 2**30])
     s_ours = slope([(r["length"], r["ours"]["temp_bytes"]) for r in results])
     s_peer = slope([(r["length"], r["peer"]["temp_bytes"]) for r in results if r["peer"]])
     table = _bench.md_table(["length", "flash temp GiB", "dense temp GiB", "dense / flash", "args + grads GiB"], rows)

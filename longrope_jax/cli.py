@@ -23,6 +23,14 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sliding-window", action="store_true", help="switch Mistral's sliding window off")
 
 
+def _add_mesh_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", help="device mesh, e.g. data=2,sequence=4 (axes data, fsdp, sequence, tensor; -1: the "
+                                  "remaining devices; absent: 1)")
+    p.add_argument("--coordinator", help="multi-process: HOST:PORT of process 0 (with --num-processes, --process-id)")
+    p.add_argument("--num-processes", type=int, help="multi-process: how many processes")
+    p.add_argument("--process-id", type=int, help="multi-process: this process's index (0 writes the output)")
+
+
 def _no_extra(extra: list[str]) -> None:
     if extra:
         raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
@@ -85,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory the evaluator may use per device (default: 80%% of free device memory, 4 GiB on CPU)")
     p.add_argument("--plot", action="store_true", help="write ppl_vs_length.png under --out")
     p.add_argument("--out", help="directory for files (plots)")
+    _add_mesh_flags(p)
     p.set_defaults(func=cmd_ppl)
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt (KV cache, short/long aware)")
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readjust", metavar="FILE",
                    help="short-context readjust of an extended model's factors file: its short factors (target "
                         "length <= the original window) or a per_length entry (above it)")
+    _add_mesh_flags(p)
     p.set_defaults(func=cmd_search)
     return parser
 

@@ -72,10 +72,58 @@ def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int, we
     return jnp.sum(jax.lax.map(one, (split(hidden), split(targets), split(valid))), axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk"))
+def _sharded_nll(model, params, hidden, targets, loss_chunk, weights, layout):
+    """:func:`chunked_nll` on each device's own tokens (``layout``), the rows' partial sums added
+    after: the hidden states never leave their device. Only the head's weights are gathered."""
+    from jax.sharding import PartitionSpec as P
+
+    head = {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
+    rows = layout.rows()
+
+    def local(head, h, y, m):
+        return chunked_nll(model, head, h, y, loss_chunk, m)[:, None]
+
+    # check_vma=False: under the evaluator's vmap over candidates (spmd_axis_name="data") the
+    # shared targets and the batched logits vary over different axes, which the check rejects.
+    part = jax.shard_map(local, mesh=layout.mesh, in_specs=(P(), layout.hidden(), rows, rows),
+                         out_specs=rows, check_vma=False)(head, hidden, targets, weights)
+    return jnp.sum(part, axis=1)
+
+
+def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockwise", q_chunk: int | None = None,
+             loss_chunk: int = 1024, weights=None, layout=None):
+    """Mean next-token NLL of each row over its ``L - 1`` predictions: float32[B]. Pure and
+    differentiable (the flash backward, the chunked loss): the loss of a gradient step.
+
+    tokens: int32[B, L]; spec: a RopeSpec without candidate axis; weights: float32[B, L - 1] per
+    prediction (the mean is weighted) or None. ``layout`` (``parallel.Layout``): rows and tokens
+    sharded on its mesh, attention by all-gather over ``sequence``, the loss on each device's
+    tokens; None: one device.
+    """
+    b, l = tokens.shape
+    fn = _attention(attention, q_chunk)
+    if layout is not None:
+        from longrope_jax.attention.gather import all_gather_attention
+
+        fn = all_gather_attention(fn, layout)
+    model = Transformer(cfg, fn) if layout is None else Transformer(cfg, fn, layout.constrain)
+    hidden = model.apply({"params": params}, tokens, rope=spec, return_hidden=True)
+    # Position i predicts token i + 1; the last position predicts nothing (weight 0), so hidden
+    # states and targets keep the row's length and its sharding.
+    targets = jnp.roll(tokens, -1, axis=1)
+    w = jnp.ones((b, l - 1), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    w = jnp.pad(w, [(0, 0), (0, 1)])
+    if layout is None:
+        total = chunked_nll(model, params, hidden, targets, loss_chunk, w)
+    else:
+        total = _sharded_nll(model, params, hidden, targets, loss_chunk, w, layout)
+    return total / jnp.sum(w, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "layout"))
 def window_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "dense", q_chunk: int | None = None,
-               loss_chunk: int = 1024):
-    """Mean NLL of each window over its ``L - 1`` next-token predictions.
+               loss_chunk: int = 1024, layout=None):
+    """Mean NLL of each window over its ``L - 1`` next-token predictions (:func:`mean_nll`, jitted).
 
     Args:
       params: model params.
@@ -84,19 +132,14 @@ def window_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "dens
     Returns:
       float32[S].
     """
-    return _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk)
+    return mean_nll(params, tokens, spec, cfg=cfg, attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk,
+                    layout=layout)
 
 
-def _nll_one_spec(params, tokens, spec, cfg, attention, q_chunk, loss_chunk, weights=None):
-    model = Transformer(cfg, _attention(attention, q_chunk))
-    hidden = model.apply({"params": params}, tokens, rope=spec, return_hidden=True)
-    total = chunked_nll(model, params, hidden[:, :-1], tokens[:, 1:], loss_chunk, weights)
-    return total / (tokens.shape[1] - 1 if weights is None else jnp.sum(weights, axis=-1))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "sequential"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "sequential", "layout"))
 def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = "blockwise",
-                   q_chunk: int | None = None, loss_chunk: int = 1024, weights=None, sequential: bool = False):
+                   q_chunk: int | None = None, loss_chunk: int = 1024, weights=None, sequential: bool = False,
+                   layout=None):
     """Mean NLL of K candidate RoPE specs on S windows in one call: float32[K, S].
 
     ``specs`` carries a leading candidate axis (``rope.stack``); the weights are shared by every
@@ -105,10 +148,17 @@ def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = 
     (e.g. 1 on a needle's answer tokens, 0 elsewhere; the mean is weighted), or None.
     ``sequential``: candidates one after another inside the call (``lax.map``) instead of
     ``vmap``: on a CPU one window already fills the cores, and K windows' activations at once
-    only spill the caches; accelerators want the batch.
+    only spill the caches; accelerators want the batch. ``layout``: on a mesh, the candidates go
+    over ``data`` (``vmap(spmd_axis_name="data")``) and the windows over ``layout.batch_axes``.
     """
-    one = lambda sp: _nll_one_spec(params, tokens, sp, cfg, attention, q_chunk, loss_chunk, weights)  # noqa: E731
-    return jax.lax.map(one, specs) if sequential else jax.vmap(one)(specs)
+    def one(sp):
+        return mean_nll(params, tokens, sp, cfg=cfg, attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk,
+                        weights=weights, layout=layout)
+
+    if sequential:
+        return jax.lax.map(one, specs)
+    data = layout is not None and layout.mesh.shape["data"] > 1
+    return jax.vmap(one, spmd_axis_name="data" if data else None)(specs)
 
 
 def item_bytes(cfg: ModelConfig, length: int, block: int = 512, loss_chunk: int = 1024) -> int:
@@ -165,8 +215,13 @@ def one_cpu(devices=None) -> bool:
 
 def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
           attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
-          devices=None, weights=None, sequential: bool | None = None) -> np.ndarray:
+          mesh=None, devices=None, weights=None, sequential: bool | None = None) -> np.ndarray:
     """NLL of K candidates on S windows: float64[K, S], split into as few calls as fit the budget.
+
+    ``mesh`` (``parallel.build``): candidates over its ``data`` axis, windows over ``fsdp``,
+    tokens over ``sequence``, heads over ``tensor``, weights by the partition rules; a run over
+    several processes gives every process the same result. None: the candidates spread over
+    ``devices`` (default the local ones; one device: no mesh).
 
     ``sequential``: score the candidates of a call one after another (see ``candidates_nll``);
     None: on a single CPU device, where a call's memory is then one candidate's.
@@ -175,54 +230,65 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
 
     Candidates go through in their given order, ``kc`` at a time (the last call padded by
     repeating the last candidate, so every call has one shape and one compilation); results do
-    not depend on the split. With several devices, each call's candidates are spread over them.
+    not depend on the split.
     """
-    tokens = jnp.asarray(tokens, jnp.int32)
+    from longrope_jax import parallel
+
+    tokens = np.asarray(tokens, np.int32)
     k = specs.long_factor.shape[0]
     s, length = tokens.shape
-    devices = list(devices) if devices is not None else jax.local_devices()
-    nd = len(devices)
+    if mesh is None:
+        devices = list(devices) if devices is not None else jax.local_devices()
+        mesh = parallel.build({"data": len(devices)}, devices) if len(devices) > 1 else None
+    sizes = parallel.axis_sizes(mesh) if mesh is not None else {a: 1 for a in parallel.AXES}
     if sequential is None:
-        sequential = one_cpu(devices)
+        sequential = one_cpu(list(mesh.devices.flat) if mesh is not None else devices)
+    nd, nf = sizes["data"], sizes["fsdp"]
     per_item = item_bytes(cfg, length, q_chunk or 512, loss_chunk)
+    budget = memory_budget or default_budget()
     if sequential:  # memory is one candidate's at a time: every candidate in one call
-        kc, sc = k, plan(1, s, per_item, memory_budget or default_budget(), 1)[1]
+        kc, sc = k, plan(1, s, per_item, budget, 1)[1]
     else:
-        kc, sc = plan(k, s, per_item, memory_budget or default_budget(), nd)
-    shard = None
-    if nd > 1 and kc % nd == 0:
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        mesh = Mesh(np.asarray(devices), ("candidates",))
-        shard = NamedSharding(mesh, PartitionSpec("candidates"))
-        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-        tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec()))
+        kc, sc = plan(k, s, per_item, budget, nd)
+    kc = -(-kc // nd) * nd  # a whole number of candidates per data shard
+    sc = -(-sc // nf) * nf
+    layout = None
+    if mesh is not None and mesh.devices.size == 1:
+        mesh = None  # the single-device program
+    if mesh is not None:
+        parallel.check(mesh, cfg=cfg, length=length)
+        layout = parallel.Layout(mesh, ("fsdp",))
+        params = parallel.put_params(params, mesh)
     n_calls = -(-k // kc)
     pad = n_calls * kc - k
-    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a, specs)
+    padded = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else np.asarray(a),
+                          specs)
     wpad = -(-s // sc) * sc - s  # pad windows too, so every call has one shape
     if weights is not None:
-        weights = jnp.asarray(weights, jnp.float32)
+        weights = np.asarray(weights, np.float32)
         if weights.shape != (s, length - 1):
             raise ValueError(f"weights: expected shape {(s, length - 1)} (windows, predictions), got {weights.shape}")
-        if shard is not None:
-            weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
     if wpad:
-        tokens = jnp.concatenate([tokens, jnp.repeat(tokens[-1:], wpad, axis=0)])
+        tokens = np.concatenate([tokens, np.repeat(tokens[-1:], wpad, axis=0)])
         if weights is not None:
-            weights = jnp.concatenate([weights, jnp.repeat(weights[-1:], wpad, axis=0)])
+            weights = np.concatenate([weights, np.repeat(weights[-1:], wpad, axis=0)])
+
+    def place(x, spec):
+        return jnp.asarray(x) if layout is None else parallel.put(x, layout.sharding(spec))
+
+    from jax.sharding import PartitionSpec as P
+
     out = np.zeros((k, s), np.float64)
     for c in range(n_calls):
-        chunk = jax.tree.map(lambda a: a[c * kc:(c + 1) * kc], padded)
-        if shard is not None:
-            chunk = jax.device_put(chunk, shard)
+        chunk = jax.tree.map(lambda a: place(a[c * kc:(c + 1) * kc], P("data" if nd > 1 else None)), padded)
         rows = []
         for w in range(0, s, sc):
-            rows.append(np.asarray(candidates_nll(params, tokens[w:w + sc], chunk, cfg=cfg, attention=attention,
-                                                  q_chunk=q_chunk, loss_chunk=loss_chunk,
-                                                  weights=None if weights is None else weights[w:w + sc],
-                                                  sequential=sequential),
-                                   np.float64))
+            res = candidates_nll(params, place(tokens[w:w + sc], layout and layout.rows()), chunk, cfg=cfg,
+                                 attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk,
+                                 weights=None if weights is None else place(weights[w:w + sc],
+                                                                            layout and P(layout.batch, None)),
+                                 sequential=sequential, layout=layout)
+            rows.append(np.asarray(parallel.fetch(res) if layout is not None else res, np.float64))
         res = np.concatenate(rows, axis=1)[:, :s]
         take = min(kc, k - c * kc)
         out[c * kc:c * kc + take] = res[:take]

@@ -187,11 +187,17 @@ class MLP(nn.Module):
         return _dense(cfg.hidden_size, cfg.mlp_bias, cfg, "down_proj")(nn.silu(gate) * up)
 
 
+def _same(x):
+    return x
+
+
 class Block(nn.Module):
-    """Pre-norm decoder block; returns ``(x, None)`` so it can be scanned."""
+    """Pre-norm decoder block; returns ``(x, None)`` so it can be scanned. ``constrain`` holds
+    its output (the residual stream ``[B, L, D]``) to a sharding (``parallel.Layout.constrain``)."""
 
     cfg: ModelConfig
     attention_fn: Callable = dense_attention
+    constrain: Callable = _same
 
     @nn.compact
     def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
@@ -204,7 +210,7 @@ class Block(nn.Module):
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h)
-        return x, cache
+        return self.constrain(x), cache
 
 
 def _remat_policy(name: str):
@@ -218,10 +224,15 @@ def _remat_policy(name: str):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. ``__call__`` returns logits ``[B, L, V]`` or final hidden states."""
+    """Decoder-only LM. ``__call__`` returns logits ``[B, L, V]`` or final hidden states.
+
+    ``attention_fn``: the attention contract (:mod:`longrope_jax.attention`); ``constrain``: the
+    residual stream's sharding at every block boundary (identity on one device).
+    """
 
     cfg: ModelConfig
     attention_fn: Callable = dense_attention
+    constrain: Callable = _same
 
     def setup(self):
         cfg = self.cfg
@@ -238,7 +249,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 4 + (0,),
             length=cfg.num_hidden_layers,
-        )(cfg, self.attention_fn)
+        )(cfg, self.attention_fn, self.constrain)
         self.norm = RMSNorm(cfg.rms_norm_eps, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
@@ -267,7 +278,7 @@ class Transformer(nn.Module):
                 "vmap the model over the candidate axis"
             )
         cos, sin = rope_lib.cos_sin(positions, spec, seq_len)
-        x = self.embed_tokens(tokens)
+        x = self.constrain(self.embed_tokens(tokens))
         x, new_cache = self.layers(x, cos, sin, positions, segment_ids, cache)
         x = self.norm(x)
         out = x if return_hidden else self.project(x)

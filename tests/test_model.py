@@ -199,7 +199,7 @@ def test_gradients_match_torch_autograd(reference, arch, path):
 
     def loss_fn(p):
         if path == "flash":  # every window has L - 1 predictions: the mean of the means is HF's mean
-            return jnp.mean(evaluate._nll_one_spec(p, jnp.asarray(tokens), spec, cfg, "blockwise", 16, 16))
+            return jnp.mean(evaluate.mean_nll(p, jnp.asarray(tokens), spec, cfg=cfg, q_chunk=16, loss_chunk=16))
         logits = Transformer(cfg).apply({"params": p}, jnp.asarray(tokens), rope=spec)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)

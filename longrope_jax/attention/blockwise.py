@@ -38,6 +38,7 @@ PAD_POSITION = jnp.iinfo(jnp.int32).max
 # The log-sum-exp of a row that sees no key: finite, so exp(s - lse) is 0, never NaN.
 LSE_MASKED = 1e30
 SKIP, FULL, MASKED = 0, 1, 2
+BWD_BLOCK = 256  # the flash backward's largest q / kv block
 
 
 def _pad_to(x, n, axis, value):
@@ -136,7 +137,9 @@ def block_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, d_out, *, slidi
     ``rowsum(d_out * out)`` ``[B, KV, G, bq]``; d_out: ``[B, KV, G, bq, D]``.
     """
 
-    qs = q * jnp.asarray(scale, q.dtype)  # outside the branches (scaling inside them costs a pass each)
+    # Outside the branches (scaling inside them costs a pass each); the kernel pre-scales q once
+    # per q block, passes 1 and scales the summed dq once.
+    qs = q * jnp.asarray(scale, q.dtype) if scale != 1.0 else q
 
     def grads(sc):
         p = jnp.exp(sc - lse[..., None])  # masked scores are -inf: p = 0
@@ -145,7 +148,7 @@ def block_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, d_out, *, slidi
         ds = p * (dp - delta[..., None])
         dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k.astype(jnp.float32), preferred_element_type=jnp.float32)
         dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, qs.astype(jnp.float32), preferred_element_type=jnp.float32)
-        return dq * jnp.float32(scale), dk, dv
+        return (dq * jnp.float32(scale) if scale != 1.0 else dq), dk, dv
 
     def masked(_):
         return grads(jnp.where(_vis(q_pos, kv_pos, q_seg, kv_seg, sliding_window), _scores(qs, k), -jnp.inf))
@@ -256,22 +259,28 @@ def _flash_fwd(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
 def _flash_bwd(window, scale, bq, bk, res, d_out):
     q, k, v, qp, kp, qs, ks, out, lse = res
     l, s = q.shape[1], k.shape[1]
+    kvh = k.shape[2]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, L, H]
+    # The backward's own blocks: it holds five tile-sized arrays where the forward holds two, and
+    # on CPU 256 x 256 tiles (in cache) ran 1.5-2x faster than 512 x 512 (RESULTS.md).
+    lse = _unblock_q(lse[..., None], l)[..., 0]  # [B, L, H]
+    bq, bk = min(bq, BWD_BLOCK), min(bk, BWD_BLOCK)
     qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
-    # d_out and delta in the q block layout (padded rows: 0, so they add nothing to dk, dv).
-    dox, dlx = _q_rows(d_out.astype(jnp.float32), bq, k.shape[2]), _q_rows(delta, bq, k.shape[2])
+    # d_out, delta, lse in the q block layout (padded rows: d_out 0, so they add nothing to dk, dv).
+    dox, dlx = _q_rows(d_out.astype(jnp.float32), bq, kvh), _q_rows(delta, bq, kvh)
+    lse = _q_rows(lse, bq, kvh)
 
     def one_q_block(acc, args):
         qb, qpos, qseg, lseb, dlb, dob = args
+        qb = qb * jnp.asarray(scale, qb.dtype)  # once per q block, as in the forward
 
         def step(dq, kv):
             kb, vb, kpos, kseg = kv
-            dqj, dkj, dvj = block_bwd(qb, kb, vb, qpos, kpos, qseg, kseg, lseb, dlb, dob, sliding_window=window,
-                                      scale=scale)
+            dqj, dkj, dvj = block_bwd(qb, kb, vb, qpos, kpos, qseg, kseg, lseb, dlb, dob, sliding_window=window)
             return dq + dqj, (dkj, dvj)
 
         dq, (dks, dvs) = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kx, vx, kpb, ksb))
-        return (acc[0] + dks, acc[1] + dvs), dq
+        return (acc[0] + dks, acc[1] + dvs), dq * jnp.float32(scale)
 
     zeros = (jnp.zeros(kx.shape, jnp.float32), jnp.zeros(vx.shape, jnp.float32))
     (dk, dv), dq = jax.lax.scan(one_q_block, zeros, (qx, qpb, qsb, lse, dlx, dox))

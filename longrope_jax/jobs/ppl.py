@@ -12,14 +12,15 @@ from typing import Iterator
 
 from longrope_jax import evaluate
 from longrope_jax import factors as factors_lib
+from longrope_jax import parallel
 from longrope_jax.data import read_sources, source_label, windows_from
 from longrope_jax.loading import LoadedModel, model_from
 
 # The settings of ``longrope-jax ppl`` (flags, a --config file, --config.key=value overrides).
 DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
                 tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
-                q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None)
-KINDS = dict(model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
+                q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None, **parallel.SETTINGS)
+KINDS = dict(**parallel.SETTINGS_KINDS, model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
              tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
              attention="auto|dense|blockwise|fused", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
              plot="bool", out="str?")
@@ -33,21 +34,24 @@ def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
 
     return config_files.merge(DEFAULTS, KINDS, config_path=config_path, overrides=overrides, flags=flags,
                               required=REQUIRED, listy=("data", "length", "rope"),
-                              unset_if_falsy=("tokenizer", "q_chunk", "memory_budget_gib", "out"))
+                              unset_if_falsy=("tokenizer", "q_chunk", "memory_budget_gib", "out", "mesh"))
 
 
 def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1,
         seed: int = 0, param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
         loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True, field: str = "text",
-        memory_budget: int | None = None, log=None) -> Iterator[dict]:
+        memory_budget: int | None = None, mesh=None, log=None) -> Iterator[dict]:
     """Yields one result dict per (length, rope), in the order given.
 
     Every input is checked before the model loads (data sources, ``--rope`` values and their
-    factors files). At each length the ropes that share a spec structure are scored together
-    (``evaluate.score_named``). ``model``: a path, or a model already loaded.
+    factors files, the lengths against ``mesh``). At each length the ropes that share a spec
+    structure are scored together (``evaluate.score_named``) on ``mesh`` (``parallel.build``;
+    None: the local devices). ``model``: a path, or a model already loaded.
     """
     log = log or (lambda msg: None)
     parsed = {r: factors_lib.parse_rope(r) for r in ropes}
+    for length in lengths if mesh is not None else ():
+        parallel.check(mesh, length=length)
     sources = read_sources(data, field, log=log)
     t0 = time.time()
     m = model_from(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
@@ -55,6 +59,8 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
     for p in parsed.values():  # factors files against this model, before any scoring
         if p.kind == "file":
             factors_lib.check_model(p.factors, m.cfg, p.value)
+    if mesh is not None:
+        parallel.check(mesh, cfg=m.cfg)
     name = m.source
     if not isinstance(model, LoadedModel):
         log(f"loaded {name} in {time.time() - t0:.1f}s: {m.cfg.num_hidden_layers} layers, window "
@@ -69,7 +75,7 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
         specs = {r: factors_lib.resolve_rope(p, m.cfg, length, m.factors) for r, p in parsed.items()}
         scores = evaluate.score_named(m.params, m.cfg, w.tokens, specs, log=log, memory_budget=memory_budget,
                                       attention=attn, q_chunk=evaluate.default_block(length, q_chunk),
-                                      loss_chunk=loss_chunk)
+                                      loss_chunk=loss_chunk, mesh=mesh)
         for r in ropes:
             per, secs = scores[r]
             mean = float(per.mean())
@@ -94,6 +100,7 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
                 "original_window": m.cfg.max_position_embeddings,
                 "param_dtype": param_dtype,
                 "attention": attn,
+                "mesh": "one device" if mesh is None else parallel.describe(parallel.axis_sizes(mesh)),
                 "seconds": round(secs, 2),
             }
 
@@ -113,14 +120,18 @@ def main(s: dict, log) -> int:
     """``longrope-jax ppl`` with resolved settings ``s`` (:func:`resolve`)."""
     rows = []
     gib = s["memory_budget_gib"]
+    mesh = parallel.from_settings(s)
+    if not parallel.is_main():  # process 0 alone writes stdout and files
+        log = lambda msg: None  # noqa: E731
     for rec in run(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"], seed=s["seed"],
                    param_dtype=s["param_dtype"], attention=s["attention"], q_chunk=s["q_chunk"],
                    loss_chunk=s["loss_chunk"], tokenizer=s["tokenizer"], sliding_window=not s["no_sliding_window"],
-                   field=s["field"], memory_budget=int(gib * 2**30) if gib else None, log=log):
-        print(json.dumps(rec), flush=True)
+                   field=s["field"], memory_budget=int(gib * 2**30) if gib else None, mesh=mesh, log=log):
+        if parallel.is_main():
+            print(json.dumps(rec), flush=True)
         rows.append(rec)
     log(table(rows))
-    if s["plot"]:
+    if s["plot"] and parallel.is_main():
         from longrope_jax.plots import ppl_vs_length
 
         log(f"wrote {ppl_vs_length(rows, os.path.join(s['out'] or '.', 'ppl_vs_length.png'))}")

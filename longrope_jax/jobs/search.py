@@ -15,10 +15,12 @@ import shlex
 import time
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from longrope_jax import atomic
 from longrope_jax import factors as factors_lib
+from longrope_jax import parallel
 from longrope_jax.loading import LoadedModel, model_from
 from longrope_jax.search import evolve as evolve_lib
 from longrope_jax.search import plan as plan_lib
@@ -237,7 +239,7 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         attention: str = "auto", q_chunk: int | None = None, loss_chunk: int = 1024,
         memory_budget: int | None = None, max_evals: int | None = None, time_budget: float | None = None,
         base_factors=None, readjust: str | None = None, original_window: int | None = None,
-        command: str | None = None, progress: bool = True, on_generation=None, log=None) -> dict:
+        command: str | None = None, progress: bool = True, on_generation=None, mesh=None, log=None) -> dict:
     """The ``search`` job; returns the result line (also what ``summary.json`` starts with).
 
     Args:
@@ -262,6 +264,7 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
       command: recorded in the provenance (default: a canonical command line).
       on_generation: called with the summary dict (what ``summary.json`` holds) after each
         generation, e.g. to redraw a live plot in a notebook.
+      mesh: score on this device mesh (``parallel.build``; one process); None: the local devices.
     """
     from longrope_jax.data import source_label
 
@@ -287,8 +290,10 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         f"{len(w.documents)} window(s), fitness {settings.fitness}; population {settings.population}, "
         f"{settings.iterations} iterations, range {settings.factor_range if settings.mode == 'longrope' else '[s, 2s]'}")
 
+    if mesh is not None:
+        parallel.check(mesh, cfg=m.cfg, length=target_length)
     fit = run_lib.make_fitness(m.params, m.cfg, tokens, plan, weights=weights, memory_budget=memory_budget,
-                               attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk)
+                               attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk, mesh=mesh)
     context = search_context(m, plan, fit, w, needle_info, target_length=target_length, samples=samples,
                              param_dtype=param_dtype, sliding_window=sliding_window, loss_chunk=loss_chunk)
     if command is None:
@@ -365,5 +370,10 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
 
 def main(job: dict, log) -> int:
     """``longrope-jax search`` with resolved settings (``search.settings.resolve``)."""
-    print(json.dumps(run(**job, log=log)), flush=True)
+    job = dict(job)
+    mesh = parallel.from_settings({k: job.pop(k) for k in parallel.SETTINGS})
+    if jax.process_count() > 1:  # every process would append to one log and write the same files
+        raise ValueError("search: runs over several processes are not supported yet; run one process with --mesh "
+                         "over its devices")
+    print(json.dumps(run(**job, mesh=mesh, log=log)), flush=True)
     return 0

@@ -70,15 +70,15 @@ class PerplexityFitness:
       attention_factor: the default template's (None: the LongRoPE default from the two lengths).
       template, slot: where candidates go (default: a plain search's document, slot ``long``).
       weights: float32[S, L - 1] per-prediction weights (needle-driven fitness), or None.
-      memory_budget, attention, q_chunk, loss_chunk: passed to ``evaluate.score`` (``attention``
-        ``auto`` picks as ``ppl`` does).
+      memory_budget, attention, q_chunk, loss_chunk, mesh: passed to ``evaluate.score``
+        (``attention`` ``auto`` picks as ``ppl`` does; ``mesh``: candidates over its ``data`` axis).
     """
 
     def __init__(self, params, cfg, tokens, space: Space, *, original_max: int, base_factors=None,
                  attention_factor: float | None = None, template: dict | None = None, slot: str = "long",
                  weights=None, memory_budget: int | None = None, attention: str = "auto",
-                 q_chunk: int | None = None, loss_chunk: int = 1024):
-        self.params, self.cfg, self.space = params, cfg, space
+                 q_chunk: int | None = None, loss_chunk: int = 1024, mesh=None):
+        self.params, self.cfg, self.space, self.mesh = params, cfg, space, mesh
         self.tokens = np.asarray(tokens, np.int32)
         self.length = int(self.tokens.shape[1])
         p = cfg.rotary_dim // 2
@@ -98,7 +98,7 @@ class PerplexityFitness:
         self.loss_chunk = loss_chunk
         # On one CPU device candidates are scored one after another anyway: one per call, so the
         # search logs (and reports) each as it finishes instead of a whole generation at once.
-        self.batch_size = 1 if evaluate.one_cpu() else None
+        self.batch_size = 1 if mesh is None and evaluate.one_cpu() else None
 
     def long_factor(self, c: Candidate) -> np.ndarray:
         """The factors a candidate stands for: float64[P] (rounded as the file stores them)."""
@@ -130,7 +130,7 @@ class PerplexityFitness:
         """NLL of specs sharing one static structure: float64[K, S]."""
         return evaluate.score(self.params, self.cfg, self.tokens, rope_lib.stack(list(specs)),
                               memory_budget=self.memory_budget, attention=self.attention, q_chunk=self.q_chunk,
-                              loss_chunk=self.loss_chunk, weights=self.weights)
+                              loss_chunk=self.loss_chunk, weights=self.weights, mesh=self.mesh)
 
     def remember(self, name: str, spec: rope_lib.RopeSpec, record: dict) -> None:
         """Keeps ``record`` (a ``score_named`` result on these windows) for candidates whose spec

@@ -22,14 +22,15 @@ class Searched:
 
 
 def make_fitness(params, cfg, tokens, plan: Mapping[str, Any], *, weights=None, memory_budget: int | None = None,
-                 attention: str = "auto", q_chunk: int | None = None, loss_chunk: int = 1024
+                 attention: str = "auto", q_chunk: int | None = None, loss_chunk: int = 1024, mesh=None
                  ) -> fitness_lib.PerplexityFitness:
     """The fitness of a planned search on windows ``tokens: int32[S, L]`` (``weights``:
-    float32[S, L - 1] per prediction, the needle fitness; None: every prediction)."""
+    float32[S, L - 1] per prediction, the needle fitness; None: every prediction) on ``mesh``
+    (``parallel.build``; None: the local devices)."""
     return fitness_lib.PerplexityFitness(params, cfg, tokens, plan["space"], original_max=plan["switch"],
                                          base_factors=plan["base"], template=plan["template"], slot=plan["slot"],
                                          weights=weights, memory_budget=memory_budget, attention=attention,
-                                         q_chunk=q_chunk, loss_chunk=loss_chunk)
+                                         q_chunk=q_chunk, loss_chunk=loss_chunk, mesh=mesh)
 
 
 def search_factors(fit: fitness_lib.PerplexityFitness, plan: Mapping[str, Any], settings: SearchSettings, *,

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+from longrope_jax import parallel
 from longrope_jax.search.genome import FACTOR_RANGES, PAPER_START_TOKENS, SearchError
 
 
@@ -153,15 +154,17 @@ JOB_DEFAULTS: dict[str, Any] = dict(
     model=None, data=None, target_length=None, out=None, samples=5, seed=0, field="text", tokenizer=None,
     param_dtype="float32", no_sliding_window=False, attention="auto", q_chunk=None, loss_chunk=1024,
     memory_budget_gib=None, max_evals=None, time_budget=None, base_factors=None, readjust=None,
+    **parallel.SETTINGS,
 )
 REQUIRED = ("model", "data", "target_length", "out")
 JOB_KINDS = dict(model="str", data="strs", target_length="int", out="str", samples="int", seed="int0", field="str",
                  tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
                  attention="auto|dense|blockwise", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
-                 max_evals="int?", time_budget="number?", base_factors="str?", readjust="str?")
+                 max_evals="int?", time_budget="number?", base_factors="str?", readjust="str?",
+                 **parallel.SETTINGS_KINDS)
 # Values that mean "unset" in a config file (ml_collections fields keep one type).
 _UNSET_IF_FALSY = ("tokenizer", "q_chunk", "memory_budget_gib", "max_evals", "time_budget", "base_factors",
-                   "readjust")
+                   "readjust", "mesh")
 
 
 def defaults() -> dict:

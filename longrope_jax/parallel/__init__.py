@@ -1,0 +1,13 @@
+"""Sequence parallelism: the device mesh and multi-process start-up (:mod:`.mesh`), partition
+rules and placement (:mod:`.sharding`), compiling for a TPU topology here (:mod:`.aot`).
+Attention over a sharded layout lives with the other implementations
+(:mod:`longrope_jax.attention.gather`)."""
+
+from longrope_jax.parallel.mesh import (AXES, BATCH_AXES, SETTINGS, SETTINGS_KINDS, axis_sizes, build, check, describe,
+                                        from_settings, initialize, is_main, parse)
+from longrope_jax.parallel.sharding import (RULES, Layout, fetch, param_shardings, param_specs, put, put_params,
+                                            spec_for)
+
+__all__ = ["AXES", "BATCH_AXES", "Layout", "RULES", "SETTINGS", "SETTINGS_KINDS", "axis_sizes", "build", "check",
+           "describe", "fetch", "from_settings", "initialize", "is_main", "param_shardings", "param_specs", "parse",
+           "put", "put_params", "spec_for"]
