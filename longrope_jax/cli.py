@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="documents per length (seeded choice; default 1)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
-    p.add_argument("--attention", choices=["auto", "dense", "blockwise", "fused"],
-                   help="auto: dense up to 512 tokens, blockwise beyond")
+    p.add_argument("--attention", choices=["auto", "dense", "blockwise", "fused", "ring"],
+                   help="auto: dense up to 512 tokens, blockwise beyond (on a mesh, k/v all-gathered over its "
+                        "sequence axis); ring: ring attention over the sequence axis, zigzag order")
     p.add_argument("--q-chunk", type=int, default=None,
                    help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 512 tokens")
     p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")

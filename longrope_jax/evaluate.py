@@ -18,15 +18,25 @@ from longrope_jax import attention as attention_lib
 from longrope_jax.model import ModelConfig, Transformer
 
 
-def _attention(name: str, q_chunk: int | None):
+def _attention(name: str, q_chunk: int | None, layout=None):
+    """The attention function of ``name``; on a ``layout``, ``ring`` or the named kernel under
+    the all-gather strategy (``attention.gather``)."""
+    blocks = {"block_q": q_chunk, "block_kv": q_chunk} if q_chunk else {}
+    if name == "ring":
+        if layout is None or layout.mesh.shape["sequence"] == 1:
+            raise ValueError("attention: ring needs a mesh with a sequence axis (--mesh sequence=N)")
+        from longrope_jax.attention.ring import ring_attention
+
+        return ring_attention(layout, **blocks)
     fn = attention_lib.get(name)
-    if not q_chunk:
-        return fn
-    if name == "blockwise":
-        return functools.partial(fn, block_q=q_chunk, block_kv=q_chunk)
-    if name == "fused":
-        return functools.partial(fn, block=q_chunk)
-    return functools.partial(fn, q_chunk=q_chunk)
+    if q_chunk:
+        fn = functools.partial(fn, **(blocks if name == "blockwise" else
+                                      {"block": q_chunk} if name == "fused" else {"q_chunk": q_chunk}))
+    if layout is not None:
+        from longrope_jax.attention.gather import all_gather_attention
+
+        fn = all_gather_attention(fn, layout)
+    return fn
 
 
 def pick_attention(name: str, length: int) -> str:
@@ -97,22 +107,26 @@ def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockw
 
     tokens: int32[B, L]; spec: a RopeSpec without candidate axis; weights: float32[B, L - 1] per
     prediction (the mean is weighted) or None. ``layout`` (``parallel.Layout``): rows and tokens
-    sharded on its mesh, attention by all-gather over ``sequence``, the loss on each device's
-    tokens; None: one device.
+    sharded on its mesh, attention by all-gather over ``sequence`` (``attention="ring"``: the
+    ring), the loss on each device's tokens; with ``layout.zigzag`` tokens, targets, positions
+    and weights are put in zigzag order first (the loss is a sum: no inverse needed). None: one
+    device.
     """
     b, l = tokens.shape
-    fn = _attention(attention, q_chunk)
-    if layout is not None:
-        from longrope_jax.attention.gather import all_gather_attention
-
-        fn = all_gather_attention(fn, layout)
+    fn = _attention(attention, q_chunk, layout)
     model = Transformer(cfg, fn) if layout is None else Transformer(cfg, fn, layout.constrain)
-    hidden = model.apply({"params": params}, tokens, rope=spec, return_hidden=True)
     # Position i predicts token i + 1; the last position predicts nothing (weight 0), so hidden
     # states and targets keep the row's length and its sharding.
     targets = jnp.roll(tokens, -1, axis=1)
     w = jnp.ones((b, l - 1), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     w = jnp.pad(w, [(0, 0), (0, 1)])
+    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if layout is not None and layout.zigzag:
+        from longrope_jax.parallel import zigzag
+
+        n = layout.mesh.shape["sequence"]
+        tokens, targets, w, positions = (zigzag.apply(x, n) for x in (tokens, targets, w, positions))
+    hidden = model.apply({"params": params}, tokens, positions, rope=spec, return_hidden=True, seq_len=l)
     if layout is None:
         total = chunked_nll(model, params, hidden, targets, loss_chunk, w)
     else:
@@ -257,7 +271,8 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
         mesh = None  # the single-device program
     if mesh is not None:
         parallel.check(mesh, cfg=cfg, length=length)
-        layout = parallel.Layout(mesh, ("fsdp",))
+        # The ring balances causal work by the zigzag order; the all-gather needs none.
+        layout = parallel.Layout(mesh, ("fsdp",), zigzag=attention == "ring" and sizes["sequence"] > 1)
         params = parallel.put_params(params, mesh)
     n_calls = -(-k // kc)
     pad = n_calls * kc - k

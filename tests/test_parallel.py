@@ -234,18 +234,24 @@ def tiny_dir(tmp_path_factory):
     return d, str(data)
 
 
-def test_two_processes_ppl_equals_one_process(tiny_dir):
+@pytest.mark.parametrize("attention", ["blockwise", "ring"])
+def test_two_processes_ppl_equals_one_process(tiny_dir, attention):
+    """``ppl`` over 2 processes x 4 devices on ``sequence=8`` (k/v all-gathered, or the ring)
+    against one process on one device."""
     d, data = tiny_dir
     port = _free_port()
     base = [sys.executable, "-m", "longrope_jax.cli", "ppl", "--model", d, "--data", data, "--length", str(ORIG),
-            "--length", str(2 * ORIG), "--attention", "blockwise", "--q-chunk", "8"]
-    res = _two_processes(lambda i: base + ["--mesh", "sequence=8", "--coordinator", f"localhost:{port}",
-                                           "--num-processes", "2", "--process-id", str(i)], os.getcwd())
+            "--length", str(2 * ORIG), "--q-chunk", "8"]
+    res = _two_processes(lambda i: base + ["--attention", attention, "--mesh", "sequence=8", "--coordinator",
+                                           f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+                         os.getcwd())
     for rc, _, err in res:
         assert rc == 0, err[-3000:]
     assert res[1][1] == ""  # process 1 writes nothing to stdout
     got = [json.loads(line) for line in res[0][1].splitlines()]
-    one = subprocess.run(base, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    one = subprocess.run(base + ["--attention", "blockwise"], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu",
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert one.returncode == 0, one.stderr[-3000:]
     ref = [json.loads(line) for line in one.stdout.splitlines()]
     assert [r["length"] for r in got] == [ORIG, 2 * ORIG] and got[0]["mesh"] == "sequence=8"

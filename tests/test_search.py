@@ -479,6 +479,31 @@ def test_search_budget_stops_cleanly_and_writes_result(tiny, capsys):
     assert d["provenance"]["search"]["evaluations"] == 8
 
 
+def test_search_on_a_mesh_equals_one_device(tiny, capsys):
+    """The same search on ``--mesh data=2,sequence=4`` (candidates over data, tokens over sequence)
+    and on one device: the same candidates with the same scores."""
+    model, data, root = tiny
+    logs = []
+    for name, mesh in (("one", None), ("mesh", "data=2,sequence=4")):
+        out = str(root / f"mesh_{name}")
+        argv = ["search", "--model", model, "--data", data, "--target-length", "64", "--out", out, "--samples", "2",
+                "--max-evals", "8", *SMOKE] + ([] if mesh is None else ["--mesh", mesh])
+        with pytest.MonkeyPatch.context() as m:
+            if mesh is None:  # one device: as on a one-CPU machine
+                m.setattr(jax, "local_devices", lambda *a, **k: jax.devices()[:1])
+            rc, (res,), err = _cli(argv, capsys)
+        assert rc == 0, err
+        logs.append([json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]])
+    one, mesh = logs
+    assert len(one) == len(mesh) == 8
+    assert [r["factors"] for r in one] == [r["factors"] for r in mesh]
+    np.testing.assert_allclose([r["ppl"] for r in mesh], [r["ppl"] for r in one], rtol=1e-5)
+    # A mesh the length does not fit is refused before anything is scored.
+    rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "60", "--out",
+                       str(root / "mesh_bad"), "--samples", "2", "--mesh", "sequence=8", *SMOKE], capsys)
+    assert rc == 2 and "--mesh: sequence=8 needs a length divisible by 16 (2 x sequence), got 60" in err
+
+
 def test_search_windows_from_two_sources_are_logged_and_resume(tiny, tmp_path, capsys):
     model, data, root = tiny
     other = tmp_path / "other.txt"

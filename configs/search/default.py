@@ -29,6 +29,11 @@ def get_config():
     c.memory_budget_gib = None
     c.max_evals = None  # budgets: None = run all iterations
     c.time_budget = None
+    # The device mesh (README: "On a mesh"): e.g. "data=2,sequence=4"; None: the local devices.
+    c.mesh = None
+    c.coordinator = None  # multi-process: HOST:PORT, with num_processes and process_id
+    c.num_processes = None
+    c.process_id = None
     # The algorithm (the paper's table of settings).
     c.population = 64
     c.iterations = 40

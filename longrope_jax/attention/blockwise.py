@@ -8,7 +8,11 @@ Built from two pure per-block functions that a ring calls for each visiting k/v 
 - :func:`block_bwd` gives one k/v block's gradients from the *final* log-sum-exp and
   ``delta = rowsum(d_out * out)``.
 
-Both skip a block (``lax.switch``) when no pair in it can be visible: every key position after
+Over whole chunks of blocks (what the kernel does once and a ring once per visiting chunk):
+:func:`merge_chunk` (the forward) and :func:`grads_chunk` (the backward), with
+:func:`bwd_blocks` / :func:`grads_out` turning residuals into block layout and back.
+
+Both per-block functions skip a block (``lax.switch``) when no pair in it can be visible: every key position after
 every query position (above the causal diagonal), or every pair outside the sliding window, or
 (segments) no shared document; a block where every pair is visible is computed without a mask
 or infinity guards, which on CPU saves passes over the score tile (REFERENCE.md section 7). The
@@ -167,7 +171,7 @@ def block_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, d_out, *, slidi
 # The kernel: blocks of the whole arrays, a custom VJP over them.
 
 
-def _q_rows(x, bq, kvh):
+def q_rows(x, bq, kvh):
     """[B, L, H, *rest] -> the q block layout [nq, B, KV, G, bq, *rest] (rows padded with 0)."""
     b, l, h = x.shape[:3]
     nq = -(-l // bq)
@@ -191,16 +195,16 @@ def _ids(x, blk, fill):
     return jnp.moveaxis(_pad_to(x.astype(jnp.int32), nb * blk, 1, fill).reshape(b, nb, blk), 1, 0)
 
 
-def _blocks(q, k, v, qp, kp, qs, ks, bq, bk):
+def to_blocks(q, k, v, qp, kp, qs, ks, bq, bk):
     """The block layout of the whole arrays: q [nq, B, KV, G, bq, D], k/v [nk, B, KV, bk, D],
     positions [nq, B, bq] / [nk, B, bk], segments alike or None. Padded query rows sit at
     position 0 (sliced off later); padded keys at ``PAD_POSITION`` (never visible)."""
     kvh = k.shape[2]
-    return (_q_rows(q, bq, kvh), _kv_rows(k, bk), _kv_rows(v, bk), _ids(qp, bq, 0), _ids(kp, bk, PAD_POSITION),
+    return (q_rows(q, bq, kvh), _kv_rows(k, bk), _kv_rows(v, bk), _ids(qp, bq, 0), _ids(kp, bk, PAD_POSITION),
             _ids(qs, bq, 0), _ids(ks, bk, -1))
 
 
-def _unblock_q(x, l):
+def unblock_q(x, l):
     """[nq, B, KV, G, bq, *rest] -> [B, L, KV * G, *rest] (padded rows dropped)."""
     nq, b, kvh, g, bq = x.shape[:5]
     x = jnp.moveaxis(x, 4, 2)  # [nq, B, bq, KV, G, ...]
@@ -208,41 +212,77 @@ def _unblock_q(x, l):
     return x[:, :l]
 
 
-def _unblock_kv(x, s):
+def unblock_kv(x, s):
     """[nk, B, KV, bk, D] -> [B, S, KV, D]."""
     nk, b, kvh, bk, d = x.shape
     return jnp.transpose(x, (1, 0, 3, 2, 4)).reshape(b, nk * bk, kvh, d)[:, :s]
 
 
-def _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk, loop="scan"):
-    qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
+def merge_chunk(carry, qx, qpb, qsb, kx, vx, kpb, ksb, *, sliding_window=None, loop="while"):
+    """Merges every k/v block of one chunk into the carries of every q block: the forward's work
+    on one visiting chunk (the whole sequence for :func:`blockwise_attention`, one shard per ring
+    step). Block layout as :func:`to_blocks`; ``qx`` pre-scaled; ``carry`` stacked over the q
+    blocks (``[nq, ...]`` of :func:`init_carry`). ``loop``: ``"scan"`` over the k blocks
+    (inference) or ``"while"`` (under differentiation: see the kernel's forward)."""
     nk = kx.shape[0]
 
     def one_q_block(args):
-        qb, qpos, qseg = args
-        qb = qb * jnp.asarray(scale, qb.dtype)  # once per q block, not per k block
-        if loop == "scan":  # inference: a scan over the k blocks (the formulation RESULTS.md measured)
-            def step(carry, kv):
+        c, qb, qpos, qseg = args
+        if loop == "scan":
+            def step(c, kv):
                 kb, vb, kpos, kseg = kv
-                return block_fwd(qb, kb, vb, qpos, kpos, qseg, kseg, carry, sliding_window=window), None
+                return block_fwd(qb, kb, vb, qpos, kpos, qseg, kseg, c, sliding_window=sliding_window), None
 
-            carry, _ = jax.lax.scan(step, init_carry(qb), (kx, vx, kpb, ksb))
-            return finalize(carry)
+            return jax.lax.scan(step, c, (kx, vx, kpb, ksb))[0]
 
-        # Under differentiation a while loop: inside an outer scan's autodiff (the model's layer
-        # scan) JAX saves a scan's per-iteration ``lax.switch`` branch values as residuals,
-        # though the custom VJP never reads them ([nq, nk] score tiles: quadratic memory); a
-        # while loop is never linearised, so nothing of it is saved.
         def body(state):
-            j, carry = state
+            j, c = state
             kseg = None if ksb is None else ksb[j]
-            return j + 1, block_fwd(qb, kx[j], vx[j], qpos, kpb[j], qseg, kseg, carry, sliding_window=window)
+            return j + 1, block_fwd(qb, kx[j], vx[j], qpos, kpb[j], qseg, kseg, c, sliding_window=sliding_window)
 
-        _, carry = jax.lax.while_loop(lambda st: st[0] < nk, body, (0, init_carry(qb)))
-        return finalize(carry)
+        return jax.lax.while_loop(lambda st: st[0] < nk, body, (0, c))[1]
 
-    out, lse = jax.lax.map(one_q_block, (qx, qpb, qsb))  # [nq, B, KV, G, bq, D], [nq, B, KV, G, bq]
-    return _unblock_q(out, q.shape[1]).astype(q.dtype), lse
+    return jax.lax.map(one_q_block, (carry, qx, qpb, qsb))
+
+
+def grads_chunk(qx, qpb, qsb, lse, dlx, dox, kx, vx, kpb, ksb, *, sliding_window=None):
+    """The backward's work on one chunk of k/v blocks: ``(dq [nq, ...] float32, dk, dv
+    [nk, ...] float32)`` of the q blocks (pre-scaled ``qx``; dq is with respect to the scaled q)
+    against that chunk, from the final ``lse`` and ``delta`` (``dlx``) in the q block layout."""
+
+    def one_q_block(acc, args):
+        qb, qpos, qseg, lseb, dlb, dob = args
+
+        def step(dq, kv):
+            kb, vb, kpos, kseg = kv
+            dqj, dkj, dvj = block_bwd(qb, kb, vb, qpos, kpos, qseg, kseg, lseb, dlb, dob,
+                                      sliding_window=sliding_window)
+            return dq + dqj, (dkj, dvj)
+
+        dq, (dks, dvs) = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kx, vx, kpb, ksb))
+        return (acc[0] + dks, acc[1] + dvs), dq
+
+    zeros = (jnp.zeros(kx.shape, jnp.float32), jnp.zeros(vx.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(one_q_block, zeros, (qx, qpb, qsb, lse, dlx, dox))
+    return dq, dk, dv
+
+
+def init_carries(qx):
+    """Empty carries of every q block of ``qx [nq, B, KV, G, bq, D]``."""
+    return jax.vmap(init_carry)(qx)
+
+
+def _forward(q, k, v, qp, kp, qs, ks, window, scale, bq, bk, loop="scan"):
+    qx, kx, vx, qpb, kpb, qsb, ksb = to_blocks(q, k, v, qp, kp, qs, ks, bq, bk)
+    qx = qx * jnp.asarray(scale, qx.dtype)  # once per q block, not per k block
+    # Inference: a scan over the k blocks (the formulation RESULTS.md measured). Under
+    # differentiation a while loop: inside an outer scan's autodiff (the model's layer scan) JAX
+    # saves a scan's per-iteration ``lax.switch`` branch values as residuals, though the custom
+    # VJP never reads them ([nq, nk] score tiles: quadratic memory); a while loop is never
+    # linearised, so nothing of it is saved.
+    carry = merge_chunk(init_carries(qx), qx, qpb, qsb, kx, vx, kpb, ksb, sliding_window=window, loop=loop)
+    out, lse = finalize(carry)  # [nq, B, KV, G, bq, D], [nq, B, KV, G, bq]
+    return unblock_q(out, q.shape[1]).astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -256,36 +296,37 @@ def _flash_fwd(q, k, v, qp, kp, qs, ks, window, scale, bq, bk):
     return out, (q, k, v, qp, kp, qs, ks, out, lse)
 
 
-def _flash_bwd(window, scale, bq, bk, res, d_out):
+def bwd_blocks(res, d_out, scale, bq, bk):
+    """The backward's inputs in block layout from the residuals ``(q, k, v, positions, segments,
+    out, lse)`` and ``d_out``: ``(qx pre-scaled, kx, vx, qpb, kpb, qsb, ksb, (lse, delta, d_out))``.
+
+    The backward has its own blocks (at most ``BWD_BLOCK``): it holds five tile-sized arrays
+    where the forward holds two, and on CPU 256 x 256 tiles ran faster than 512 x 512
+    (RESULTS.md). Padded query rows have d_out 0, so they add nothing to dk, dv.
+    """
     q, k, v, qp, kp, qs, ks, out, lse = res
-    l, s = q.shape[1], k.shape[1]
-    kvh = k.shape[2]
+    l, kvh = q.shape[1], k.shape[2]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, L, H]
-    # The backward's own blocks: it holds five tile-sized arrays where the forward holds two, and
-    # on CPU 256 x 256 tiles (in cache) ran 1.5-2x faster than 512 x 512 (RESULTS.md).
-    lse = _unblock_q(lse[..., None], l)[..., 0]  # [B, L, H]
+    lse = unblock_q(lse[..., None], l)[..., 0]  # [B, L, H]
     bq, bk = min(bq, BWD_BLOCK), min(bk, BWD_BLOCK)
-    qx, kx, vx, qpb, kpb, qsb, ksb = _blocks(q, k, v, qp, kp, qs, ks, bq, bk)
-    # d_out, delta, lse in the q block layout (padded rows: d_out 0, so they add nothing to dk, dv).
-    dox, dlx = _q_rows(d_out.astype(jnp.float32), bq, kvh), _q_rows(delta, bq, kvh)
-    lse = _q_rows(lse, bq, kvh)
+    qx, kx, vx, qpb, kpb, qsb, ksb = to_blocks(q, k, v, qp, kp, qs, ks, bq, bk)
+    qx = qx * jnp.asarray(scale, qx.dtype)  # once per q block, as in the forward
+    rows = (q_rows(lse, bq, kvh), q_rows(delta, bq, kvh), q_rows(d_out.astype(jnp.float32), bq, kvh))
+    return qx, kx, vx, qpb, kpb, qsb, ksb, rows
 
-    def one_q_block(acc, args):
-        qb, qpos, qseg, lseb, dlb, dob = args
-        qb = qb * jnp.asarray(scale, qb.dtype)  # once per q block, as in the forward
 
-        def step(dq, kv):
-            kb, vb, kpos, kseg = kv
-            dqj, dkj, dvj = block_bwd(qb, kb, vb, qpos, kpos, qseg, kseg, lseb, dlb, dob, sliding_window=window)
-            return dq + dqj, (dkj, dvj)
+def grads_out(res, dq, dk, dv, scale):
+    """The custom VJP's cotangents from block-layout gradients (dq with respect to the scaled q)."""
+    q, k, v = res[:3]
+    dq = unblock_q(dq * jnp.float32(scale), q.shape[1]).astype(q.dtype)
+    return (dq, unblock_kv(dk, k.shape[1]).astype(k.dtype), unblock_kv(dv, v.shape[1]).astype(v.dtype),
+            None, None, None, None)
 
-        dq, (dks, dvs) = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kx, vx, kpb, ksb))
-        return (acc[0] + dks, acc[1] + dvs), dq * jnp.float32(scale)
 
-    zeros = (jnp.zeros(kx.shape, jnp.float32), jnp.zeros(vx.shape, jnp.float32))
-    (dk, dv), dq = jax.lax.scan(one_q_block, zeros, (qx, qpb, qsb, lse, dlx, dox))
-    dq = _unblock_q(dq, l).astype(q.dtype)
-    return (dq, _unblock_kv(dk, s).astype(k.dtype), _unblock_kv(dv, s).astype(v.dtype), None, None, None, None)
+def _flash_bwd(window, scale, bq, bk, res, d_out):
+    qx, kx, vx, qpb, kpb, qsb, ksb, rows = bwd_blocks(res, d_out, scale, bq, bk)
+    dq, dk, dv = grads_chunk(qx, qpb, qsb, *rows, kx, vx, kpb, ksb, sliding_window=window)
+    return grads_out(res, dq, dk, dv, scale)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

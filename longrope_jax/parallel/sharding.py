@@ -99,7 +99,8 @@ def fetch(x) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a model call is laid out on a mesh: rows over ``batch_axes``, tokens over ``sequence``.
+    """How a model call is laid out on a mesh: rows over ``batch_axes``, tokens over ``sequence``
+    (in zigzag order with ``zigzag``).
 
     Hashable (a static jit argument). ``batch_axes`` is :data:`BATCH_AXES` for a batch of
     windows; the evaluator, whose candidates take ``data`` (``vmap(spmd_axis_name="data")``),
@@ -108,6 +109,7 @@ class Layout:
 
     mesh: Mesh
     batch_axes: tuple[str, ...] = BATCH_AXES
+    zigzag: bool = False  # tokens in zigzag order over ``sequence`` (parallel.zigzag): the ring's balance
 
     @property
     def batch(self) -> Any:

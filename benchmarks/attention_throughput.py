@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""One attention layer, forward and forward + backward: the flash kernel against torch's SDPA.
+
+SmolLM2's attention shapes (9 query heads, 3 kv heads, head dim 64), causal, fp32, one row of
+``--lengths`` tokens. Ours: ``blockwise_attention`` (``--blocks`` q x kv for the forward, its
+backward in ``BWD_BLOCK``-token blocks), loss ``sum(out**2)``, ``jax.grad`` over q, k, v.
+Peer in the same run: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True,
+enable_gqa=True)`` with ``.backward()``. Best of ``--repeats`` after a warm-up each. This
+isolates attention from the rest of the model's step (``grad_throughput.py``).
+
+    python benchmarks/attention_throughput.py --lengths 4096 --threads 2 --json out/attention_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _bench  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096])
+    p.add_argument("--blocks", type=int, nargs="+", default=[512, 256], help="forward q/kv block sizes to measure")
+    p.add_argument("--bwd-block", type=int, help="override blockwise.BWD_BLOCK")
+    p.add_argument("--repeats", type=int, default=3)
+    _bench.add_common_flags(p)
+    return p.parse_args(argv)
+
+
+def best(fn, n):
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = _bench.setup_threads(args.threads)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from longrope_jax.attention import blockwise
+    torch.set_num_threads(threads)
+
+    if args.bwd_block:
+        blockwise.BWD_BLOCK = args.bwd_block
+    h, kvh, d = 9, 3, 64
+    rows, results = [], []
+    for n in args.lengths:
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((1, n, x, d), np.float32) for x in (h, kvh, kvh))
+        pos = jnp.arange(n, dtype=jnp.int32)[None]
+        qt, kt, vt = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def peer_fwd():
+            with torch.no_grad():
+                sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+        def peer_grad():
+            o = sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
+            (o * o).sum().backward()
+
+        pf, pg = best(peer_fwd, args.repeats), best(peer_grad, args.repeats)
+        for blk in args.blocks:
+            def attn(q, k, v, blk=blk):
+                return blockwise.blockwise_attention(q, k, v, q_positions=pos, kv_positions=pos, block_q=blk,
+                                                     block_kv=blk)
+
+            fwd = jax.jit(attn)
+            grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.square(attn(q, k, v))), argnums=(0, 1, 2)))
+            of = best(lambda: jax.block_until_ready(fwd(q, k, v)), args.repeats)
+            og = best(lambda: jax.block_until_ready(grad(q, k, v)), args.repeats)
+            r = {"length": n, "block": blk, "bwd_block": min(blk, blockwise.BWD_BLOCK), "ours_fwd_s": of,
+                 "ours_fwd_bwd_s": og, "torch_fwd_s": pf, "torch_fwd_bwd_s": pg}
+            results.append(r)
+            rows.append([n, f"{blk} / {r['bwd_block']}", of, pf, f"{pf / of:.2f}x", og, pg, f"{pg / og:.2f}x"])
+            _bench.log(f"L={n} block {blk}: ours fwd {of:.3f}s fwd+bwd {og:.3f}s; torch {pf:.3f}s / {pg:.3f}s")
+    headers = ["length", "block fwd / bwd", "ours fwd (s)", "torch fwd (s)", "fwd ratio", "ours fwd+bwd (s)",
+               "torch fwd+bwd (s)", "fwd+bwd ratio"]
+    notes = [f"one attention layer, 9 q heads / 3 kv heads / head dim 64, causal, fp32, {threads} thread(s); "
+             f"best of {args.repeats}; ratio = torch seconds / ours seconds."]
+    _bench.report("Attention layer: flash kernel vs torch SDPA", [_bench.md_table(headers, rows)], notes)
+    _bench.write_json(args.json, {"benchmark": "attention_throughput", "command": _bench.command_line(),
+                                  "machine": _bench.machine(), "settings": vars(args), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

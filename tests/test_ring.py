@@ -1,0 +1,185 @@
+"""Ring attention against the dense reference on 8 virtual CPU devices (conftest.py).
+
+Values and q/k/v gradients equal dense's (max|diff| <= 1e-5 x max|ref|, fp32) for causal
+attention with GQA, MQA, MHA, segment ids crossing shard boundaries, a sliding window, zigzag
+order on and off, over sequence axes of 2, 4 and 8 (pairwise combinations).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longrope_jax import parallel
+from longrope_jax.attention import dense_attention
+from longrope_jax.attention.ring import ring_attention
+from longrope_jax.parallel import zigzag
+
+L, D = 64, 8
+
+
+def _layout(n):
+    return parallel.Layout(parallel.build({"sequence": n}, jax.devices()[:n]))
+
+
+def _inputs(b, h, kvh, segments, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, L, h, D), np.float32)
+    k = rng.standard_normal((b, L, kvh, D), np.float32)
+    v = rng.standard_normal((b, L, kvh, D), np.float32)
+    pos = np.broadcast_to(np.arange(L, dtype=np.int32), (b, L)).copy()
+    seg = None
+    if segments:  # documents of 13, 21 and 30 tokens: boundaries inside shards and across them
+        seg = np.broadcast_to(np.repeat(np.arange(3, dtype=np.int32), [13, 21, 30]), (b, L)).copy()
+    return q, k, v, pos, seg
+
+
+def _check(got, ref, what):
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        scale = float(np.max(np.abs(r)))
+        err = float(np.max(np.abs(np.asarray(g) - np.asarray(r))))
+        assert scale > 0 and err <= 1e-5 * scale, f"{what} {name}: {err:.3g} (max |ref| {scale:.3g})"
+
+
+def _value_and_grads(fn, q, k, v, pos, seg, window, cot):
+    def f(q, k, v):
+        return fn(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+                  sliding_window=window)
+
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out, *vjp(cot))
+
+
+CASES = [  # (sequence axis, heads, kv heads, segments, window, zigzag)
+    (2, 4, 2, False, None, True),  # GQA
+    (4, 4, 1, True, None, False),  # MQA, segments
+    (8, 4, 4, False, 12, True),  # MHA, window
+    (2, 4, 4, True, 12, False),
+    (4, 4, 2, False, 12, True),
+    (8, 4, 1, True, None, True),
+    (4, 4, 4, False, None, False),
+    (8, 4, 2, True, 12, False),
+]
+
+
+@pytest.mark.parametrize("n, h, kvh, segments, window, zig", CASES)
+def test_ring_equals_dense(n, h, kvh, segments, window, zig):
+    q, k, v, pos, seg = _inputs(2, h, kvh, segments)
+    if zig:  # the data in zigzag order, positions with it: dense masks by position as the ring does
+        q, k, v, pos = (zigzag.apply(x, n) for x in (q, k, v, pos))
+        seg = None if seg is None else zigzag.apply(seg, n)
+    cot = np.random.default_rng(1).standard_normal(q.shape, np.float32)
+    layout = _layout(n)
+    ring = jax.jit(lambda *a: _value_and_grads(ring_attention(layout, block_q=4, block_kv=4), *a, window, cot))
+    got = ring(q, k, v, pos, seg)
+    ref = _value_and_grads(dense_attention, q, k, v, pos, seg, window, cot)
+    _check(got, ref, f"n={n} h={h} kv={kvh} segments={segments} window={window} zigzag={zig}")
+
+
+def test_fully_masked_rows_are_zero():
+    """Queries whose only visible keys are padding (segment id -1 on the keys' side) give zeros."""
+    q, k, v, pos, _ = _inputs(1, 4, 2, False)
+    qseg = np.zeros((1, L), np.int32)
+    kseg = np.where(np.arange(L) < 40, -1, 0).astype(np.int32)[None]  # queries below 40 see no key
+    layout = _layout(4)
+    out = jax.jit(lambda q, k, v: ring_attention(layout, block_q=8, block_kv=8)(
+        q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=qseg, kv_segment_ids=kseg))(q, k, v)
+    ref = dense_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=qseg, kv_segment_ids=kseg)
+    assert np.all(np.asarray(out)[:, :40] == 0) and np.all(np.isfinite(np.asarray(out)))
+    np.testing.assert_allclose(out, ref, atol=1e-5 * float(np.abs(ref).max()), rtol=0)
+
+
+def test_zigzag_order_and_inverse():
+    assert zigzag.order(16, 2).tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11]
+    x = np.arange(3 * 32).reshape(3, 32)
+    np.testing.assert_array_equal(zigzag.restore(zigzag.apply(x, 4), 4), x)
+    np.testing.assert_array_equal(zigzag.restore(zigzag.apply(jnp.asarray(x), 4), 4), x)
+    with pytest.raises(ValueError, match=r"zigzag: the length \(30\) must be divisible by 2 x the sequence axis \(8\)"):
+        zigzag.order(30, 4)
+
+
+def test_hlo_rotates_kv_heads_in_the_input_dtype_n_minus_1_times():
+    """One forward: collective-permutes of k and v at kv-head size in bf16 inside a loop of trip
+    count n - 1 (and none of a query-head size: k/v are never expanded)."""
+    n, h, kvh = 4, 8, 2
+    q, k, v, pos, _ = _inputs(1, h, kvh, False)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    layout = _layout(n)
+    fn = jax.jit(lambda q, k, v: ring_attention(layout, block_q=16, block_kv=16)(
+        q, k, v, q_positions=pos, kv_positions=pos))
+    lowered = fn.lower(q, k, v)
+    # The program as written (CPU's compiler later widens bf16 to f32 for its own kernels).
+    permutes = re.findall(r"collective_permute.*?: \((tensor<[^>]*>)\)", lowered.as_text())
+    # k/v blocks [nk=1, B=1, KV=2, bk=16, D=8] in bf16; positions travel as int32.
+    assert permutes.count("tensor<1x1x2x16x8xbf16>") == 2 and "tensor<1x1x16xi32>" in permutes, permutes
+    assert not [p for p in permutes if p.startswith(f"tensor<1x1x{h}x")]  # never expanded to query heads
+    assert len(permutes) == 3  # k, v, positions: one rotation each in the loop body
+    trips = re.findall(r'"known_trip_count":\{"n":"(\d+)"', lowered.compile().as_text())
+    assert str(n - 1) in trips, trips
+
+
+# --------------------------------------------------------------------------------------------
+# The whole model with attention=ring on a mesh against one device
+
+from test_parallel import ORIG, _cfg, _one_device, _params, _tokens  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = _cfg()
+    return cfg, _params(cfg)
+
+
+@pytest.mark.parametrize("length", [ORIG, 2 * ORIG])  # short factors, then long ones
+def test_model_ppl_with_ring_equals_one_device(model, length):
+    from longrope_jax import evaluate
+    from longrope_jax import rope as rope_lib
+    from longrope_jax.model import rope_spec
+
+    cfg, params = model
+    tokens = _tokens(2, length, seed=3)
+    specs = rope_lib.stack([rope_spec(cfg)])
+    ref = evaluate.score(params, cfg, tokens, specs, mesh=_one_device(), attention="blockwise", q_chunk=8,
+                         loss_chunk=8)
+    got = evaluate.score(params, cfg, tokens, specs, mesh=parallel.build("sequence=8"), attention="ring", q_chunk=8,
+                         loss_chunk=8)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
+
+
+def test_model_gradients_with_ring_equal_one_device(model):
+    from longrope_jax import evaluate
+    from longrope_jax.model import rope_spec
+
+    cfg, params = model
+    tokens = _tokens(2, 2 * ORIG, seed=4)
+    spec = rope_spec(cfg)
+    layout = parallel.Layout(parallel.build("sequence=8"), zigzag=True)
+
+    def loss(p, t, layout, attention):
+        return jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, attention=attention, q_chunk=8, loss_chunk=8,
+                                          layout=layout))
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=(2, 3))
+    ref_loss, ref = grad(params, jnp.asarray(tokens), None, "blockwise")
+    got_loss, got = grad(parallel.put_params(params, layout.mesh),
+                         parallel.put(tokens, layout.sharding(layout.rows())), layout, "ring")
+    assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
+        scale = float(jnp.max(jnp.abs(r)))
+        err = float(jnp.max(jnp.abs(np.asarray(g) - np.asarray(r))))
+        assert scale > 0 and err <= 1e-5 * scale, f"{jax.tree_util.keystr(path)}: {err:.3g} (max |ref| {scale:.3g})"
+
+
+def test_ring_needs_a_sequence_axis(model):
+    from longrope_jax import evaluate
+    from longrope_jax import rope as rope_lib
+    from longrope_jax.model import rope_spec
+
+    cfg, params = model
+    with pytest.raises(ValueError, match=r"attention: ring needs a mesh with a sequence axis \(--mesh sequence=N\)"):
+        evaluate.score(params, cfg, _tokens(1, ORIG), rope_lib.stack([rope_spec(cfg)]), mesh=parallel.build("data=8"),
+                       attention="ring")
