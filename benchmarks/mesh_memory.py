@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--remat", default="full", help="layer remat policy of the gradient (ModelConfig.remat)")
     p.add_argument("--block", type=int, default=512)
+    p.add_argument("--attention", choices=["blockwise", "ring"], default="blockwise",
+                   help="blockwise: k/v all-gathered over sequence; ring: ring attention (zigzag)")
     p.add_argument("--topology", help="compile for this TPU topology (e.g. v5p:2x2x2; needs libtpu)")
     _bench.add_common_flags(p)
     return p.parse_args(argv)
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     rows, results = [], []
     for n in args.mesh_sizes:
         mesh = parallel.build({"sequence": n}, devices[:n])
-        rep = {w: aot.loss_report(cfg, mesh, length=args.length, grad=w == "grad", block=args.block)
+        rep = {w: aot.loss_report(cfg, mesh, length=args.length, grad=w == "grad", block=args.block,
+                                  attention=args.attention)
                for w in ("forward", "grad")}
         results.append({"sequence": n, **rep})
         _bench.log(f"sequence={n}: forward temp {rep['forward']['temp_bytes'] / gib:.2f} GiB, grad temp "
@@ -76,16 +79,16 @@ def main(argv=None) -> int:
         f, g = r["forward"], r["grad"]
         rows.append([r["sequence"], f["argument_bytes"] / gib, f["temp_bytes"] / gib, g["temp_bytes"] / gib,
                      g["output_bytes"] / gib, f"{one['grad']['temp_bytes'] / g['temp_bytes']:.2f}x"])
+    strategy = "ring attention (zigzag)" if args.attention == "ring" else "blockwise attention, k/v all-gathered"
     kv = 2 * args.length * cfg.num_key_value_heads * cfg.head_dim * (2 if args.dtype == "bfloat16" else 4) / gib
     notes = [f"{args.shapes} shapes ({cfg.num_hidden_layers} layers), {args.dtype}, remat {args.remat}, one window of "
-             f"{args.length} tokens, blockwise attention ({args.block}-token blocks), all-gather over `sequence`; "
-             f"{where}.",
+             f"{args.length} tokens, {strategy} ({args.block}-token blocks); {where}.",
              "per device, from `compiled.memory_analysis()`: params (argument), forward / gradient temporaries, "
              "gradient output; the last column is one device's gradient temporaries over this mesh's.",
-             f"one layer's gathered k and v on every device: {kv:.3f} GiB, whatever the sequence axis (the ring's "
-             "target)."]
+             f"one layer's whole-row k and v: {kv:.3f} GiB, which the all-gather holds on every device whatever "
+             "the sequence axis and the ring splits over it."]
     headers = ["sequence", "params GiB", "forward temp GiB", "grad temp GiB", "grads GiB", "grad temp: 1 device / this"]
-    _bench.report("Per-device memory over the sequence axis (all-gather)", [_bench.md_table(headers, rows)], notes)
+    _bench.report(f"Per-device memory over the sequence axis ({strategy})", [_bench.md_table(headers, rows)], notes)
     _bench.write_json(args.json, {"benchmark": "mesh_memory", "command": _bench.command_line(),
                                   "machine": _bench.machine(), "settings": vars(args), "results": results})
     return 0

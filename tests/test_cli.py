@@ -250,7 +250,31 @@ def _bad_inputs(root, model, data):
          "--config.population: expected a int, got 'abc'"),
         ("garbage tokenizer", ppl + ["--model", model, "--tokenizer", file("tok.json", "{bad")],
          "tok.json: cannot read tokenizer"),
+        ("mesh of the wrong size", ppl + ["--model", model, "--mesh", "data=3"],
+         "--mesh: axis sizes data=3 multiply to 3, expected the device count 8"),
+        ("mesh length", ["ppl", "--model", model, "--data", data, "--length", "36", "--mesh", "data=2,sequence=4"],
+         "--mesh: sequence=4 needs a length divisible by 8 (2 x sequence), got 36"),
+        ("mesh heads", ppl + ["--model", model, "--mesh", "tensor=8"],
+         "--mesh: tensor=8 must divide num_attention_heads, which is 4"),
+        ("mesh axis", ppl + ["--model", model, "--mesh", "pipeline=2"], "--mesh: unknown axis 'pipeline'"),
+        ("half a multi-process start", ppl + ["--model", model, "--coordinator", "localhost:1"],
+         "--coordinator, --num-processes and --process-id: give all three or none"),
     ]
+
+
+def test_ppl_on_a_mesh_equals_one_device(tiny, capsys):
+    """The command on ``--mesh fsdp=2,sequence=4`` (and the ring on ``sequence=8``) gives the
+    single-device perplexities, and says which mesh it ran on."""
+    d, data = tiny
+    argv = ["ppl", "--model", d, "--data", data, "--length", "48", "--length", "96", "--rope", "none", "--rope",
+            "yarn:2", "--q-chunk", "8"]
+    rc, one, err = _run(argv + ["--attention", "blockwise"], capsys)  # no mesh: candidates over the local devices
+    assert rc == 0 and one[0]["mesh"] is None, err
+    for mesh, attention in (("fsdp=2,sequence=4", "blockwise"), ("sequence=8", "ring")):
+        rc, got, err = _run(argv + ["--mesh", mesh, "--attention", attention], capsys)
+        assert rc == 0, err
+        assert [r["mesh"] for r in got] == [mesh] * 4
+        np.testing.assert_allclose([r["ppl"] for r in got], [r["ppl"] for r in one], rtol=1e-5)
 
 
 def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):

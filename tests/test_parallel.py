@@ -300,6 +300,13 @@ for mesh in ("sequence=1", "sequence=4", "fsdp=2,sequence=2"):
     b = 2 if mesh.startswith("fsdp") else 1
     out[mesh] = {"forward": aot.loss_report(cfg, m, length=4096, batch=b, block=512),
                  "grad": aot.loss_report(cfg, m, length=4096, batch=b, block=512, grad=True)}
+two = aot.topology_devices("v5p:2x2x1", num_slices=2)  # 2 slices of 4 chips
+out["slices"] = sorted({d.slice_index for d in two})
+out["across_slices"] = parallel.axis_sizes(parallel.build("data=2,sequence=4", two))
+try:
+    parallel.build("sequence=8", two)
+except ValueError as e:
+    out["slice_error"] = str(e)
 print(json.dumps(out))
 """
 
@@ -322,3 +329,7 @@ def test_sharded_forward_and_gradient_compile_for_a_tpu_topology():
     assert mixed["forward"]["argument_bytes"] < 0.3 * one["forward"]["argument_bytes"]
     # Tokens split over 4 devices: less temporary memory per device than one device's.
     assert seq4["grad"]["temp_bytes"] < one["grad"]["temp_bytes"]
+    # Two slices: data goes across them; a sequence axis may not.
+    assert out["slices"] == [0, 1] and out["across_slices"]["data"] == 2
+    assert out["slice_error"] == "--mesh: 2 slices need data divisible by 2 (sequence and tensor stay inside one " \
+                                 "slice), got data=1"

@@ -100,7 +100,7 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
                 "original_window": m.cfg.max_position_embeddings,
                 "param_dtype": param_dtype,
                 "attention": attn,
-                "mesh": "one device" if mesh is None else parallel.describe(parallel.axis_sizes(mesh)),
+                "mesh": None if mesh is None else parallel.describe(parallel.axis_sizes(mesh)),
                 "seconds": round(secs, 2),
             }
 

@@ -94,7 +94,10 @@ def loss_report(cfg, mesh, *, length: int, batch: int = 1, grad: bool = False, a
     from longrope_jax.parallel.sharding import Layout, param_shardings
 
     check(mesh, cfg=cfg, length=length, batch=batch)
-    layout = Layout(mesh) if mesh.devices.size > 1 else None  # one device: the plain single-device program
+    # One device: the plain single-device program. The ring runs in zigzag order.
+    layout = Layout(mesh, zigzag=attention == "ring") if mesh.devices.size > 1 else None
+    if layout is None and attention == "ring":
+        attention = "blockwise"
     spec = rope_spec(cfg)
     params = jax.eval_shape(lambda: init_params(cfg, 0))
 
@@ -103,6 +106,8 @@ def loss_report(cfg, mesh, *, length: int, batch: int = 1, grad: bool = False, a
                                           loss_chunk=loss_chunk, layout=layout))
 
     rows = Layout(mesh).sharding(Layout(mesh).rows())
-    args = (abstract(params, param_shardings(params, mesh)), jax.ShapeDtypeStruct((batch, length), jnp.int32,
-                                                                                   sharding=rows))
-    return compile_report(jax.jit(jax.grad(loss) if grad else loss), *args)
+    shardings = param_shardings(params, mesh)
+    args = (abstract(params, shardings), jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows))
+    # The gradient keeps the params' sharding (what an optimizer step consumes), not replicated.
+    jitted = jax.jit(jax.grad(loss), out_shardings=shardings) if grad else jax.jit(loss)
+    return compile_report(jitted, *args)
