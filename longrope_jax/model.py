@@ -60,6 +60,9 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    # RoPE angles exact to ~1e-6 rad up to 2**22 positions (rope.precise_angles) instead of
+    # transformers' float32 product (off by up to 0.12 rad near 2M positions).
+    precise_rope: bool = False
     bos_token_id: int | None = dataclasses.field(default=None, compare=False, hash=False)
     eos_token_id: Any = dataclasses.field(default=None, compare=False, hash=False)
     rope_parameters: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
@@ -277,7 +280,7 @@ class Transformer(nn.Module):
                 f"rope: expected a single spec (factors [P]), got factors {spec.long_factor.shape}: "
                 "vmap the model over the candidate axis"
             )
-        cos, sin = rope_lib.cos_sin(positions, spec, seq_len)
+        cos, sin = rope_lib.cos_sin(positions, spec, seq_len, precise=self.cfg.precise_rope)
         x = self.constrain(self.embed_tokens(tokens))
         x, new_cache = self.layers(x, cos, sin, positions, segment_ids, cache)
         x = self.norm(x)

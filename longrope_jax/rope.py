@@ -130,8 +130,50 @@ def inv_freq(spec: RopeSpec, seq_len: jax.Array | int) -> jax.Array:
     return 1.0 / (factors * _pos_freq(spec.theta, spec.rotary_dim))
 
 
-def cos_sin(positions: jax.Array, spec: RopeSpec, seq_len: jax.Array | int | None = None
-            ) -> tuple[jax.Array, jax.Array]:
+# 2 pi as a float32 pair (hi + lo carries 48 bits), for the precise angles' reduction.
+_TWO_PI_HI = float(np.float32(2 * np.pi))
+_TWO_PI_LO = float(np.float32(2 * np.pi - float(np.float32(2 * np.pi))))
+PRECISE_MAX_POSITION = 2**22  # the precise angles' exact splits hold below this
+
+
+def _split12(a):
+    """Dekker's split: ``a = hi + lo`` exactly, each with at most 12 significant bits."""
+    c = a * jnp.float32(4097.0)
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _mod_two_pi(t):
+    """``t mod 2 pi`` in [-pi, pi] of an exact float32 ``t`` (|t| < 2**24), a few ulps of pi off:
+    ``t - k * 2 pi`` with the product ``k * hi`` taken exactly (Dekker) and 2 pi to 48 bits."""
+    k = jnp.round(t * jnp.float32(1 / (2 * np.pi)))
+    kh, kl = _split12(k)
+    ch, cl = _split12(jnp.float32(_TWO_PI_HI))
+    p = k * jnp.float32(_TWO_PI_HI)
+    e = ((kh * ch - p) + kh * cl + kl * ch) + kl * cl  # k * hi = p + e exactly
+    return ((t - p) - e) - k * jnp.float32(_TWO_PI_LO)
+
+
+def precise_angles(positions, inv_freq):
+    """``position * inv_freq`` reduced modulo 2 pi, within about 1e-6 rad of the float64 product
+    of the same float32 ``inv_freq`` for positions below ``PRECISE_MAX_POSITION`` (2**22), where
+    the plain float32 product is off by up to ``position * 2**-24`` rad (0.125 at 2**21).
+
+    The position is split into ``a * 2**11 + b`` and the frequency into two 12-bit halves, so the
+    four partial products are exact float32 numbers; each is reduced modulo 2 pi before they are
+    added. positions: int[..., 1] (broadcast against inv_freq [..., P]); returns float32.
+    """
+    p = positions.astype(jnp.int32)
+    a = (p >> 11).astype(jnp.float32)  # < 2**11
+    b = (p & 2047).astype(jnp.float32)  # < 2**11
+    fh, fl = _split12(inv_freq.astype(jnp.float32))
+    big = jnp.float32(2048.0)
+    return (_mod_two_pi(a * (fh * big)) + _mod_two_pi(a * (fl * big)) + _mod_two_pi(b * fh)
+            + _mod_two_pi(b * fl))
+
+
+def cos_sin(positions: jax.Array, spec: RopeSpec, seq_len: jax.Array | int | None = None, *,
+            precise: bool = False) -> tuple[jax.Array, jax.Array]:
     """cos and sin of the rotation angles, attention factor applied.
 
     Args:
@@ -142,6 +184,8 @@ def cos_sin(positions: jax.Array, spec: RopeSpec, seq_len: jax.Array | int | Non
         packed row), whose local maximum says nothing of the whole. None: ``max(positions) + 1``
         of this array, as transformers does for a whole sequence. A stage that must not switch
         passes a fixed set instead (:func:`fixed`).
+      precise: angles by :func:`precise_angles` (exact to ~1e-6 rad up to 2**22 positions)
+        instead of the float32 product transformers computes (the default keeps its parity).
     Returns:
       (cos, sin): float32[*K, ..., P].
     """
@@ -157,7 +201,10 @@ def cos_sin(positions: jax.Array, spec: RopeSpec, seq_len: jax.Array | int | Non
         return jnp.asarray(a).reshape(jnp.shape(a) + (1,) * (npos + 1))
 
     pos = positions.astype(jnp.float32).reshape((1,) * nb + positions.shape + (1,))
-    angles = pos * expand(inv_freq(spec, seq_len))
+    if precise:
+        angles = precise_angles(positions.reshape((1,) * nb + positions.shape + (1,)), expand(inv_freq(spec, seq_len)))
+    else:
+        angles = pos * expand(inv_freq(spec, seq_len))
     attn = expand_scalar(spec.attention_factor).astype(jnp.float32)
     cos, sin = jnp.cos(angles) * attn, jnp.sin(angles) * attn
     # Start tokens: original angles, no attention factor. Skipped entirely when none are kept.

@@ -430,3 +430,28 @@ def test_bfloat16_smoke(reference):
     assert _maxdiff(out, ref) <= 0.1 * scale  # bf16 has ~3 significant digits; 2 layers of drift
     # the predictions mostly agree
     assert np.mean(out.argmax(-1) == ref.argmax(-1)) >= 0.8
+
+
+def test_precise_rope_keeps_relative_positions_at_two_million():
+    """RoPE is relative: with no scaling, the logits of a window placed at position 2,000,000 equal
+    those at position 0. With ``precise_rope`` they do to 1e-4; transformers' float32 angles
+    (the default) drift by far more there."""
+    from tiny import tiny_config
+
+    from longrope_jax.model import init_params
+
+    cfg = tiny_config(num_hidden_layers=1, head_dim=32, num_attention_heads=2, num_key_value_heads=1, hidden_size=64,
+                      max_position_embeddings=1 << 22)
+    params = jax.tree.map(lambda a: a * 8.0 if a.ndim == 3 else a, init_params(cfg, 1))  # peaked attention
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 32)), jnp.int32)
+    pos = jnp.arange(32, dtype=jnp.int32)[None]
+
+    def logits(c, offset):
+        return np.asarray(Transformer(c).apply({"params": params}, tokens, pos + offset))
+
+    at0 = logits(cfg, 0)
+    precise = logits(cfg.replace(precise_rope=True), 2_000_000)
+    plain = logits(cfg, 2_000_000)
+    scale = np.abs(at0).max()
+    assert np.abs(precise - at0).max() <= 1e-4 * scale
+    assert np.abs(plain - at0).max() > 30 * np.abs(precise - at0).max()

@@ -668,3 +668,30 @@ def test_shards_on_both_sides_of_the_switch_agree_with_the_whole_call(phi3_facto
         np.testing.assert_allclose(cos, hc[:, :cut], atol=tol, rtol=0)
         with pytest.raises(rope.RopeError, match="no fixed factor set"):
             rope.fixed(ours_from_config(config_dict({"rope_type": "dynamic", "factor": 2.0})), "long")
+
+
+# --------------------------------------------------------------------------------------------
+# Precise angles up to 2M positions
+
+
+def test_precise_angles_match_float64_at_two_million_positions():
+    """At position 2,097,151 the float32 product ``position * inv_freq`` is off by up to 0.06
+    rad here (transformers computes the same); the precise mode is within 1e-5 rad (modulo 2 pi) of
+    ``float64(position) * float64(inv_freq)``, for plain, LongRoPE-scaled and large-base
+    frequencies, and its cos/sin within 1e-5 of float64's."""
+    def wrap(x):
+        return (x + np.pi) % (2 * np.pi) - np.pi
+
+    pos = np.array([0, 1, 8191, 65537, 1_000_003, 2_097_151, rope.PRECISE_MAX_POSITION - 1], np.int32)
+    for theta, d, factors in ((10000.0, 128, None), (500000.0, 128, None), (10000.0, 96, np.linspace(1.0, 64.0, 48))):
+        spec = rope.default(theta, d) if factors is None else rope.longrope(
+            theta, d, factors, factors, original_max=4096, max_position_embeddings=2**21, attention_factor=1.0)
+        inv = np.asarray(rope.inv_freq(spec, 2**21), np.float32)
+        ref = pos.astype(np.float64)[:, None] * inv.astype(np.float64)[None]
+        got = np.asarray(jax.jit(rope.precise_angles)(jnp.asarray(pos)[:, None], jnp.asarray(inv)[None]), np.float64)
+        plain = pos.astype(np.float32)[:, None] * inv[None]
+        assert np.abs(wrap(got - ref)).max() <= 1e-5
+        assert np.abs(wrap(plain.astype(np.float64) - ref))[pos == 2_097_151].max() > 1e-2  # the control
+        cos, sin = rope.cos_sin(jnp.asarray(pos)[None], spec, seq_len=2**21, precise=True)
+        np.testing.assert_allclose(np.asarray(cos)[0], np.cos(ref), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(sin)[0], np.sin(ref), atol=1e-5, rtol=0)
