@@ -183,3 +183,21 @@ def test_ring_needs_a_sequence_axis(model):
     with pytest.raises(ValueError, match=r"attention: ring needs a mesh with a sequence axis \(--mesh sequence=N\)"):
         evaluate.score(params, cfg, _tokens(1, ORIG), rope_lib.stack([rope_spec(cfg)]), mesh=parallel.build("data=8"),
                        attention="ring")
+
+
+def test_auto_picks_all_gather_then_ring_by_predicted_bytes_and_refuses_naming_both(model):
+    from longrope_jax import evaluate
+
+    cfg, _ = model
+    mesh = parallel.build("sequence=8")
+    length = 1 << 16
+    gather, ring = (evaluate.attention_bytes(cfg, length, mesh, s) for s in ("blockwise", "ring"))
+    assert ring < gather  # the whole row's k/v against two chunks of it
+    pick = lambda budget: evaluate.pick_attention("auto", length, cfg=cfg, mesh=mesh, memory_budget=budget)  # noqa: E731
+    assert pick(gather) == "blockwise" and pick(gather - 1) == "ring" and pick(ring) == "ring"
+    with pytest.raises(ValueError, match=rf"attention auto: 65536 tokens do not fit {(ring - 1) / 2**30:.2f} GiB per "
+                                         rf"device on this mesh: k/v all-gathered needs {gather / 2**30:.2f} GiB, the "
+                                         rf"ring {ring / 2**30:.2f} GiB"):
+        pick(ring - 1)
+    # Without a sequence axis nothing is gathered: the single-device rule.
+    assert evaluate.pick_attention("auto", length, cfg=cfg, mesh=parallel.build("data=8")) == "blockwise"

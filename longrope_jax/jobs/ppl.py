@@ -71,7 +71,8 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
         w = windows_from(sources, tok, length, samples, seed)
         if w.skipped_short:
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
-        attn = evaluate.pick_attention(attention, length)
+        attn = evaluate.pick_attention(attention, length, cfg=m.cfg, mesh=mesh, memory_budget=memory_budget,
+                                       windows=w.tokens.shape[0])
         specs = {r: factors_lib.resolve_rope(p, m.cfg, length, m.factors) for r, p in parsed.items()}
         scores = evaluate.score_named(m.params, m.cfg, w.tokens, specs, log=log, memory_budget=memory_budget,
                                       attention=attn, q_chunk=evaluate.default_block(length, q_chunk),

@@ -92,7 +92,8 @@ class PerplexityFitness:
         self.slot = slot
         self.weights = None if weights is None else np.asarray(weights, np.float32)
         self.memory_budget = memory_budget
-        self.attention = evaluate.pick_attention(attention, self.length)
+        self.attention = evaluate.pick_attention(attention, self.length, cfg=cfg, mesh=mesh,
+                                                 memory_budget=memory_budget, windows=self.tokens.shape[0])
         self.q_chunk = evaluate.default_block(self.length, q_chunk)
         self.known: dict[tuple, tuple[str, dict]] = {}  # rope.value_key -> (name, score): see remember
         self.loss_chunk = loss_chunk
