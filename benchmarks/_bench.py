@@ -188,6 +188,17 @@ def timed(fn, *a, **kw):
     return out, time.perf_counter() - t
 
 
+def best(fn, repeats: int) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn()``, after one untimed warm-up call."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
 def median(xs):
     xs = sorted(xs)
     n = len(xs)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _bench  # noqa: E402
@@ -31,16 +30,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     _bench.add_common_flags(p)
     return p.parse_args(argv)
-
-
-def best(fn, n):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
 
 
 def main(argv=None) -> int:
@@ -73,7 +62,7 @@ def main(argv=None) -> int:
             o = sdpa(qt, kt, vt, is_causal=True, enable_gqa=True)
             (o * o).sum().backward()
 
-        pf, pg = best(peer_fwd, args.repeats), best(peer_grad, args.repeats)
+        pf, pg = _bench.best(peer_fwd, args.repeats), _bench.best(peer_grad, args.repeats)
         for blk in args.blocks:
             def attn(q, k, v, blk=blk):
                 return blockwise.blockwise_attention(q, k, v, q_positions=pos, kv_positions=pos, block_q=blk,
@@ -81,8 +70,8 @@ def main(argv=None) -> int:
 
             fwd = jax.jit(attn)
             grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.square(attn(q, k, v))), argnums=(0, 1, 2)))
-            of = best(lambda: jax.block_until_ready(fwd(q, k, v)), args.repeats)
-            og = best(lambda: jax.block_until_ready(grad(q, k, v)), args.repeats)
+            of = _bench.best(lambda: jax.block_until_ready(fwd(q, k, v)), args.repeats)
+            og = _bench.best(lambda: jax.block_until_ready(grad(q, k, v)), args.repeats)
             r = {"length": n, "block": blk, "bwd_block": min(blk, blockwise.BWD_BLOCK), "ours_fwd_s": of,
                  "ours_fwd_bwd_s": og, "torch_fwd_s": pf, "torch_fwd_bwd_s": pg}
             results.append(r)

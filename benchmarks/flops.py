@@ -62,8 +62,6 @@ def model_flops(cfg, length: int) -> dict:
 
 
 def machine_rate(n: int, repeats: int) -> dict:
-    import time
-
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -75,13 +73,7 @@ def machine_rate(n: int, repeats: int) -> dict:
     b = rng.standard_normal((n, n), dtype=np.float32)
 
     def best(fn):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return flops / min(ts)
+        return flops / _bench.best(fn, repeats)
 
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     mm = jax.jit(jnp.matmul)

@@ -3,11 +3,12 @@
 
 At one fixed length, for ``--mesh-sizes`` (default 1, 2, 4, 8 devices on the ``sequence`` axis),
 ``parallel.aot.loss_report``: the compiled executable's per-device argument and temporary bytes
-of one window's mean NLL and of its gradient, under the all-gather strategy (queries local,
-k/v of the whole row gathered on every device), weights over fsdp x sequence. The peer in the
-same run is one device (sequence 1). Nothing runs; the numbers do not depend on the machine's
-load. What this shows: the token-proportional part of the temporaries falls with the axis,
-while the gathered k/v (O(L) per device, which a ring removes) does not.
+of one window's mean NLL and of its gradient (kept sharded like the params), weights over fsdp x
+sequence, attention by the all-gather strategy (queries local, k/v of the whole row gathered on
+every device) or, with ``--attention ring``, the ring (zigzag order). The peer in the same run
+is one device (sequence 1). Nothing runs; the numbers do not depend on the machine's load. What
+this shows: the token-proportional part of the temporaries falls with the axis, while the
+gathered k/v (O(L) per device, which the ring removes) does not.
 
 On CPU (8 virtual devices, set here before jax is imported) or, with ``--topology``, for a TPU
 topology (REFERENCE.md section 10; needs ``libtpu``):
