@@ -34,6 +34,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--mesh-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="sequence axis sizes")
+    p.add_argument("--fsdp", type=int, default=1, help="fsdp axis size beside the sequence axis")
+    p.add_argument("--batch", type=int, default=1, help="windows per batch (a multiple of --fsdp)")
     p.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
     p.add_argument("--layers", type=int, help="override the layer count (compile time)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["JAX_PLATFORMS"] = "cpu"  # TPU devices, if any, are compile-only
     if not args.topology:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={max(args.mesh_sizes)}"
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.fsdp * max(args.mesh_sizes)}"
     _bench.setup_threads(args.threads)
     import jax
 
@@ -68,22 +70,29 @@ def main(argv=None) -> int:
     gib = 2**30
     rows, results = [], []
     for n in args.mesh_sizes:
-        mesh = parallel.build({"sequence": n}, devices[:n])
-        rep = {w: aot.loss_report(cfg, mesh, length=args.length, grad=w == "grad", block=args.block,
+        mesh = parallel.build({"fsdp": args.fsdp, "sequence": n}, devices[:args.fsdp * n])
+        rep = {w: aot.loss_report(cfg, mesh, length=args.length, batch=args.batch, grad=w == "grad", block=args.block,
                                   attention=args.attention)
                for w in ("forward", "grad")}
         results.append({"sequence": n, **rep})
         _bench.log(f"sequence={n}: forward temp {rep['forward']['temp_bytes'] / gib:.2f} GiB, grad temp "
                    f"{rep['grad']['temp_bytes'] / gib:.2f} GiB ({rep['grad']['compile_seconds']}s compile)")
     one = results[0]
+
+    def show(rep, key):  # a program the TPU compiler refused: the temporaries it asked for
+        if rep.get("over_hbm"):
+            return f"> HBM ({rep['temp_bytes'] / gib:.1f})" if key == "temp_bytes" else None
+        return rep[key] / gib
+
     for r in results:
         f, g = r["forward"], r["grad"]
-        rows.append([r["sequence"], f["argument_bytes"] / gib, f["temp_bytes"] / gib, g["temp_bytes"] / gib,
-                     g["output_bytes"] / gib, f"{one['grad']['temp_bytes'] / g['temp_bytes']:.2f}x"])
+        rows.append([r["sequence"], show(f, "argument_bytes"), show(f, "temp_bytes"), show(g, "temp_bytes"),
+                     show(g, "output_bytes"), f"{one['grad']['temp_bytes'] / g['temp_bytes']:.2f}x"])
     strategy = "ring attention (zigzag)" if args.attention == "ring" else "blockwise attention, k/v all-gathered"
     kv = 2 * args.length * cfg.num_key_value_heads * cfg.head_dim * (2 if args.dtype == "bfloat16" else 4) / gib
     notes = [f"{args.shapes} shapes ({cfg.num_hidden_layers} layers), {args.dtype}, remat {args.remat}, one window of "
-             f"{args.length} tokens, {strategy} ({args.block}-token blocks); {where}.",
+             f"{args.length} tokens x {args.batch} window(s), fsdp={args.fsdp}, {strategy} ({args.block}-token blocks); "
+             f"{where}.",
              "per device, from `compiled.memory_analysis()`: params (argument), forward / gradient temporaries, "
              "gradient output; the last column is one device's gradient temporaries over this mesh's.",
              f"one layer's whole-row k and v: {kv:.3f} GiB, which the all-gather holds on every device whatever "
