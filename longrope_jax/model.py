@@ -195,7 +195,7 @@ def _same(x):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block; returns ``(x, None)`` so it can be scanned. ``constrain`` holds
+    """Pre-norm decoder block; returns ``(x, cache)`` so it can be scanned. ``constrain`` holds
     its output (the residual stream ``[B, L, D]``) to a sharding (``parallel.Layout.constrain``)."""
 
     cfg: ModelConfig
