@@ -78,6 +78,10 @@ class PerplexityFitness:
                  attention_factor: float | None = None, template: dict | None = None, slot: str = "long",
                  weights=None, memory_budget: int | None = None, attention: str = "auto",
                  q_chunk: int | None = None, loss_chunk: int = 1024, mesh=None):
+        if mesh is not None and mesh.devices.size > 1:  # placed once, not by every score call
+            from longrope_jax import parallel
+
+            params = parallel.put_params(params, mesh)
         self.params, self.cfg, self.space, self.mesh = params, cfg, space, mesh
         self.tokens = np.asarray(tokens, np.int32)
         self.length = int(self.tokens.shape[1])
