@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="documents per length (seeded choice; default 1)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
-    p.add_argument("--attention", choices=["auto", "dense", "blockwise", "fused", "ring"],
+    p.add_argument("--attention", choices=["auto", "dense", "blockwise", "fused", "ring", "ring_splash"],
                    help="auto: dense up to 512 tokens, blockwise beyond; on a mesh with a sequence axis k/v "
-                        "all-gathered, or the ring where that does not fit; ring: ring attention (zigzag order)")
+                        "all-gathered, or the ring where that does not fit; ring: ring attention (zigzag order); ring_splash: the ring with Pallas splash kernels per step (TPU; no sliding window)")
     p.add_argument("--q-chunk", type=int, default=None,
                    help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 512 tokens")
     p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget-gib", type=float,
                    help="memory the evaluator may use per device (default: 80%% of free device memory, 4 GiB on CPU)")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
-    p.add_argument("--attention", choices=["auto", "dense", "blockwise", "ring"],
+    p.add_argument("--attention", choices=["auto", "dense", "blockwise", "ring", "ring_splash"],
                    help="auto: dense up to 512 tokens, blockwise beyond (on a mesh: all-gather or ring by memory)")
     p.add_argument("--q-chunk", type=int, default=None, help="attention block size (default 512 beyond 512 tokens)")
     p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")

@@ -18,16 +18,31 @@ from longrope_jax import attention as attention_lib
 from longrope_jax.model import ModelConfig, Transformer
 
 
+RINGS = {"ring": "blockwise", "ring_splash": "splash"}  # attention name -> the ring's per-chunk kernel
+
+
+def layout_for(mesh, attention: str, batch_axes=None):
+    """The :class:`longrope_jax.parallel.Layout` that ``attention`` runs on over ``mesh``: None
+    for no mesh or one device (the single-device program); zigzag order for a ring over a
+    sequence axis (it balances causal work; the all-gather needs none)."""
+    from longrope_jax import parallel
+
+    if mesh is None or mesh.devices.size == 1:
+        return None
+    zig = attention in RINGS and int(mesh.shape["sequence"]) > 1
+    return parallel.Layout(mesh, *(() if batch_axes is None else (batch_axes,)), zigzag=zig)
+
+
 def _attention(name: str, q_chunk: int | None, layout=None):
-    """The attention function of ``name``; on a ``layout``, ``ring`` or the named kernel under
-    the all-gather strategy (``attention.gather``)."""
+    """The attention function of ``name``; on a ``layout``, a ring (:data:`RINGS`) or the named
+    kernel under the all-gather strategy (``attention.gather``)."""
     blocks = {"block_q": q_chunk, "block_kv": q_chunk} if q_chunk else {}
-    if name == "ring":
+    if name in RINGS:
         if layout is None or layout.mesh.shape["sequence"] == 1:
-            raise ValueError("attention: ring needs a mesh with a sequence axis (--mesh sequence=N)")
+            raise ValueError(f"attention: {name} needs a mesh with a sequence axis (--mesh sequence=N)")
         from longrope_jax.attention.ring import ring_attention
 
-        return ring_attention(layout, **blocks)
+        return ring_attention(layout, kernel=RINGS[name], **blocks)
     fn = attention_lib.get(name)
     if q_chunk:
         fn = functools.partial(fn, **(blocks if name == "blockwise" else
@@ -298,13 +313,9 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
         kc, sc = plan(k, s, per_item, budget, nd)
     kc = -(-kc // nd) * nd  # a whole number of candidates per data shard
     sc = -(-sc // nf) * nf
-    layout = None
-    if mesh is not None and mesh.devices.size == 1:
-        mesh = None  # the single-device program
-    if mesh is not None:
+    layout = layout_for(mesh, attention, ("fsdp",))
+    if layout is not None:
         parallel.check(mesh, cfg=cfg, length=length)
-        # The ring balances causal work by the zigzag order; the all-gather needs none.
-        layout = parallel.Layout(mesh, ("fsdp",), zigzag=attention == "ring" and sizes["sequence"] > 1)
         params = parallel.put_params(params, mesh)
     n_calls = -(-k // kc)
     pad = n_calls * kc - k

@@ -300,6 +300,11 @@ for mesh in ("sequence=1", "sequence=4", "fsdp=2,sequence=2"):
     b = 2 if mesh.startswith("fsdp") else 1
     out[mesh] = {"forward": aot.loss_report(cfg, m, length=4096, batch=b, block=512),
                  "grad": aot.loss_report(cfg, m, length=4096, batch=b, block=512, grad=True)}
+# The ring with splash kernels per step (no sliding window: splash's masks are static).
+import dataclasses
+m, splash = parallel.build("sequence=4", devices), dataclasses.replace(cfg, sliding_window=None)
+out["ring_splash"] = {"forward": aot.loss_report(splash, m, length=4096, block=512, attention="ring_splash"),
+                      "grad": aot.loss_report(splash, m, length=4096, block=512, grad=True, attention="ring_splash")}
 two = aot.topology_devices("v5p:2x2x1", num_slices=2)  # 2 slices of 4 chips
 out["slices"] = sorted({d.slice_index for d in two})
 out["across_slices"] = parallel.axis_sizes(parallel.build("data=2,sequence=4", two))
@@ -319,8 +324,8 @@ def test_sharded_forward_and_gradient_compile_for_a_tpu_topology():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.splitlines()[-1])
     assert out["kind"].startswith("TPU v5")
-    one, seq4, mixed = out["sequence=1"], out["sequence=4"], out["fsdp=2,sequence=2"]
-    for rep in (one, seq4, mixed):
+    one, seq4, mixed, splash = out["sequence=1"], out["sequence=4"], out["fsdp=2,sequence=2"], out["ring_splash"]
+    for rep in (one, seq4, mixed, splash):
         for what in ("forward", "grad"):
             assert not rep[what]["over_hbm"] and rep[what]["temp_bytes"] > 0 and rep[what]["flops"] > 0
     # Weights over fsdp x sequence: each of 4 devices holds a quarter of the parameters (the
@@ -329,6 +334,11 @@ def test_sharded_forward_and_gradient_compile_for_a_tpu_topology():
     assert mixed["forward"]["argument_bytes"] < 0.3 * one["forward"]["argument_bytes"]
     # Tokens split over 4 devices: less temporary memory per device than one device's.
     assert seq4["grad"]["temp_bytes"] < one["grad"]["temp_bytes"]
+    assert splash["grad"]["temp_bytes"] < one["grad"]["temp_bytes"]
+    # Mosaic kernels in the splash ring (forward: full and causal per pair; backward adds the
+    # fused dq/dk/dv ones), none in the XLA programs.
+    assert splash["forward"]["kernels"] > 0 and splash["grad"]["kernels"] > splash["forward"]["kernels"]
+    assert seq4["grad"]["kernels"] == 0
     # Two slices: data goes across them; a sequence axis may not.
     assert out["slices"] == [0, 1] and out["across_slices"]["data"] == 2
     assert out["slice_error"] == "--mesh: 2 slices need data divisible by 2 (sequence and tensor stay inside one " \

@@ -26,15 +26,16 @@ def _layout(n):
     return parallel.Layout(parallel.build({"sequence": n}, jax.devices()[:n]))
 
 
-def _inputs(b, h, kvh, segments, seed=0):
+def _inputs(b, h, kvh, segments, seed=0, length=L, d=D):
     rng = np.random.default_rng(seed)
-    q = rng.standard_normal((b, L, h, D), np.float32)
-    k = rng.standard_normal((b, L, kvh, D), np.float32)
-    v = rng.standard_normal((b, L, kvh, D), np.float32)
-    pos = np.broadcast_to(np.arange(L, dtype=np.int32), (b, L)).copy()
+    q = rng.standard_normal((b, length, h, d), np.float32)
+    k = rng.standard_normal((b, length, kvh, d), np.float32)
+    v = rng.standard_normal((b, length, kvh, d), np.float32)
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()
     seg = None
-    if segments:  # documents of 13, 21 and 30 tokens: boundaries inside shards and across them
-        seg = np.broadcast_to(np.repeat(np.arange(3, dtype=np.int32), [13, 21, 30]), (b, L)).copy()
+    if segments:  # documents of 13, 21 and 30 64ths of the row: boundaries inside shards and across them
+        m = length // 64
+        seg = np.broadcast_to(np.repeat(np.arange(3, dtype=np.int32), [13 * m, 21 * m, 30 * m]), (b, length)).copy()
     return q, k, v, pos, seg
 
 
@@ -66,18 +67,49 @@ CASES = [  # (sequence axis, heads, kv heads, segments, window, zigzag)
 ]
 
 
-@pytest.mark.parametrize("n, h, kvh, segments, window, zig", CASES)
-def test_ring_equals_dense(n, h, kvh, segments, window, zig):
-    q, k, v, pos, seg = _inputs(2, h, kvh, segments)
+def _ring_against_dense(n, h, kvh, segments, window, zig, **ring_kw):
+    length = ring_kw.pop("length", L)
+    q, k, v, pos, seg = _inputs(ring_kw.pop("batch", 2), h, kvh, segments, length=length, d=ring_kw.pop("d", D))
     if zig:  # the data in zigzag order, positions with it: dense masks by position as the ring does
         q, k, v, pos = (zigzag.apply(x, n) for x in (q, k, v, pos))
         seg = None if seg is None else zigzag.apply(seg, n)
     cot = np.random.default_rng(1).standard_normal(q.shape, np.float32)
     layout = _layout(n)
-    ring = jax.jit(lambda *a: _value_and_grads(ring_attention(layout, block_q=4, block_kv=4), *a, window, cot))
+    ring = jax.jit(lambda *a: _value_and_grads(ring_attention(layout, **ring_kw), *a, window, cot))
     got = ring(q, k, v, pos, seg)
     ref = _value_and_grads(dense_attention, q, k, v, pos, seg, window, cot)
-    _check(got, ref, f"n={n} h={h} kv={kvh} segments={segments} window={window} zigzag={zig}")
+    _check(got, ref, f"n={n} h={h} kv={kvh} segments={segments} window={window} zigzag={zig} {ring_kw}")
+
+
+@pytest.mark.parametrize("n, h, kvh, segments, window, zig", CASES)
+def test_ring_equals_dense(n, h, kvh, segments, window, zig):
+    _ring_against_dense(n, h, kvh, segments, window, zig, block_q=4, block_kv=4)
+
+
+# The ring with Pallas splash kernels per chunk pair, run by Pallas's interpreter here (chunks of
+# 128 tokens: splash's smallest block). (sequence axis, heads, kv heads, segments, zigzag)
+SPLASH_CASES = [(2, 4, 2, False, True), (4, 4, 1, True, False), (8, 2, 2, True, True)]
+
+
+@pytest.mark.parametrize("n, h, kvh, segments, zig", SPLASH_CASES)
+def test_splash_ring_equals_dense(n, h, kvh, segments, zig):
+    _ring_against_dense(n, h, kvh, segments, None, zig, kernel="splash", length=2 * n * 128, d=32, batch=1)
+
+
+def test_splash_ring_refuses_what_static_masks_cannot_express():
+    q, k, v, pos, _ = _inputs(1, 2, 2, False, length=512, d=32)
+    attend = ring_attention(_layout(2), kernel="splash")
+    run = lambda **kw: attend(q, k, v, q_positions=pos, kv_positions=pos, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match=r"attention ring_splash: splash's masks are static, so a sliding window "
+                                         r"\(100 tokens, shorter than the 512-token row\) is not supported; use "
+                                         r"attention=ring"):
+        run(sliding_window=100)
+    # A window that never binds is no window.
+    both = jax.jit(lambda: (run(sliding_window=512), run()))()
+    np.testing.assert_array_equal(*both)
+    with pytest.raises(ValueError, match=r"each device's chunk \(64 / 2 tokens\) must be a multiple of 128; got "
+                                         r"length 512 over 8 devices"):
+        ring_attention(_layout(8), kernel="splash")(q, k, v, q_positions=pos, kv_positions=pos)
 
 
 def test_fully_masked_rows_are_zero():
@@ -150,14 +182,22 @@ def test_model_ppl_with_ring_equals_one_device(model, length):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=0)
 
 
-def test_model_gradients_with_ring_equal_one_device(model):
+@pytest.mark.parametrize("attention, n, length", [("ring", 8, 2 * ORIG), ("ring_splash", 2, 512)])
+def test_model_gradients_with_ring_equal_one_device(model, attention, n, length):
+    """The loss and every parameter gradient; the splash ring at its smallest chunks (128 tokens),
+    without the sliding window it refuses."""
+    import dataclasses
+
     from longrope_jax import evaluate
     from longrope_jax.model import rope_spec
 
     cfg, params = model
-    tokens = _tokens(2, 2 * ORIG, seed=4)
+    if attention == "ring_splash":
+        cfg = dataclasses.replace(cfg, sliding_window=None, max_position_embeddings=length)
+    tokens = _tokens(2, length, seed=4)
     spec = rope_spec(cfg)
-    layout = parallel.Layout(parallel.build("sequence=8"), zigzag=True)
+    layout = evaluate.layout_for(parallel.build(f"sequence={n}", jax.devices()[:n]), attention)
+    assert layout.zigzag
 
     def loss(p, t, layout, attention):
         return jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, attention=attention, q_chunk=8, loss_chunk=8,
@@ -166,7 +206,7 @@ def test_model_gradients_with_ring_equal_one_device(model):
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=(2, 3))
     ref_loss, ref = grad(params, jnp.asarray(tokens), None, "blockwise")
     got_loss, got = grad(parallel.put_params(params, layout.mesh),
-                         parallel.put(tokens, layout.sharding(layout.rows())), layout, "ring")
+                         parallel.put(tokens, layout.sharding(layout.rows())), layout, attention)
     assert abs(float(got_loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
         scale = float(jnp.max(jnp.abs(r)))

@@ -22,7 +22,7 @@ DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, s
                 q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None, **parallel.SETTINGS)
 KINDS = dict(**parallel.SETTINGS_KINDS, model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
              tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
-             attention="auto|dense|blockwise|fused|ring", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
+             attention="auto|dense|blockwise|fused|ring|ring_splash", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
              plot="bool", out="str?")
 REQUIRED = ("model", "data", "length")
 

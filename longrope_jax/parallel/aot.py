@@ -55,8 +55,9 @@ def abstract(tree, shardings):
 
 def compile_report(jitted, *args) -> dict:
     """Lowers and compiles ``jitted`` for abstract ``args``; per-device bytes (argument, output,
-    temporary, alias, and the peak estimate argument + output + temporary - alias), FLOPs and
-    compile seconds. A program over the chip's memory is reported (``over_hbm``) with the
+    temporary, alias, and the peak estimate argument + output + temporary - alias), FLOPs,
+    compile seconds and ``kernels``, the Pallas (Mosaic) custom calls in the compiled program.
+    A program over the chip's memory is reported (``over_hbm``) with the
     temporary bytes the compiler asked for, not raised."""
     t = time.perf_counter()
     try:
@@ -76,6 +77,7 @@ def compile_report(jitted, *args) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out["flops"] = float((cost or {}).get("flops", 0.0))
+    out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     return out
 
 
@@ -94,10 +96,9 @@ def loss_report(cfg, mesh, *, length: int, batch: int = 1, grad: bool = False, a
     from longrope_jax.parallel.sharding import Layout, param_shardings
 
     check(mesh, cfg=cfg, length=length, batch=batch)
-    # One device: the plain single-device program. The ring runs in zigzag order.
-    layout = Layout(mesh, zigzag=attention == "ring") if mesh.devices.size > 1 else None
-    if layout is None and attention == "ring":
-        attention = "blockwise"
+    layout = evaluate.layout_for(mesh, attention)
+    if layout is None and attention in evaluate.RINGS:
+        attention = "blockwise"  # one device: the plain single-device program
     spec = rope_spec(cfg)
     params = jax.eval_shape(lambda: init_params(cfg, 0))
 

@@ -159,7 +159,7 @@ JOB_DEFAULTS: dict[str, Any] = dict(
 REQUIRED = ("model", "data", "target_length", "out")
 JOB_KINDS = dict(model="str", data="strs", target_length="int", out="str", samples="int", seed="int0", field="str",
                  tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
-                 attention="auto|dense|blockwise|ring", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
+                 attention="auto|dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
                  max_evals="int?", time_budget="number?", base_factors="str?", readjust="str?",
                  **parallel.SETTINGS_KINDS)
 # Values that mean "unset" in a config file (ml_collections fields keep one type).
