@@ -22,6 +22,7 @@ setup(
         "numpy",
         "tqdm",
         "matplotlib",
+        "tensorboardX",
         "gguf>=0.10",
     ],
     extras_require={

@@ -5,7 +5,8 @@ At one fixed length, for ``--mesh-sizes`` (default 1, 2, 4, 8 devices on the ``s
 ``parallel.aot.loss_report``: the compiled executable's per-device argument and temporary bytes
 of one window's mean NLL and of its gradient (kept sharded like the params), weights over fsdp x
 sequence, attention by the all-gather strategy (queries local, k/v of the whole row gathered on
-every device) or, with ``--attention ring``, the ring (zigzag order). The peer in the same run
+every device) or, with ``--attention ring``, the ring (zigzag order; ``ring_splash``: with
+splash kernels per step). The peer in the same run
 is one device (sequence 1). Nothing runs; the numbers do not depend on the machine's load. What
 this shows: the token-proportional part of the temporaries falls with the axis, while the
 gathered k/v (O(L) per device, which the ring removes) does not.
@@ -41,8 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--remat", default="full", help="layer remat policy of the gradient (ModelConfig.remat)")
     p.add_argument("--block", type=int, default=512)
-    p.add_argument("--attention", choices=["blockwise", "ring"], default="blockwise",
-                   help="blockwise: k/v all-gathered over sequence; ring: ring attention (zigzag)")
+    p.add_argument("--attention", choices=["blockwise", "ring", "ring_splash"], default="blockwise",
+                   help="blockwise: k/v all-gathered over sequence; ring: ring attention (zigzag); ring_splash: the "
+                        "ring with Pallas splash kernels (TPU topologies)")
     p.add_argument("--topology", help="compile for this TPU topology (e.g. v5p:2x2x2; needs libtpu)")
     _bench.add_common_flags(p)
     return p.parse_args(argv)
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
         f, g = r["forward"], r["grad"]
         rows.append([r["sequence"], show(f, "argument_bytes"), show(f, "temp_bytes"), show(g, "temp_bytes"),
                      show(g, "output_bytes"), f"{one['grad']['temp_bytes'] / g['temp_bytes']:.2f}x"])
-    strategy = "ring attention (zigzag)" if args.attention == "ring" else "blockwise attention, k/v all-gathered"
+    strategy = {"ring": "ring attention (zigzag)", "ring_splash": "ring attention with splash kernels (zigzag)",
+                "blockwise": "blockwise attention, k/v all-gathered"}[args.attention]
     kv = 2 * args.length * cfg.num_key_value_heads * cfg.head_dim * (2 if args.dtype == "bfloat16" else 4) / gib
     notes = [f"{args.shapes} shapes ({cfg.num_hidden_layers} layers), {args.dtype}, remat {args.remat}, one window of "
              f"{args.length} tokens x {args.batch} window(s), fsdp={args.fsdp}, {strategy} ({args.block}-token blocks); "

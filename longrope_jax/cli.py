@@ -70,6 +70,12 @@ def cmd_search(args, extra) -> int:
     return search.main(resolve(args.config, extra, vars(args)), _log)
 
 
+def cmd_train(args, extra) -> int:
+    from longrope_jax.jobs import train
+
+    return train.main(train.resolve(args.config, extra, vars(args)), _log)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "length <= the original window) or a per_length entry (above it)")
     _add_mesh_flags(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("train", help="one fine-tuning stage with fixed RoPE factors (or a tiny model from scratch); "
+                                     "resumable")
+    _add_model_flags(p)
+    p.add_argument("--out", help="run directory: checkpoints/, metrics.jsonl, tb/, final/ (an existing run resumes)")
+    p.add_argument("--steps", type=int, help="optimizer steps (may change on resume)")
+    p.add_argument("--rope", help=f"{ROPE_HELP}: fixed for the stage (default: the model as configured)")
+    p.add_argument("--data", action="append", help="text file, .jsonl, directory, 'stdlib:' or 'tfds:NAME' (repeatable)")
+    p.add_argument("--attention", choices=["dense", "blockwise", "ring", "ring_splash"])
+    _add_mesh_flags(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -74,6 +74,33 @@ class Tokenizer:
             tok.add_tokens(user)
         return cls(tok, source)
 
+    @classmethod
+    def byte_level(cls) -> "Tokenizer":
+        """One token per byte (id = the byte's value, GPT-2's byte-to-character map), then
+        ``<s>`` (256) and ``</s>`` (257) as special tokens; none is added by ``encode``. For
+        models pretrained from scratch: it is saved with the run as a ``tokenizer.json``."""
+        from tokenizers import AddedToken, Tokenizer as _T, decoders, models, pre_tokenizers
+
+        keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+        chars, extra = {}, 0
+        for b in range(256):  # GPT-2's bytes_to_unicode: printable bytes map to themselves
+            if b in keep:
+                chars[b] = chr(b)
+            else:
+                chars[b] = chr(256 + extra)
+                extra += 1
+        tok = _T(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[], fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+        return cls(tok, "byte-level")
+
+    def save(self, path: str) -> None:
+        self.backend.save(path)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text).ids
 

@@ -2,7 +2,8 @@
 
 A text file is one document, a JSONL line is one document (field ``text``), a directory holds one
 document per file, ``pydoc:`` is a long English text every Python installation has (the
-standard library's pydoc topics, joined in sorted order), and ``tfds:NAME[:SPLIT]`` reads a
+standard library's pydoc topics, joined in sorted order), ``stdlib:`` a fixed list of the
+standard library's modules (the built-in training corpus), and ``tfds:NAME[:SPLIT]`` reads a
 TensorFlow Datasets split (optional extra ``tfds``; e.g. ``tfds:pg19:validation``). Each document
 contributes its first N tokens; shorter ones are skipped and counted.
 """
@@ -19,6 +20,14 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 BUILTIN_PYDOC = "pydoc:"
+BUILTIN_STDLIB = "stdlib:"
+# The built-in training corpus: these modules of the running Python's standard library, one
+# document each (a fixed list, so a run's data depends only on the Python version).
+STDLIB_MODULES = ("argparse", "ast", "calendar", "collections", "configparser", "csv", "dataclasses", "datetime",
+                  "difflib", "enum", "fractions", "functools", "gettext", "heapq", "inspect", "ipaddress",
+                  "json.decoder", "json.encoder", "locale", "logging", "pathlib", "pickle", "pprint", "random", "shlex",
+                  "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "tokenize",
+                  "typing", "uuid", "zipfile")
 TFDS_PREFIX = "tfds:"
 # Documents read from a TFDS split unless ``max_documents`` says otherwise: all of PG19's
 # validation (50 books) and test (100 books) splits, without reading all of a large corpus.
@@ -253,9 +262,21 @@ def read_documents(source: str, field: str = "text", *, max_documents: int | Non
     return docs if max_documents is None else docs[:max_documents]
 
 
+def _stdlib() -> list[Document]:
+    import importlib.util
+
+    out = []
+    for name in STDLIB_MODULES:
+        with open(importlib.util.find_spec(name).origin, encoding="utf-8") as fh:
+            out.append(Document(f"stdlib:{name}", fh.read()))
+    return out
+
+
 def _read(source: str, field: str, max_documents: int | None) -> list[Document]:
     if source == BUILTIN_PYDOC or source == "pydoc":
         return [Document("pydoc:topics", _pydoc_text())]
+    if source == BUILTIN_STDLIB:
+        return _stdlib()
     if os.path.isdir(source):
         docs = []
         for root, dirs, files in os.walk(source):
