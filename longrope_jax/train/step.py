@@ -67,6 +67,6 @@ def make_step(loss_fn, tx, lr_schedule):
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr_schedule(state["step"])}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"])}
 
     return step

@@ -1,0 +1,266 @@
+"""Training: the chunk index and its order, the train step against references, and the ``train``
+job end to end (loss falls, SIGKILL resume to the bit, refused resumes, non-finite stop, errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longrope_jax import evaluate
+from longrope_jax.model import init_params, rope_spec
+from longrope_jax.train import data as data_lib
+from longrope_jax.train import step as step_lib
+
+from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "train", "tiny.py")
+
+
+# --------------------------------------------------------------------------------------------
+# The chunk index and its order
+
+
+def test_chunk_index_is_bos_doc_eos_concatenated_and_chunked():
+    docs = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
+    got = data_lib.chunk_index(docs, 4, bos=0, eos=99, min_document_tokens=2)
+    stream = [0, 1, 2, 3, 99, 0, 5, 6, 7, 8, 9, 99, 0, 10, 11, 99]  # [4] is too short
+    np.testing.assert_array_equal(got, np.array(stream, np.int32).reshape(4, 4))
+    assert got.dtype == np.int32
+    tail = data_lib.chunk_index(docs, 5)  # no special tokens; the 1-token tail is dropped
+    np.testing.assert_array_equal(tail, np.arange(1, 11, dtype=np.int32).reshape(2, 5))
+
+
+def test_order_covers_every_chunk_once_per_epoch_and_depends_only_on_seed_and_step():
+    n, batch = 37, 5
+    rows = np.concatenate([data_lib.step_rows(n, 3, t, batch) for t in range(3 * n // batch + 1)])
+    for e in range(3):  # each epoch is a permutation of all chunks
+        assert sorted(rows[e * n:(e + 1) * n].tolist()) == list(range(n))
+    assert rows[:n].tolist() != rows[n:2 * n].tolist()  # a fresh permutation per epoch
+    assert rows[:n].tolist() != list(range(n))
+    np.testing.assert_array_equal(data_lib.step_rows(n, 3, 11, batch), rows[55:60])  # any step, alone
+    assert data_lib.step_rows(n, 4, 0, batch).tolist() != rows[:5].tolist()  # the seed matters
+
+
+def test_processes_read_disjoint_rows_that_make_up_the_global_batch():
+    n, batch = 50, 8
+    for t in (0, 7, 13):
+        whole = data_lib.step_rows(n, 0, t, batch)
+        parts = [data_lib.step_rows(n, 0, t, batch, p, 4) for p in range(4)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+        assert len(set(np.concatenate(parts).tolist())) == batch
+    with pytest.raises(data_lib.TrainDataError, match=r"batch: expected a multiple of the process count \(3\), got 8"):
+        data_lib.step_rows(n, 0, 0, 8, 0, 3)
+
+
+def test_grain_batches_are_the_rows_of_each_step():
+    chunks = np.arange(20 * 6, dtype=np.int32).reshape(20, 6)
+    got = list(data_lib.batches(chunks, batch=4, seed=1, start=3, stop=9))
+    assert len(got) == 6
+    for t, b in zip(range(3, 9), got):
+        np.testing.assert_array_equal(b, chunks[data_lib.step_rows(20, 1, t, 4)])
+
+
+# --------------------------------------------------------------------------------------------
+# The train step
+
+
+SETTINGS = dict(lr=1e-4, warmup_steps=0, schedule="constant", steps=10, end_lr_ratio=1.0, b1=0.9, b2=0.999,
+                eps=1e-8, weight_decay=0.01, clip_norm=1.0)
+
+
+def _loss_fn(cfg):
+    spec = rope_spec(cfg)
+    return lambda p, t: jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, attention="blockwise", q_chunk=16,
+                                                   loss_chunk=16))
+
+
+def test_step_equals_optax_on_jax_grad_of_the_dense_reference():
+    """One step: the loss and the AdamW update against optax applied to ``jax.grad`` of a plain
+    dense-attention, unchunked loss written here."""
+    import optax
+
+    from longrope_jax.model import Transformer
+
+    cfg = tiny_config()
+    params = init_params(cfg, 0)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 32)).astype(np.int32)
+    tx = step_lib.optimizer(SETTINGS)
+    new, m = jax.jit(step_lib.make_step(_loss_fn(cfg), tx, step_lib.schedule(SETTINGS)))(
+        step_lib.init_state(params, tx), tokens[None])
+
+    spec = rope_spec(cfg)
+
+    def ref_loss(p):
+        pos = jnp.broadcast_to(jnp.arange(32), (4, 32))
+        logits = Transformer(cfg).apply({"params": p}, tokens, pos, rope=spec)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    loss, g = jax.value_and_grad(ref_loss)(params)
+    ref_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, 0.9, 0.999, 1e-8, weight_decay=0.01))
+    upd, _ = ref_tx.update(g, ref_tx.init(params), params)
+    ref = optax.apply_updates(params, upd)
+    assert abs(float(m["loss"]) - float(loss)) <= 1e-5 * float(loss)
+    assert abs(float(m["grad_norm"]) - float(optax.tree.norm(g))) <= 1e-5 * float(optax.tree.norm(g))
+    assert int(new["step"]) == 1 and float(m["lr"]) == pytest.approx(1e-4)
+    for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_accumulated_microbatches_equal_one_batch():
+    """4 microbatches of 2 rows against one batch of 8, three steps: params within 1e-6 (fp32)."""
+    cfg = tiny_config()
+    params = init_params(cfg, 1)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (3, 8, 32)).astype(np.int32)
+    tx = step_lib.optimizer(SETTINGS)
+    step = jax.jit(step_lib.make_step(_loss_fn(cfg), tx, step_lib.schedule(SETTINGS)))
+    one, acc = step_lib.init_state(params, tx), step_lib.init_state(params, tx)
+    for t in tokens:
+        one, m1 = step(one, t[None])
+        acc, m4 = step(acc, t.reshape(4, 2, 32))
+        assert abs(float(m1["loss"]) - float(m4["loss"])) <= 1e-6 * float(m1["loss"])
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(acc["params"])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_schedules_warm_up_then_decay():
+    c = dict(SETTINGS, lr=1.0, warmup_steps=4, steps=14, end_lr_ratio=0.1)
+    lin = step_lib.schedule(dict(c, schedule="linear"))
+    assert [float(lin(t)) for t in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert float(lin(9)) == pytest.approx(0.55) and float(lin(14)) == pytest.approx(0.1)
+    cos = step_lib.schedule(dict(c, schedule="cosine"))
+    assert float(cos(4)) == pytest.approx(1.0) and float(cos(9)) == pytest.approx(0.55) and float(cos(14)) == \
+        pytest.approx(0.1)
+    assert float(step_lib.schedule(dict(c, schedule="constant"))(13)) == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The train job end to end (subprocesses: a kill must be real)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
+    for i in range(6):
+        (d / f"doc{i}.py").write_text(" ".join(rng.choice(words, 600)))
+    return str(d)
+
+
+SMALL = ["--config.seq_len=64", "--config.batch=4", "--config.model_config.hidden_size=64",
+         "--config.model_config.intermediate_size=128", "--config.model_config.num_hidden_layers=1",
+         "--config.loss_chunk=64", "--config.warmup_steps=2"]
+
+
+def _train(out, corpus, *extra, wait=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    argv = [sys.executable, "-m", "longrope_jax", "train", "--config", TINY, "--out", str(out), "--data", corpus,
+            *SMALL, *extra]
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [(r["step"], r["loss"]) for r in map(json.loads, fh)]
+
+
+def test_loss_falls_and_the_final_checkpoint_scores_through_ppl(tmp_path, corpus):
+    out = tmp_path / "run"
+    r = _train(out, corpus, "--config.steps=30", "--config.checkpoint_every=10")
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [l for _, l in _losses(out)]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    summary = json.loads(r.stdout.splitlines()[-1])
+    assert summary["steps"] == 30 and summary["checkpoints"][-1] == 30
+    assert os.listdir(out / "tb")  # TensorBoard events
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-m", "longrope_jax", "ppl", "--model", str(out / "final"), "--data", corpus,
+                        "--length", "64"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(p.stdout.splitlines()[0])
+    assert np.log(rec["ppl"]) < losses[0]
+
+
+def test_sigkill_resume_gives_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus):
+    steps = ["--config.steps=12", "--config.checkpoint_every=3"]
+    whole = tmp_path / "whole"
+    assert _train(whole, corpus, *steps).returncode == 0
+    cut = tmp_path / "cut"
+    p = _train(cut, corpus, *steps, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once step 7 is logged: checkpoint 6 is on disk, 7 is not
+        if os.path.exists(cut / "metrics.jsonl") and len(_losses(cut)) >= 8:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(_losses(cut)) < 12
+    r = _train(cut, corpus, *steps)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    assert _losses(cut) == _losses(whole)  # every step, every float as computed
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--config.steps=2", "--config.checkpoint_every=2").returncode == 0
+    r = _train(out, corpus, "--config.steps=2", "--config.checkpoint_every=2", "--config.lr=0.5", "--config.seed=3")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"longrope-jax train: error: {out}/settings.json: this run was started with other settings (lr, seed: "
+        "lr was 0.003, now 0.5; seed was 0, now 3); only steps may change on resume; use another --out")
+    more = _train(out, corpus, "--config.steps=4", "--config.checkpoint_every=2")  # steps may change
+    assert more.returncode == 0 and [s for s, _ in _losses(out)] == [0, 1, 2, 3]
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, corpus):
+    out = tmp_path / "run"
+    r = _train(out, corpus, "--config.steps=6", "--config.checkpoint_every=1", "--config.lr=1e30",
+               "--config.warmup_steps=0", "--config.clip_norm=0")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    m = re.fullmatch(r"longrope-jax train: error: step (\d+): the loss is (nan|inf|-inf); stopping \(the last "
+                     r"checkpoint, step (\d+) in (.*)/checkpoints, is intact\)", last)
+    assert m and m.group(4) == str(out), last
+    # The failing step started from the last checkpoint; no update of it was saved, or logged.
+    assert int(m.group(3)) == int(m.group(1)) >= 1
+    assert max(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()) == int(m.group(3))
+    assert [s for s, _ in _losses(out)] == list(range(int(m.group(1))))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--config.colour=red"], "--config.colour: " + TINY + " has no field 'colour'"),
+    (["--config.batch=6", "--config.accum=4"], "batch: expected a multiple of accum (4), got 6"),
+    (["--data", "/nonexistent/docs"], "/nonexistent/docs: not found"),
+    (["--config.seq_len=60", "--mesh", "sequence=8"], "--mesh: sequence=8 needs a length divisible by 16 "
+                                                       "(2 x sequence), got 60"),
+    (["--rope", "{factors}"], "{factors}: field 'rotary_dim'"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, corpus, extra, message):
+    factors = tmp_path / "other_model.json"  # factors of a model with 4 rotary pairs (this one has 16)
+    factors.write_text(json.dumps({"format": "longrope-factors/1", "rope_type": "longrope", "rope_theta": 10000.0,
+                                   "rotary_dim": 8, "original_max_position_embeddings": 32,
+                                   "max_position_embeddings": 128, "long_factor": [1.0, 2.0, 3.0, 4.0],
+                                   "short_factor": [1.0] * 4}))
+    extra = [e.format(factors=factors) for e in extra]
+    message = message.format(factors=factors)
+    r = _train(tmp_path / "run", corpus, "--config.steps=1", *extra)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("longrope-jax train: error: "), r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
