@@ -157,6 +157,8 @@ def corpus(tmp_path_factory):
     words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
     for i in range(6):
         (d / f"doc{i}.py").write_text(" ".join(rng.choice(words, 600)))
+    # Held out: the same kind of text, in no training document.
+    (d.parent / "heldout.txt").write_text(" ".join(rng.choice(words, 600)))
     return str(d)
 
 
@@ -180,20 +182,60 @@ def _losses(out):
 
 
 def test_loss_falls_and_the_final_checkpoint_scores_through_ppl(tmp_path, corpus):
+    """30 steps: the loss falls; the held-out perplexity logged at the last step (the params in
+    memory, through the evaluator) equals ``ppl`` on the final checkpoint, on the same window."""
     out = tmp_path / "run"
-    r = _train(out, corpus, "--config.steps=30", "--config.checkpoint_every=10")
+    heldout = os.path.join(os.path.dirname(corpus), "heldout.txt")
+    r = _train(out, corpus, "--config.steps=30", "--config.checkpoint_every=10", "--config.eval_every=15",
+               "--config.eval_lengths=[64]", f"--config.eval_data=['{heldout}']")
     assert r.returncode == 0, r.stderr[-2000:]
-    losses = [l for _, l in _losses(out)]
+    with open(out / "metrics.jsonl") as fh:
+        recs = [json.loads(line) for line in fh]
+    losses = [rec["loss"] for rec in recs]
     assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3]), losses
+    assert [rec["step"] for rec in recs if "eval_ppl_64" in rec] == [14, 29]
     summary = json.loads(r.stdout.splitlines()[-1])
     assert summary["steps"] == 30 and summary["checkpoints"][-1] == 30
     assert os.listdir(out / "tb")  # TensorBoard events
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "longrope_jax", "ppl", "--model", str(out / "final"), "--data", corpus,
+    p = subprocess.run([sys.executable, "-m", "longrope_jax", "ppl", "--model", str(out / "final"), "--data", heldout,
                         "--length", "64"], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads(p.stdout.splitlines()[0])
-    assert np.log(rec["ppl"]) < losses[0]
+    assert rec["ppl"] == pytest.approx(recs[-1]["eval_ppl_64"], rel=1e-5)
+    assert rec["ppl"] < recs[14]["eval_ppl_64"]
+
+
+def test_resume_on_another_device_count_sees_the_same_examples(tmp_path, corpus):
+    """3 steps on 8 devices (data=2, sequence=4), resumed on one: the losses of an uninterrupted
+    one-device run, to float32 rounding (the mesh sums in another order)."""
+    # A constant rate after the warmup: the schedule then does not depend on the run's total steps.
+    every = ("--config.checkpoint_every=2", "--config.schedule=constant")
+    assert _train(tmp_path / "whole", corpus, "--config.steps=6", *every).returncode == 0
+    first = _train(tmp_path / "moved", corpus, "--config.steps=3", *every, "--mesh", "data=2,sequence=-1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    rest = _train(tmp_path / "moved", corpus, "--config.steps=6", *every)
+    assert rest.returncode == 0 and "resumed from" in rest.stderr and "step 3" in rest.stderr
+    got, ref = _losses(tmp_path / "moved"), _losses(tmp_path / "whole")
+    assert [s for s, _ in got] == [s for s, _ in ref] == list(range(6))
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
+
+
+def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_path, corpus):
+    """What a kill in the middle of an Orbax save leaves (an uncommitted temporary directory of the
+    next step) is not restored: the run resumes from the last complete checkpoint."""
+    out = tmp_path / "run"
+    every = ("--config.checkpoint_every=2", "--config.schedule=constant")
+    assert _train(out, corpus, "--config.steps=4", *every).returncode == 0
+    torn = out / "checkpoints" / "6.orbax-checkpoint-tmp-1764000000000000"
+    (torn / "state").mkdir(parents=True)
+    (torn / "state" / "garbage").write_bytes(b"\0" * 100)
+    r = _train(out, corpus, "--config.steps=8", *every)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr and "step 4" in r.stderr
+    whole = tmp_path / "whole"
+    assert _train(whole, corpus, "--config.steps=8", *every).returncode == 0
+    assert _losses(out) == _losses(whole)
 
 
 def test_sigkill_resume_gives_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus):
@@ -223,7 +265,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, corpus):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
         f"longrope-jax train: error: {out}/settings.json: this run was started with other settings (lr, seed: "
-        "lr was 0.003, now 0.5; seed was 0, now 3); only steps may change on resume; use another --out")
+        "lr was 0.003, now 0.5; seed was 0, now 3); only steps and the mesh may change on resume; use another --out")
     more = _train(out, corpus, "--config.steps=4", "--config.checkpoint_every=2")  # steps may change
     assert more.returncode == 0 and [s for s, _ in _losses(out)] == [0, 1, 2, 3]
 

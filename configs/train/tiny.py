@@ -46,6 +46,12 @@ def get_config():
     c.loss_chunk = 512
     c.checkpoint_every = 25
     c.keep = 3
+    # Held-out perplexity every eval_every steps (0: off) on English prose the code corpus lacks,
+    # inside the window and at twice it.
+    c.eval_every = 0
+    c.eval_data = ["pydoc:"]
+    c.eval_lengths = [512, 1024]
+    c.eval_samples = 1
     c.out = ""
     c.mesh = ""
     return c

@@ -9,7 +9,8 @@ the last ``keep`` plus the final), ``metrics.jsonl`` (one object per step: ``ste
 (TensorBoard events) and, at the end, ``final/``: a checkpoint every command takes as
 ``--model``, the stage's factors attached.
 
-The same command after a kill resumes from the last checkpoint; the batch of step t depends only
+The same command after a kill resumes from the last checkpoint (``steps`` may change: a decaying
+schedule then follows the new total; so may the mesh); the batch of step t depends only
 on ``(seed, t)`` (:mod:`longrope_jax.train.data`), so the resumed losses equal an uninterrupted
 run's. SIGTERM saves and exits. A non-finite loss stops the run; the last checkpoint stays.
 """
@@ -31,7 +32,8 @@ DEFAULTS = dict(
     seq_len=256, min_document_tokens=0, batch=8, accum=1, steps=100,
     lr=1e-3, warmup_steps=10, schedule="linear", end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
     clip_norm=1.0, seed=0, dtype="float32", param_dtype="float32", remat="none", attention="blockwise",
-    q_chunk=None, loss_chunk=1024, checkpoint_every=50, keep=3, out=None, **parallel.SETTINGS)
+    q_chunk=None, loss_chunk=1024, checkpoint_every=50, keep=3, eval_every=0, eval_data=None, eval_lengths=None,
+    eval_samples=1, out=None, **parallel.SETTINGS)
 KINDS = dict(
     **parallel.SETTINGS_KINDS, model="str?", model_config="dict", init_seed="int0", rope="str", data="strs",
     field="str", tokenizer="str?", seq_len="int", min_document_tokens="int0", batch="int", accum="int", steps="int",
@@ -39,10 +41,11 @@ KINDS = dict(
     b2="number0", eps="number", weight_decay="number0", clip_norm="number0", seed="int0",
     dtype="float32|bfloat16", param_dtype="float32|bfloat16", remat="none|full|dots|attention",
     attention="dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int", checkpoint_every="int",
-    keep="int", out="str")
+    keep="int", eval_every="int0", eval_data="strs?", eval_lengths="ints?", eval_samples="int", out="str")
 REQUIRED = ("out",)
-# Settings that may change when a run is resumed (the run gets longer or shorter).
-RESUMABLE = ("steps", "out")
+# Settings that may change when a run is resumed: its length, and where it runs (the batch of a
+# step does not depend on the devices or processes).
+RESUMABLE = ("steps", "out", *parallel.SETTINGS)
 FORMAT = "longrope-train/1"
 
 
@@ -54,8 +57,10 @@ def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
     from longrope_jax import config_files
 
     s = config_files.merge(DEFAULTS, KINDS, config_path=config_path, overrides=overrides, flags=flags,
-                           required=REQUIRED, listy=("data",),
-                           unset_if_falsy=("model", "tokenizer", "q_chunk", "mesh"))
+                           required=REQUIRED, listy=("data", "eval_data", "eval_lengths"),
+                           unset_if_falsy=("model", "tokenizer", "q_chunk", "mesh", "eval_data", "eval_lengths"))
+    if s["eval_every"] and not (s["eval_data"] and s["eval_lengths"]):
+        raise TrainError("eval_every: held-out perplexity needs eval_data and eval_lengths")
     if s["batch"] % s["accum"]:
         raise TrainError(f"batch: expected a multiple of accum ({s['accum']}), got {s['batch']}")
     if not s["model"] and not s["model_config"]:
@@ -78,7 +83,7 @@ def _check_settings(path: str, settings: dict) -> None:
         raise TrainError(f"{path}: this run was started with other settings ({', '.join(diff)}: "
                          + "; ".join(f"{k} was {json.dumps(old.get(k))[:40]}, now {json.dumps(new.get(k))[:40]}"
                                      for k in diff[:3])
-                         + "); only steps may change on resume; use another --out")
+                         + "); only steps and the mesh may change on resume; use another --out")
 
 
 def _model(s: dict, run: str, log):
@@ -141,6 +146,16 @@ def _chunks(s: dict, run: str, tok, cfg, log):
             np.save(fh, chunks)
         log(f"data: {len(docs)} documents -> {len(chunks)} chunks of {s['seq_len']} tokens ({time.time() - t:.1f}s)")
     return np.load(path, mmap_mode="r")
+
+
+def _eval_windows(s: dict, tok, log) -> dict:
+    """{length: int32[S, length]}: the held-out windows (``eval_samples`` per length, split over
+    ``eval_data``'s sources), read once."""
+    from longrope_jax.data import read_sources, windows_from
+
+    sources = read_sources(s["eval_data"], s["field"], log=log)
+    return {length: windows_from(sources, tok, length, s["eval_samples"], s["seed"]).tokens
+            for length in s["eval_lengths"]}
 
 
 def _metrics_file(path: str, start: int):
@@ -222,6 +237,20 @@ def run(s: dict, log=print) -> dict:
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                   force=force)
 
+    evals = _eval_windows(s, tok, log) if s["eval_every"] else {}
+
+    def held_out(params):
+        """{"eval_ppl_L": perplexity} of the params in memory on the held-out windows (the stage's spec)."""
+        from longrope_jax import rope as rope_lib
+
+        out = {}
+        for length, tokens in evals.items():
+            nll = evaluate.score(params, cfg, tokens, rope_lib.stack([spec]), mesh=mesh, q_chunk=q_chunk,
+                                 loss_chunk=s["loss_chunk"],
+                                 attention=evaluate.pick_attention("auto", length, cfg=cfg, mesh=mesh))
+            out[f"eval_ppl_{length}"] = float(np.exp(nll.mean()))
+        return out
+
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
     metrics = _metrics_file(os.path.join(run_dir, "metrics.jsonl"), start)
@@ -254,6 +283,9 @@ def run(s: dict, log=print) -> dict:
                    "tokens_per_s": round(rate, 1)}
             if peak:
                 rec["mfu"] = round(rate * per_token / peak, 4)
+            if evals and (t + 1) % s["eval_every"] == 0:
+                rec.update(held_out(state["params"]))
+                t_prev = time.perf_counter()  # the evaluation is not the next step's time
             if parallel.is_main():
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
@@ -275,7 +307,7 @@ def run(s: dict, log=print) -> dict:
         tb.close()
         mngr.wait_until_finished()
     final = os.path.join(run_dir, "final")
-    host = jax.tree.map(np.asarray, parallel.fetch(state["params"]) if layout is not None else state["params"])
+    host = jax.tree.map(parallel.fetch, state["params"])
     if parallel.is_main():
         checkpoint.save(final, dataclasses.replace(cfg, remat="none"), host, tokenizer_file=tok_path,
                         factors=stage_factors, source={"trained_by": "longrope-jax train", "run": run_dir, **source},
