@@ -204,6 +204,29 @@ def test_loss_falls_and_the_final_checkpoint_scores_through_ppl(tmp_path, corpus
     rec = json.loads(p.stdout.splitlines()[0])
     assert rec["ppl"] == pytest.approx(recs[-1]["eval_ppl_64"], rel=1e-5)
     assert rec["ppl"] < recs[14]["eval_ppl_64"]
+    _exports_to_transformers(out / "final", tmp_path / "hf")
+
+
+def _exports_to_transformers(final, hf_dir):
+    """``convert`` to HF: transformers' logits equal ours, its AutoTokenizer our byte tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from longrope_jax import checkpoint
+    from longrope_jax.jobs import convert
+    from longrope_jax.model import Transformer
+    from longrope_jax.tokenizer import Tokenizer
+
+    convert.run(str(final), str(hf_dir))
+    text = "def f(x):\n\treturn x  # é"
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir)(text)["input_ids"] == Tokenizer.byte_level().encode(text)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    cfg, params, _ = checkpoint.restore(str(final))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(tokens)).logits.numpy()
+    got = np.asarray(Transformer(cfg).apply({"params": params}, tokens))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
 def test_resume_on_another_device_count_sees_the_same_examples(tmp_path, corpus):
@@ -238,7 +261,10 @@ def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_pa
     assert _losses(out) == _losses(whole)
 
 
-def test_sigkill_resume_gives_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_run_resumes_to_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus, sig):
+    """SIGKILL: the run resumes from the last checkpoint; SIGTERM: it saves the step it is at and
+    exits 0. Either way the same command then ends with every loss of an uninterrupted run."""
     steps = ["--config.steps=12", "--config.checkpoint_every=3"]
     whole = tmp_path / "whole"
     assert _train(whole, corpus, *steps).returncode == 0
@@ -249,9 +275,14 @@ def test_sigkill_resume_gives_the_uninterrupted_losses_bit_for_bit(tmp_path, cor
         if os.path.exists(cut / "metrics.jsonl") and len(_losses(cut)) >= 8:
             break
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len(_losses(cut)) < 12
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    done = len(_losses(cut))
+    assert done < 12
+    if sig == signal.SIGTERM:
+        assert p.returncode == 0, err[-2000:]
+        assert f"SIGTERM: saved step {done} in {cut}/checkpoints; the same command resumes" in err
+        assert max(int(s) for s in os.listdir(cut / "checkpoints") if s.isdigit()) == done
     r = _train(cut, corpus, *steps)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
