@@ -7,7 +7,7 @@ Ours: ``train.step.make_step`` (AdamW with global-norm clipping, the loss and fl
 same update in PyTorch: ``loss.backward()``, ``clip_grad_norm_(1.0)``, ``AdamW.step()``,
 ``zero_grad``. Interleaved pairs (ours, then theirs) per repeat; the speed ratio is the median of
 the pairs'. Peak memory: each side runs its step twice in a fresh child process (``--child``),
-and the child's peak resident set (``ru_maxrss``) is reported, with ours' compiled temporaries
+and the child's peak resident set (``VmHWM``) is reported, with ours' compiled temporaries
 (``memory_analysis()``) beside it.
 
     python benchmarks/train_throughput.py --lengths 2048 8192 --threads 2 --json out/train_throughput.json
@@ -86,22 +86,23 @@ def _peer():
         torch.nn.utils.clip_grad_norm_(peer.parameters(), ADAMW["clip_norm"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
 
 def _child(args) -> int:
-    """One side, two steps on ``--tokens`` in this fresh process; prints its peak RSS (GiB) as JSON."""
-    import resource
-
+    """One side, two steps on ``--tokens`` in this fresh process; prints its peak RSS (GiB) as JSON:
+    ``VmHWM`` of this process's address space (``ru_maxrss`` would carry the forking parent's)."""
     import numpy as np
 
     step = _ours(args.block)[1] if args.child == "ours" else _peer()
     tokens = np.load(args.tokens)
     step(tokens)
     step(tokens)
-    print(json.dumps({"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    with open("/proc/self/status") as fh:
+        hwm_kib = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    print(json.dumps({"max_rss_gib": hwm_kib / 2**20}))
     return 0
 
 
@@ -118,7 +119,9 @@ def _peak(side, tokens, args) -> float | None:
     if r.returncode:
         _bench.log(f"{side} child at L={np.asarray(tokens).shape[-1]} failed: {r.stderr[-500:]}")
         return None
-    return json.loads(r.stdout.splitlines()[-1])["max_rss_gib"]
+    peak = json.loads(r.stdout.splitlines()[-1])["max_rss_gib"]
+    _bench.log(f"{side} child at L={np.asarray(tokens).shape[-1]}: peak RSS {peak:.2f} GiB")
+    return peak
 
 
 def main(argv=None) -> int:
