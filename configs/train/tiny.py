@@ -1,6 +1,7 @@
 """A tiny LLaMA pretrained from scratch on the built-in corpus (36 modules of the Python standard
 library, ``stdlib:``) with a byte-level tokenizer saved with the run: the smallest full run of
-``train`` (loss falls within a few dozen steps, about a second per step on 2 CPU cores).
+``train`` (loss falls within a few dozen steps; 2.2 s per step measured on 2 CPU cores with a
+search running beside it, batch 8 x 512 tokens).
 
     longrope-jax train --config configs/train/tiny.py --out runs/tiny [--config.steps=200 ...]
 
