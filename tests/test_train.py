@@ -168,7 +168,7 @@ SMALL = ["--config.seq_len=64", "--config.batch=4", "--config.model_config.hidde
 
 
 def _train(out, corpus, *extra, wait=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     argv = [sys.executable, "-m", "longrope_jax", "train", "--config", TINY, "--out", str(out), "--data", corpus,
             *SMALL, *extra]
     if not wait:
