@@ -88,6 +88,8 @@ def _check_settings(path: str, settings: dict) -> None:
 
 def _model(s: dict, run: str, log):
     """(cfg, params, tokenizer, tokenizer file, factors attached to the source, source record)."""
+    import jax
+
     from longrope_jax.loading import model_from
     from longrope_jax.model import ModelConfig, init_params
     from longrope_jax.tokenizer import Tokenizer
@@ -107,7 +109,7 @@ def _model(s: dict, run: str, log):
             raise TrainError(f"model_config.vocab_size: expected at least the tokenizer's "
                              f"{tok.backend.get_vocab_size()}, got {cfg.vocab_size}")
         params, factors, source = init_params(cfg, s["init_seed"]), None, {"init_seed": s["init_seed"]}
-        log(f"a model from scratch: {sum(x.size for x in __import__('jax').tree.leaves(params)) / 1e6:.2f}M params")
+        log(f"a model from scratch: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params")
     if not os.path.exists(tok_path):
         tmp = tok_path + ".tmp"
         tok.save(tmp)
