@@ -20,7 +20,8 @@ from longrope_jax.search.fitness import base_document
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-SEARCHES = {"search16k": "results/smollm2_16k/search/factors.json",
+SEARCHES = {  # each used once its result.json exists (a running search's factors.json is its best so far)
+            "search16k": "results/smollm2_16k/search/factors.json",
             "search16k_lr2": "results/smollm2_16k/search_longrope2/factors.json",
             "search": "results/smollm2_16k_domains/search/factors.json",
             "search_gene": "results/smollm2_16k_domains/search_gene/factors.json"}
@@ -38,17 +39,17 @@ def main() -> None:
     yarn = base_document(_Cfg, original_max=WINDOW, length=LENGTH)
     yarn["long_factor"] = rope_lib.yarn_factors(THETA, ROTARY, scale, WINDOW).tolist()
     yarn["provenance"] = {"control": "YaRN s=2 factors, LongRoPE attention factor (null: the sqrt default)"}
-    factors_lib.validate(yarn, "yarn_longrope_attention.json", ROTARY)
+    factors_lib.validate(yarn, "yarn_longrope_attention.json")
     write_json(os.path.join(out, "yarn_longrope_attention.json"), yarn)
     for name, path in SEARCHES.items():
         path = os.path.join(ROOT, path)
-        if not os.path.exists(path):
-            continue
+        if not os.path.exists(os.path.join(os.path.dirname(path), "result.json")):
+            continue  # a running search's factors.json is its best so far
         d = json.load(open(path))
         d["attention_factor"] = rope_lib.yarn_attention_factor(scale)
         d["provenance"] = {"control": f"{os.path.relpath(path, ROOT)} with YaRN's attention factor",
                            "parent": d.get("provenance")}
-        factors_lib.validate(d, name, ROTARY)
+        factors_lib.validate(d, name)
         write_json(os.path.join(out, f"{name}_yarn_attention.json"), d)
     print("wrote", sorted(os.listdir(out)))
 

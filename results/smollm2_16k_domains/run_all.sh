@@ -21,18 +21,19 @@ heldout() {  # heldout NAME ROPE: one method's held-out perplexity (4 windows), 
   step $R/heldout/$1.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope "$2"
 }
 
-# 1. The search with the paper's attention factor (population 16, then 3 generations of 4 mutations
-#    + 4 crossovers: 40 candidates, 5 baselines, 3 windows each).
-step $R/search/result.json longrope-jax search "${SEARCH[@]}" --out $R/search
-# 2. Held-out: the baselines, the committed 16k factors (one pydoc window) and the attention-factor
+# 1. Held-out (first: no search needed): the baselines, the committed 16k factors (one pydoc window) and the attention-factor
 #    controls (factors files written by make_controls.py).
-python $R/make_controls.py
+python $R/make_controls.py  # the search files that exist (a running search's factors.json is its best so far)
 for m in yarn:2 ntk:2 dynamic:2 pi:2; do heldout "${m/:/}" "$m"; done
 heldout yarn_longrope_attention $C/yarn_longrope_attention.json
 heldout search16k results/smollm2_16k/search/factors.json
 heldout search16k_yarn_attention $C/search16k_yarn_attention.json
 heldout search16k_lr2 results/smollm2_16k/search_longrope2/factors.json
 heldout search16k_lr2_yarn_attention $C/search16k_lr2_yarn_attention.json
+# 2. The search with the paper's attention factor (population 16, then 3 generations of 4 mutations
+#    + 4 crossovers: 40 candidates, 5 baselines, 3 windows each).
+step $R/search/result.json longrope-jax search "${SEARCH[@]}" --out $R/search
+python $R/make_controls.py  # again: its control of the finished search
 # 3. The re-run's search on held-out text, as it is and with YaRN's attention factor.
 heldout search $R/search/factors.json
 heldout search_yarn_attention $C/search_yarn_attention.json
