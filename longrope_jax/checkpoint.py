@@ -196,9 +196,13 @@ def _factors_json(factors):
 
 
 def _orbax_save(path: str, params: Mapping) -> None:
+    """Host arrays, saved by this process alone (under several processes, only process 0 writes)."""
+    import jax
     import orbax.checkpoint as ocp
 
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                          multiprocessing_options=alone) as ckptr:
         ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(_plain(params)))
 
 

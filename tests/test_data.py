@@ -83,3 +83,44 @@ def test_windows_from_several_sources_split_the_samples_seeded(tmp_path):
         windows_from(read_sources([a, b]), CharTok(), 16, 1)
     with pytest.raises(DataError, match="--data: expected a source"):
         source_list([])
+
+
+def _write_array_record(path, records):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    w = ArrayRecordWriter(str(path), "group_size:1")
+    for r in records:
+        w.write(r)
+    w.close()
+
+
+def test_array_record_records_are_documents(tmp_path):
+    texts = ["plain text, one document", json.dumps({"text": "from a JSON record", "id": 3}), "{not json",
+             "ünïcode\n" * 3]
+    f = tmp_path / "shard.array_record-00000-of-00002"
+    _write_array_record(f, [t.encode() for t in texts])
+    docs = read_documents(str(f))
+    assert [d.text for d in docs] == [texts[0], "from a JSON record", "{not json", texts[3]]
+    assert [d.name for d in docs] == [f"{f}:{i}" for i in range(4)]
+    (tmp_path / "x.txt").write_text("text file")  # a directory mixes ArrayRecord shards and text files
+    assert [d.text for d in read_documents(str(tmp_path))][:4] == [d.text for d in docs]
+    assert read_documents(str(tmp_path), max_documents=2) == docs[:2]
+    g = tmp_path / "field.array_record"
+    _write_array_record(g, [json.dumps({"body": "b"}).encode()])
+    assert read_documents(str(g), "body")[0].text == "b"
+
+
+def test_bad_array_record_files_are_one_line_errors(tmp_path):
+    g = tmp_path / "nofield.array_record"
+    _write_array_record(g, [b"ok", json.dumps({"body": "b"}).encode()])
+    with pytest.raises(DataError, match=r"nofield.array_record: record 1: expected a JSON object with a string "
+                                        r"field 'text'"):
+        read_documents(str(g))
+    b = tmp_path / "binary.array_record"
+    _write_array_record(b, [b"\xff\xfe"])
+    with pytest.raises(DataError, match=r"binary.array_record: record 0: expected UTF-8 text or a JSON object"):
+        read_documents(str(b))
+    junk = tmp_path / "junk.array_record"
+    junk.write_bytes(b"this is not an array record file")
+    with pytest.raises(DataError, match=r"junk.array_record: not a readable ArrayRecord file"):
+        read_documents(str(junk))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from longrope_jax import evaluate, parallel
 from longrope_jax import rope as rope_lib
 from longrope_jax.model import init_params, rope_spec
 
+from processes import free_port, two_processes
 from tiny import tiny_config
 
 ORIG = 32  # the original window: 64 tokens run on the long factors, 32 on the short ones
@@ -202,25 +202,6 @@ def test_loss_gradients_on_a_mesh_equal_one_device(model, mesh_text):
 # Two processes on localhost, 4 devices each
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(argv_of, cwd, timeout=300):
-    """Runs ``argv_of(process_id)`` for processes 0 and 1 together; returns their (rc, out, err)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen(argv_of(i), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from tiny import make_hf_dir
@@ -239,10 +220,10 @@ def test_two_processes_ppl_equals_one_process(tiny_dir, attention):
     """``ppl`` over 2 processes x 4 devices on ``sequence=8`` (k/v all-gathered, or the ring)
     against one process on one device."""
     d, data = tiny_dir
-    port = _free_port()
+    port = free_port()
     base = [sys.executable, "-m", "longrope_jax.cli", "ppl", "--model", d, "--data", data, "--length", str(ORIG),
             "--length", str(2 * ORIG), "--q-chunk", "8"]
-    res = _two_processes(lambda i: base + ["--attention", attention, "--mesh", "sequence=8", "--coordinator",
+    res = two_processes(lambda i: base + ["--attention", attention, "--mesh", "sequence=8", "--coordinator",
                                            f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                          os.getcwd())
     for rc, _, err in res:
@@ -264,9 +245,9 @@ def test_two_processes_gradients_equal_one_process(tiny_dir, tmp_path):
     from longrope_jax import hf
 
     d, _ = tiny_dir
-    port, out = _free_port(), tmp_path / "grads.npz"
+    port, out = free_port(), tmp_path / "grads.npz"
     worker_py = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
-    res = _two_processes(lambda i: [sys.executable, worker_py, str(port), str(i), d, str(out)], os.getcwd())
+    res = two_processes(lambda i: [sys.executable, worker_py, str(port), str(i), d, str(out)], os.getcwd())
     for rc, _, err in res:
         assert rc == 0, err[-3000:]
     cfg, params = hf.load(d)

@@ -53,15 +53,30 @@ def test_order_covers_every_chunk_once_per_epoch_and_depends_only_on_seed_and_st
     assert data_lib.step_rows(n, 4, 0, batch).tolist() != rows[:5].tolist()  # the seed matters
 
 
-def test_processes_read_disjoint_rows_that_make_up_the_global_batch():
+def test_a_process_reads_the_batch_positions_it_holds():
     n, batch = 50, 8
     for t in (0, 7, 13):
         whole = data_lib.step_rows(n, 0, t, batch)
-        parts = [data_lib.step_rows(n, 0, t, batch, p, 4) for p in range(4)]
-        np.testing.assert_array_equal(np.concatenate(parts), whole)
-        assert len(set(np.concatenate(parts).tolist())) == batch
-    with pytest.raises(data_lib.TrainDataError, match=r"batch: expected a multiple of the process count \(3\), got 8"):
-        data_lib.step_rows(n, 0, 0, 8, 0, 3)
+        parts = [data_lib.step_rows(n, 0, t, batch, range(p, batch, 4)) for p in range(4)]  # strided: any subset
+        for p, part in enumerate(parts):
+            np.testing.assert_array_equal(part, whole[p::4])
+    with pytest.raises(data_lib.TrainDataError, match=r"positions: expected batch positions in \[0, 8\), got \[8\]"):
+        data_lib.step_rows(n, 0, 0, 8, [8])
+
+
+def test_rows_placed_from_a_process_part_equal_the_global_array():
+    """One process holds every row of every sharding here, so its part is the whole; the
+    2-process train test takes the part that differs."""
+    from longrope_jax import parallel
+
+    mesh = parallel.build("data=2,sequence=4")
+    x = np.arange(3 * 4 * 16).reshape(3, 4, 16)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "sequence"))
+    rows = parallel.local_rows(sharding, x.shape, 1)
+    np.testing.assert_array_equal(rows, np.arange(4))
+    got = parallel.put_rows(x[:, rows], rows, sharding, x.shape, 1)
+    assert got.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(got), x)
 
 
 def test_grain_batches_are_the_rows_of_each_step():
@@ -242,6 +257,50 @@ def test_resume_on_another_device_count_sees_the_same_examples(tmp_path, corpus)
     got, ref = _losses(tmp_path / "moved"), _losses(tmp_path / "whole")
     assert [s for s, _ in got] == [s for s, _ in ref] == list(range(6))
     np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, corpus):
+    """The reference: 4 steps of one process on one device, on the corpus's text files."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    r = _train(out, corpus, "--config.steps=4", "--config.checkpoint_every=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("mesh", ["data=2,sequence=4", "sequence=8"])
+def test_two_processes_train_the_losses_of_one(tmp_path, corpus, four_steps, mesh):
+    """2 processes x 4 devices, each reading only the rows its devices hold (half the rows under
+    ``data=2``, all of them but half of each row under ``sequence=8``), on an ArrayRecord copy of
+    the corpus: the losses of one process on the text files, one metrics file, one ``final/``."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from longrope_jax.data import read_documents
+    from processes import free_port, two_processes
+
+    shard = tmp_path / "corpus.array_record"
+    w = ArrayRecordWriter(str(shard), "group_size:1")
+    for d in read_documents(corpus):
+        w.write(d.text.encode())
+    w.close()
+    out, port = tmp_path / "run", free_port()
+    argv = [sys.executable, "-m", "longrope_jax", "train", "--config", TINY, "--out", str(out), "--data", str(shard),
+            *SMALL, "--config.steps=4", "--config.checkpoint_every=2", "--mesh", mesh, "--coordinator",
+            f"localhost:{port}", "--num-processes", "2"]
+    res = two_processes(lambda i: argv + ["--process-id", str(i)], ROOT, timeout=600, env={"PYTHONPATH": ROOT})
+    for rc, _, err in res:
+        assert rc == 0, err[-3000:]
+    assert res[1][1] == "" and json.loads(res[0][1].splitlines()[-1])["checkpoints"][-1] == 4
+    got, ref = _losses(out), _losses(four_steps)
+    assert [s for s, _ in got] == list(range(4))
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
+    np.testing.assert_array_equal(np.load(out / "data" / "chunks.npy"), np.load(four_steps / "data" / "chunks.npy"))
+    from longrope_jax import checkpoint
+
+    _, params, _ = checkpoint.restore(str(out / "final"))
+    _, want, _ = checkpoint.restore(str(four_steps / "final"))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):  # Adam's steps are ~lr (1e-3) whatever
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the gradient's size: 1% of one step
 
 
 def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_path, corpus):

@@ -1,7 +1,9 @@
 """Documents for evaluation, following the perplexity protocol (REFERENCE.md section 8).
 
-A text file is one document, a JSONL line is one document (field ``text``), a directory holds one
-document per file, ``pydoc:`` is a long English text every Python installation has (the
+A text file is one document, a JSONL line is one document (field ``text``), an ArrayRecord file
+(``*.array_record``, or TFDS-style shards ``*.array_record-00000-of-00004``) holds one document per
+record (UTF-8 text, or a JSON object with field ``text``), a directory holds the documents of its
+files, ``pydoc:`` is a long English text every Python installation has (the
 standard library's pydoc topics, joined in sorted order), ``stdlib:`` a fixed list of the
 standard library's modules (the built-in training corpus), and ``tfds:NAME[:SPLIT]`` reads a
 TensorFlow Datasets split (optional extra ``tfds``; e.g. ``tfds:pg19:validation``). Each document
@@ -76,9 +78,48 @@ def _jsonl(path: str, field: str) -> Iterable[Document]:
             yield Document(f"{path}:{i}", obj[field])
 
 
+def is_array_record(path: str) -> bool:
+    return bool(re.search(r"\.array_record(-\d+-of-\d+)?$", path))
+
+
+def _record_text(record: bytes, field: str, where: str) -> str:
+    """One ArrayRecord record as a document: a JSON object's ``field``, else the record's UTF-8 text."""
+    try:
+        text = bytes(record).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: expected UTF-8 text or a JSON object with a string field {field!r} "
+                        f"({e})") from None
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(obj, dict):
+            if not isinstance(obj.get(field), str):
+                raise DataError(f"{where}: expected a JSON object with a string field {field!r}")
+            return obj[field]
+    return text
+
+
+def _array_record(path: str, field: str) -> Iterable[Document]:
+    """An ArrayRecord file's records in order, read through Grain's random-access source."""
+    import grain
+
+    try:
+        source = grain.sources.ArrayRecordDataSource([path])
+        n = len(source)
+    except Exception as e:  # noqa: BLE001 - the reader raises bare RuntimeErrors on a bad file
+        raise DataError(f"{path}: not a readable ArrayRecord file ({type(e).__name__}: {e})") from None
+    for i in range(n):
+        yield Document(f"{path}:{i}", _record_text(source[i], field, f"{path}: record {i}"))
+
+
 def _file(path: str, field: str) -> Iterable[Document]:
     if path.endswith((".jsonl", ".jsonl.txt")):
         yield from _jsonl(path, field)
+        return
+    if is_array_record(path):
+        yield from _array_record(path, field)
         return
     try:
         with open(path, encoding="utf-8") as fh:
@@ -247,8 +288,8 @@ def _tfds(source: str, field: str, max_documents: int | None, info, notice) -> l
 
 def read_documents(source: str, field: str = "text", *, max_documents: int | None = None,
                    log: Callable[[str], None] | None = None) -> list[Document]:
-    """Documents from a text file, a JSONL file, a directory (sorted, recursive), ``pydoc:`` or
-    ``tfds:NAME[:SPLIT]``.
+    """Documents from a text file, a JSONL file, an ArrayRecord file, a directory (sorted,
+    recursive), ``pydoc:``, ``stdlib:`` or ``tfds:NAME[:SPLIT]``.
 
     ``max_documents`` keeps the first ones (in the source's order); for ``tfds:`` it defaults to
     TFDS_MAX_DOCUMENTS, as corpora like PG19 are large. ``log`` receives notices (which split or
@@ -290,8 +331,8 @@ def _read(source: str, field: str, max_documents: int | None) -> list[Document]:
             raise DataError(f"{source}: directory holds no documents")
         return docs
     if not os.path.exists(source):
-        raise DataError(f"{source}: not found (expected a text file, a .jsonl file, a directory, 'pydoc:' "
-                        f"or 'tfds:NAME[:SPLIT]')")
+        raise DataError(f"{source}: not found (expected a text file, a .jsonl or .array_record file, a directory, "
+                        f"'pydoc:', 'stdlib:' or 'tfds:NAME[:SPLIT]')")
     if max_documents is None:
         return list(_file(source, field))
     docs = []

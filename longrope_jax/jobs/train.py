@@ -69,10 +69,12 @@ def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
 
 
 def _check_settings(path: str, settings: dict) -> None:
-    """``settings.json`` of a run being resumed against this one's (``RESUMABLE`` keys aside)."""
+    """``settings.json`` of a run being resumed against this one's (``RESUMABLE`` keys aside);
+    written by process 0 when the run is new."""
     fixed = {k: v for k, v in settings.items() if k not in RESUMABLE}
     if not os.path.exists(path):
-        atomic.write_json(path, {"format": FORMAT, "settings": fixed})
+        if parallel.is_main():
+            atomic.write_json(path, {"format": FORMAT, "settings": fixed})
         return
     with open(path) as fh:
         old = json.load(fh).get("settings", {})
@@ -110,7 +112,7 @@ def _model(s: dict, run: str, log):
                              f"{tok.backend.get_vocab_size()}, got {cfg.vocab_size}")
         params, factors, source = init_params(cfg, s["init_seed"]), None, {"init_seed": s["init_seed"]}
         log(f"a model from scratch: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params")
-    if not os.path.exists(tok_path):
+    if not os.path.exists(tok_path) and parallel.is_main():
         tmp = tok_path + ".tmp"
         tok.save(tmp)
         os.replace(tmp, tok_path)
@@ -127,7 +129,8 @@ def _special_ids(tok, cfg):
 
 
 def _chunks(s: dict, run: str, tok, cfg, log):
-    """The chunk index ``int32[N, seq_len]``, built once under ``RUN/data`` and memory-mapped."""
+    """The chunk index ``int32[N, seq_len]``, built once under ``RUN/data`` and memory-mapped.
+    Every process builds it alike when the file is not there yet; process 0 writes it."""
     import numpy as np
 
     from longrope_jax.data import read_sources
@@ -143,10 +146,12 @@ def _chunks(s: dict, run: str, tok, cfg, log):
         if len(chunks) < s["batch"]:
             raise TrainError(f"data: {len(chunks)} chunks of {s['seq_len']} tokens from {len(docs)} documents, "
                              f"fewer than one batch ({s['batch']}); give more data or a shorter seq_len")
+        log(f"data: {len(docs)} documents -> {len(chunks)} chunks of {s['seq_len']} tokens ({time.time() - t:.1f}s)")
+        if not parallel.is_main():
+            return chunks
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with atomic.file(path, "wb") as fh:
             np.save(fh, chunks)
-        log(f"data: {len(docs)} documents -> {len(chunks)} chunks of {s['seq_len']} tokens ({time.time() - t:.1f}s)")
     return np.load(path, mmap_mode="r")
 
 
@@ -200,8 +205,8 @@ def run(s: dict, log=print) -> dict:
 
     run_dir = os.path.abspath(s["out"])
     os.makedirs(run_dir, exist_ok=True)
-    _check_settings(os.path.join(run_dir, "settings.json"), s)
     mesh = parallel.from_settings(s)
+    _check_settings(os.path.join(run_dir, "settings.json"), s)
     if mesh is not None:
         parallel.check(mesh, length=s["seq_len"], batch=s["batch"] // s["accum"])
     cfg, params, tok, tok_path, model_factors, source = _model(s, run_dir, log)
@@ -255,24 +260,28 @@ def run(s: dict, log=print) -> dict:
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
-    metrics = _metrics_file(os.path.join(run_dir, "metrics.jsonl"), start)
+    primary = parallel.is_main()  # process 0 writes metrics.jsonl, TensorBoard events and final/
     from tensorboardX import SummaryWriter
 
-    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start)
+    metrics = _metrics_file(os.path.join(run_dir, "metrics.jsonl"), start) if primary else None
+    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start) if primary else None
     a, micro = s["accum"], s["batch"] // s["accum"]
     per_token = model_flops_per_token(cfg, s["seq_len"])
     peak = _peak_flops(jax.devices()[0]) * (mesh.devices.size if mesh is not None else 1)
     tokens_per_step = s["batch"] * s["seq_len"]
+    # Step t's tokens [accum, micro, L]; this process reads only the micro rows its devices hold.
+    shape = (a, micro, s["seq_len"])
     rows = None if layout is None else layout.sharding(jax.sharding.PartitionSpec(None, *layout.rows()))
+    mine = np.arange(micro) if rows is None else parallel.local_rows(rows, shape, 1)
     it = data_lib.batches(chunks, batch=s["batch"], seed=s["seed"], start=start, stop=s["steps"],
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    bar = tqdm(total=s["steps"], initial=start, desc="train", unit="step", disable=not parallel.is_main())
+                          positions=(np.arange(a)[:, None] * micro + mine).ravel())
+    bar = tqdm(total=s["steps"], initial=start, desc="train", unit="step", disable=not primary)
     last = {"loss": None}
     t_prev = time.perf_counter()
     try:
         for t in range(start, s["steps"]):
-            local = next(it).reshape(a, micro // jax.process_count(), s["seq_len"])
-            tokens = jnp.asarray(local) if rows is None else jax.make_array_from_process_local_data(rows, local)
+            local = next(it).reshape(a, len(mine), s["seq_len"])
+            tokens = jnp.asarray(local) if rows is None else parallel.put_rows(local, mine, rows, shape, 1)
             state, m = train_step(state, tokens)
             loss = float(m["loss"])
             now = time.perf_counter()
@@ -288,7 +297,7 @@ def run(s: dict, log=print) -> dict:
             if evals and (t + 1) % s["eval_every"] == 0:
                 rec.update(held_out(state["params"]))
                 t_prev = time.perf_counter()  # the evaluation is not the next step's time
-            if parallel.is_main():
+            if primary:
                 metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
                 for k, v in rec.items():
@@ -305,17 +314,18 @@ def run(s: dict, log=print) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
-        metrics.close()
-        tb.close()
+        if primary:
+            metrics.close()
+            tb.close()
         mngr.wait_until_finished()
     final = os.path.join(run_dir, "final")
     host = jax.tree.map(parallel.fetch, state["params"])
-    if parallel.is_main():
+    if primary:
         checkpoint.save(final, dataclasses.replace(cfg, remat="none"), host, tokenizer_file=tok_path,
                         factors=stage_factors, source={"trained_by": "longrope-jax train", "run": run_dir, **source},
                         overwrite=True)
     summary = {"steps": s["steps"], "final_loss": last["loss"], "final": final, "checkpoints": mngr.all_steps()}
-    if parallel.is_main():
+    if primary:
         atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
     mngr.close()
     return summary
@@ -334,5 +344,6 @@ def _peak_flops(device) -> float:
 
 def main(s: dict, log) -> int:
     summary = run(s, log)
-    print(json.dumps(summary))
+    if parallel.is_main():
+        print(json.dumps(summary))
     return 0

@@ -5,9 +5,9 @@ Attention over a sharded layout lives with the other implementations
 
 from longrope_jax.parallel.mesh import (AXES, BATCH_AXES, SETTINGS, SETTINGS_KINDS, axis_sizes, build, check, describe,
                                         from_settings, initialize, is_main, parse)
-from longrope_jax.parallel.sharding import (RULES, Layout, fetch, param_shardings, param_specs, put, put_params,
-                                            spec_for)
+from longrope_jax.parallel.sharding import (RULES, Layout, fetch, local_rows, param_shardings, param_specs, put,
+                                            put_params, put_rows, spec_for)
 
 __all__ = ["AXES", "BATCH_AXES", "Layout", "RULES", "SETTINGS", "SETTINGS_KINDS", "axis_sizes", "build", "check",
-           "describe", "fetch", "from_settings", "initialize", "is_main", "param_shardings", "param_specs", "parse",
-           "put", "put_params", "spec_for"]
+           "describe", "fetch", "from_settings", "initialize", "is_main", "local_rows", "param_shardings", "param_specs",
+           "parse", "put", "put_params", "put_rows", "spec_for"]

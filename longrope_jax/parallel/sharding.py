@@ -83,6 +83,25 @@ def put(x, sharding: NamedSharding):
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
+def local_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """Sorted indices along ``axis`` of a global array of ``shape`` that this process's devices
+    hold under ``sharding``: the only rows a process needs to read."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[axis].indices(shape[axis])))
+    return np.array(sorted(rows), np.int64)
+
+
+def put_rows(local: np.ndarray, rows: np.ndarray, sharding: NamedSharding, shape: tuple[int, ...], axis: int):
+    """A global array of ``shape`` from this process's part: ``local`` holds the global array's
+    ``rows`` (:func:`local_rows`) along ``axis``, everything along the other axes."""
+    def piece(index):
+        at = np.searchsorted(rows, np.arange(*index[axis].indices(shape[axis])))
+        return np.take(local, at, axis=axis)[tuple(slice(None) if i == axis else ix for i, ix in enumerate(index))]
+
+    return jax.make_array_from_callback(shape, sharding, piece)
+
+
 def put_params(params, mesh: Mesh):
     """``params`` placed by :data:`RULES` on ``mesh``."""
     return jax.tree.map(put, params, param_shardings(params, mesh))

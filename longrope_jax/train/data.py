@@ -10,8 +10,8 @@ memory map.
 Order (Levanter's approach, with Grain's index shuffle): the chunk ids ``0..N-1`` are shuffled
 by ``grain.MapDataset.shuffle(seed)`` and repeated, a fresh permutation per epoch (each epoch
 covers every chunk once). Step t's global batch is elements ``[t B, (t + 1) B)`` of that order;
-process p of P reads only its ``B / P`` rows. Nothing but the step needs checkpointing, and a
-run resumed on another device or process count sees the same examples.
+a process reads only the batch positions its devices hold (``positions``). Nothing but the step
+needs checkpointing, and a run resumed on another device or process count sees the same examples.
 """
 
 from __future__ import annotations
@@ -49,29 +49,31 @@ def order(num_chunks: int, seed: int):
     return grain.MapDataset.range(num_chunks).shuffle(seed=seed).repeat()
 
 
-def step_rows(num_chunks: int, seed: int, step: int, batch: int, process_index: int = 0,
-              process_count: int = 1) -> np.ndarray:
-    """int64[B / P]: the chunk ids of step ``step`` that process ``process_index`` reads."""
-    if batch % process_count:
-        raise TrainDataError(f"batch: expected a multiple of the process count ({process_count}), got {batch}")
-    ids = order(num_chunks, seed)
-    local = batch // process_count
-    start = step * batch + process_index * local
-    return np.array([ids[i] for i in range(start, start + local)], np.int64)
+def step_rows(num_chunks: int, seed: int, step: int, batch: int, positions: Sequence[int] | None = None,
+              ids=None) -> np.ndarray:
+    """int64[len(positions)]: the chunk ids at ``positions`` (default all ``B``) of step ``step``'s
+    batch. ``ids``: :func:`order` of these chunks and seed, when the caller holds one."""
+    positions = np.arange(batch) if positions is None else np.asarray(positions)
+    if positions.size and not (0 <= positions.min() and positions.max() < batch):
+        raise TrainDataError(f"positions: expected batch positions in [0, {batch}), got {positions.tolist()}")
+    ids = order(num_chunks, seed) if ids is None else ids
+    return np.array([ids[step * batch + int(i)] for i in positions], np.int64)
 
 
-def batches(chunks: np.ndarray, *, batch: int, seed: int, start: int, stop: int, process_index: int = 0,
-            process_count: int = 1, prefetch: int = 2):
-    """Grain iterator over steps ``start..stop-1`` of this process's rows, ``int32[B / P, L]``
-    each, read ahead by a worker thread (``prefetch`` batches)."""
+def batches(chunks: np.ndarray, *, batch: int, seed: int, start: int, stop: int,
+            positions: Sequence[int] | None = None, prefetch: int = 2):
+    """Grain iterator over steps ``start..stop-1``: the rows at ``positions`` (default all) of
+    each step's batch, ``int32[len(positions), L]``, read ahead by a worker thread (``prefetch``
+    batches)."""
     import grain
 
     if len(chunks) == 0:
         raise TrainDataError("data: no chunk of seq_len tokens (too few or too short documents)")
     n = len(chunks)
+    ids = order(n, seed)
 
     def read(t):
-        return np.asarray(chunks[step_rows(n, seed, t, batch, process_index, process_count)], np.int32)
+        return np.asarray(chunks[step_rows(n, seed, t, batch, positions, ids)], np.int32)
 
     ds = grain.MapDataset.range(start, stop).map(read)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch)))
