@@ -126,8 +126,18 @@ class RMSNorm(nn.Module):
         return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
+class _Dense(nn.Dense):
+    """``nn.Dense`` over ``[..., D]`` as one ``[N, D]`` matmul: XLA's CPU backward of a
+    dot_general contracting two leading dims is 2.5x slower than of the flattened one (the same
+    parameters, the same numbers; on a mesh the merged dim keeps the batch and sequence shardings)."""
+
+    def __call__(self, x):
+        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _dense(features, bias, cfg, name):
-    return nn.Dense(
+    return _Dense(
         features,
         use_bias=bias,
         dtype=_dt(cfg.dtype),
