@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="documents per length (seeded choice; default 1)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
+    p.add_argument("--needles", type=int,
+                   help="also score N needles planted in each window: perplexity of the answers' digits only "
+                        "(LongRoPE2's fitness; default 0: off)")
     p.add_argument("--attention", choices=["auto", "dense", "blockwise", "fused", "ring", "ring_splash"],
                    help="auto: dense up to 512 tokens, blockwise beyond; on a mesh with a sequence axis k/v "
                         "all-gathered, or the ring where that does not fit; ring: ring attention (zigzag order); ring_splash: the ring with Pallas splash kernels per step (TPU; no sliding window)")

@@ -738,9 +738,9 @@ def _factors_file(path, **kw):
     return str(path)
 
 
-def _ppl(capsys, model, data, length, rope, samples=2, seed=1):
+def _ppl(capsys, model, data, length, rope, samples=2, seed=1, *extra):
     rc, (line,), err = _cli(["ppl", "--model", model, "--data", data, "--length", str(length), "--samples",
-                             str(samples), "--seed", str(seed), "--rope", rope], capsys)
+                             str(samples), "--seed", str(seed), "--rope", rope, *extra], capsys)
     assert rc == 0, err
     return line
 
@@ -899,7 +899,13 @@ def test_longrope2_needle_search(tiny, capsys):
                          weights=nw.weights)
     np.testing.assert_allclose(math.exp(nll.mean()), res["ppl"], rtol=1e-5)
     # The plain perplexity of that file differs: the fitness really is the needles'.
-    assert abs(_ppl(capsys, model, data, 256, os.path.join(out, "factors.json"))["ppl"] - res["ppl"]) > 1e-3
+    plain = _ppl(capsys, model, data, 256, os.path.join(out, "factors.json"))
+    assert abs(plain["ppl"] - res["ppl"]) > 1e-3
+    # ``ppl --needles`` scores the same fitness on any windows: here the search's, beside the plain one.
+    both = _ppl(capsys, model, data, 256, os.path.join(out, "factors.json"), 2, 1, "--needles", "1")
+    assert both["ppl"] == plain["ppl"] and both["needles"] == 1
+    np.testing.assert_allclose(both["needle_ppl"], math.exp(nll.mean()), rtol=1e-6)
+    assert both["needle_scored_tokens"] == nw.weights.sum(1).tolist()
     # Resuming replays everything.
     rc, (again,), err = _cli(argv, capsys)
     assert rc == 0 and again["new_evaluations"] == 0 and again["ppl"] == res["ppl"], err

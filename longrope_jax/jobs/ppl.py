@@ -18,9 +18,9 @@ from longrope_jax.loading import LoadedModel, model_from
 
 # The settings of ``longrope-jax ppl`` (flags, a --config file, --config.key=value overrides).
 DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
-                tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto",
+                tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto", needles=0,
                 q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None, **parallel.SETTINGS)
-KINDS = dict(**parallel.SETTINGS_KINDS, model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str",
+KINDS = dict(**parallel.SETTINGS_KINDS, model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str", needles="int0",
              tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
              attention="auto|dense|blockwise|fused|ring|ring_splash", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
              plot="bool", out="str?")
@@ -40,8 +40,12 @@ def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
 def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1,
         seed: int = 0, param_dtype: str = "float32", attention: str = "auto", q_chunk: int | None = None,
         loss_chunk: int = 1024, tokenizer: str | None = None, sliding_window: bool = True, field: str = "text",
-        memory_budget: int | None = None, mesh=None, log=None) -> Iterator[dict]:
+        memory_budget: int | None = None, mesh=None, needles: int = 0, log=None) -> Iterator[dict]:
     """Yields one result dict per (length, rope), in the order given.
+
+    ``needles`` > 0 also scores the LongRoPE2 fitness on the same windows: ``needles`` key
+    sentences planted in each (``needle.needle_windows``, seeded by ``seed``), the NLL of the
+    answers' digit tokens only (``needle_ppl``, ``needle_nll_per_window``).
 
     Every input is checked before the model loads (data sources, ``--rope`` values and their
     factors files, the lengths against ``mesh``). At each length the ropes that share a spec
@@ -74,14 +78,19 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
         attn = evaluate.pick_attention(attention, length, cfg=m.cfg, mesh=mesh, memory_budget=memory_budget,
                                        windows=w.tokens.shape[0])
         specs = {r: factors_lib.resolve_rope(p, m.cfg, length, m.factors) for r, p in parsed.items()}
-        scores = evaluate.score_named(m.params, m.cfg, w.tokens, specs, log=log, memory_budget=memory_budget,
-                                      attention=attn, q_chunk=evaluate.default_block(length, q_chunk),
-                                      loss_chunk=loss_chunk, mesh=mesh)
+        kw = dict(log=log, memory_budget=memory_budget, attention=attn, q_chunk=evaluate.default_block(length, q_chunk),
+                  loss_chunk=loss_chunk, mesh=mesh)
+        scores = evaluate.score_named(m.params, m.cfg, w.tokens, specs, **kw)
+        if needles:
+            from longrope_jax.needle import needle_windows
+
+            nw = needle_windows(tok, w.tokens, seed, needles)
+            needle_scores = evaluate.score_named(m.params, m.cfg, nw.tokens, specs, weights=nw.weights, **kw)
         for r in ropes:
             per, secs = scores[r]
             mean = float(per.mean())
             method = factors_lib.rope_label(parsed[r], m.cfg, m.factors)
-            yield {
+            rec = {
                 "model": name,
                 "model_sha256": m.sha256,
                 "data": label,
@@ -104,16 +113,25 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
                 "mesh": None if mesh is None else parallel.describe(parallel.axis_sizes(mesh)),
                 "seconds": round(secs, 2),
             }
+            if needles:
+                nper, nsecs = needle_scores[r]
+                rec.update(needles=needles, needle_ppl=math.exp(float(nper.mean())),
+                           needle_nll_per_window=nper.tolist(), needle_scored_tokens=nw.weights.sum(1).tolist(),
+                           needle_depths=nw.depths, seconds=round(secs + nsecs, 2))
+            yield rec
 
 
 def table(rows: list[dict]) -> str:
     """The human table of ``run``'s records."""
-    head = f"{'length':>8} {'rope':<24} {'ppl':>12} {'predictions':>12} {'seconds':>8}"
+    needles = any("needle_ppl" in r for r in rows)
+    head = (f"{'length':>8} {'rope':<24} {'ppl':>12}" + (f" {'needle ppl':>12}" if needles else "")
+            + f" {'predictions':>12} {'seconds':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = " (beyond window, unscaled)" if r.get("beyond_window") else ""
-        lines.append(f"{r['length']:>8} {r['rope']:<24} {r['ppl']:>12.4f} {r['predictions']:>12} "
-                     f"{r['seconds']:>8.1f}{mark}")
+        lines.append(f"{r['length']:>8} {r['rope']:<24} {r['ppl']:>12.4f}"
+                     + (f" {r['needle_ppl']:>12.4f}" if needles else "")
+                     + f" {r['predictions']:>12} {r['seconds']:>8.1f}{mark}")
     return "\n".join(lines)
 
 
@@ -127,7 +145,8 @@ def main(s: dict, log) -> int:
     for rec in run(s["model"], s["data"], list(s["length"]), list(s["rope"]), samples=s["samples"], seed=s["seed"],
                    param_dtype=s["param_dtype"], attention=s["attention"], q_chunk=s["q_chunk"],
                    loss_chunk=s["loss_chunk"], tokenizer=s["tokenizer"], sliding_window=not s["no_sliding_window"],
-                   field=s["field"], memory_budget=int(gib * 2**30) if gib else None, mesh=mesh, log=log):
+                   field=s["field"], memory_budget=int(gib * 2**30) if gib else None, mesh=mesh,
+                   needles=s["needles"], log=log):
         if parallel.is_main():
             print(json.dumps(rec), flush=True)
         rows.append(rec)
