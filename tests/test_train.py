@@ -303,6 +303,46 @@ def test_two_processes_train_the_losses_of_one(tmp_path, corpus, four_steps, mes
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the gradient's size: 1% of one step
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, corpus):
+    """A pod's hosts get SIGTERM at different moments: a signal to process 1 alone makes both
+    save the same step and exit 0; the same command resumes from it."""
+    from processes import free_port
+
+    out, port = tmp_path / "run", free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+
+    def argv(i, steps):
+        return [sys.executable, "-m", "longrope_jax", "train", "--config", TINY, "--out", str(out), "--data", corpus,
+                *SMALL, f"--config.steps={steps}", "--config.checkpoint_every=1000", "--config.schedule=constant",
+                "--mesh", "data=2,sequence=4", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                "--process-id", str(i)]
+
+    procs = [subprocess.Popen(argv(i, 10000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or len(_losses(out)) < 2:
+            assert time.time() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    stopped = json.loads(outs[0][0].splitlines()[-1])
+    k = stopped["step"]
+    assert stopped["stopped"] == "SIGTERM" and f"SIGTERM: saved step {k}" in outs[1][1]
+    assert [st for st, _ in _losses(out)] == list(range(k))
+    port = free_port()
+    res = [subprocess.Popen(argv(i, k + 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in res]
+    assert all(p.returncode == 0 for p in res), outs[0][1][-2000:]
+    assert f"step {k}" in outs[0][1] and [st for st, _ in _losses(out)] == list(range(k + 2))
+
+
 def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_path, corpus):
     """What a kill in the middle of an Orbax save leaves (an uncommitted temporary directory of the
     next step) is not restored: the run resumes from the last complete checkpoint."""

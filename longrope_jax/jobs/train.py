@@ -228,6 +228,10 @@ def run(s: dict, log=print) -> dict:
     if layout is not None:
         params = parallel.put_params(params, mesh)
     state = step_lib.init_state(params, tx)
+    if layout is not None:  # the counters too: a restore places each leaf as the state has it
+        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                             else parallel.put(x, whole), state)
 
     options = ocp.CheckpointManagerOptions(max_to_keep=s["keep"], save_interval_steps=s["checkpoint_every"],
                                            enable_async_checkpointing=True, create=True)
@@ -306,6 +310,8 @@ def run(s: dict, log=print) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
             last = rec
+            if jax.process_count() > 1:  # a signal to any process stops all at the same step
+                stop["signal"] = _agreed_stop(stop["signal"])
             save(t + 1, force=t + 1 == s["steps"] or stop["signal"] is not None)
             if stop["signal"]:
                 mngr.wait_until_finished()
@@ -329,6 +335,16 @@ def run(s: dict, log=print) -> dict:
         atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
     mngr.close()
     return summary
+
+
+def _agreed_stop(signal_name: str | None) -> str | None:
+    """"SIGTERM" on every process when any process has received it (schedulers signal the hosts
+    of a pod at different moments; all must save the same step)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    anyone = multihost_utils.process_allgather(np.int32(signal_name is not None)).any()
+    return signal_name or ("SIGTERM" if anyone else None)
 
 
 def _peak_flops(device) -> float:
