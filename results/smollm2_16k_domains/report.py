@@ -101,12 +101,29 @@ def plot(rows: dict[str, dict], path: str) -> None:
     os.replace(tmp, path)
 
 
+def needles_table() -> str:
+    """``heldout_needles/needles.jsonl`` (``ppl --needles``): plain and needle perplexity per method."""
+    path = os.path.join(HERE, "heldout_needles", "needles.jsonl")
+    if not os.path.exists(path):
+        return "\n\nNeedle perplexity on held-out windows (`needles.sh`): not scored yet.\n"
+    with open(path) as fh:
+        recs = [json.loads(line) for line in fh if line.strip()]
+    docs = [os.path.basename(d) for d in recs[0]["documents"]]
+    lines = [f"\n\nNeedle perplexity ({recs[0]['needles']} needles per window, the answers' digits only) and "
+             f"plain perplexity of the same {len(docs)} windows ({', '.join(docs)}):\n",
+             "| rope | needle ppl | per window | plain ppl |", "|---|---|---|---|"]
+    for r in sorted(recs, key=lambda r: r["needle_ppl"]):
+        per = " / ".join(f"{math.exp(x):.3f}" for x in r["needle_nll_per_window"])
+        lines.append(f"| {r['rope']} | **{r['needle_ppl']:.3f}** | {per} | {r['ppl']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     rows = load()
     if REFERENCE not in rows:
         raise SystemExit(f"heldout/{REFERENCE}.jsonl missing: nothing to compare with")
     md, missing = table(rows)
-    text = md + ("\n\nNot scored yet: " + ", ".join(missing) if missing else "") + "\n"
+    text = md + ("\n\nNot scored yet: " + ", ".join(missing) if missing else "") + needles_table()
     tmp = os.path.join(HERE, "heldout.md.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
