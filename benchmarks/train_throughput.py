@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--block", type=int, default=512, help="flash attention q/kv block")
+    p.add_argument("--remat", choices=["none", "full"], default="none",
+                   help="full: our remat policy 'full' and transformers' gradient checkpointing, per layer on both")
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--no-memory", action="store_true", help="skip the child processes' peak memory")
     p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -43,7 +45,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _ours(block):
+def _ours(block, remat="none"):
     """(step(tokens) -> loss, compiled report fn): our train step on SmolLM2, state held inside."""
     import jax
     import jax.numpy as jnp
@@ -52,8 +54,10 @@ def _ours(block):
     from longrope_jax.model import rope_spec
     from longrope_jax.train import step as step_lib
 
+    import dataclasses
+
     ours = _bench.load_ours()
-    cfg, spec = ours.cfg, rope_spec(ours.cfg)
+    cfg, spec = dataclasses.replace(ours.cfg, remat=remat), rope_spec(ours.cfg)
     tx = step_lib.optimizer(ADAMW)
     fn = jax.jit(step_lib.make_step(lambda p, t: jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, q_chunk=block)),
                                     tx, step_lib.schedule(ADAMW)), donate_argnums=0)
@@ -70,12 +74,15 @@ def _ours(block):
     return ours, step, memory
 
 
-def _peer():
+def _peer(remat="none"):
     import numpy as np
     import torch
 
     peer = _bench.load_peer()
     peer.train(False)  # no dropout in either
+    if remat == "full":  # HF checkpoints layers only in training mode; SmolLM2's dropout is 0 there
+        peer.gradient_checkpointing_enable()
+        peer.train(True)
     opt = torch.optim.AdamW(peer.parameters(), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=ADAMW["eps"],
                             weight_decay=ADAMW["weight_decay"])
 
@@ -96,7 +103,7 @@ def _child(args) -> int:
     ``VmHWM`` of this process's address space (``ru_maxrss`` would carry the forking parent's)."""
     import numpy as np
 
-    step = _ours(args.block)[1] if args.child == "ours" else _peer()
+    step = _ours(args.block, args.remat)[1] if args.child == "ours" else _peer(args.remat)
     tokens = np.load(args.tokens)
     step(tokens)
     step(tokens)
@@ -114,7 +121,7 @@ def _peak(side, tokens, args) -> float | None:
     with tempfile.NamedTemporaryFile(suffix=".npy") as f:
         np.save(f.name, np.asarray(tokens))
         argv = [sys.executable, os.path.abspath(__file__), "--child", side, "--tokens", f.name, "--block",
-                str(args.block)] + (["--threads", str(args.threads)] if args.threads else [])
+                str(args.block), "--remat", args.remat] + (["--threads", str(args.threads)] if args.threads else [])
         r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode:
         _bench.log(f"{side} child at L={np.asarray(tokens).shape[-1]} failed: {r.stderr[-500:]}")
@@ -130,8 +137,8 @@ def main(argv=None) -> int:
     if args.child:
         return _child(args)
     comp = _bench.CompileLog()
-    ours, our_step, our_memory = _ours(args.block)
-    peer_step = None if args.no_peer else _peer()
+    ours, our_step, our_memory = _ours(args.block, args.remat)
+    peer_step = None if args.no_peer else _peer(args.remat)
     results, rows = [], []
     for n in args.lengths:
         tokens = _bench.pydoc_tokens(ours.tokenizer, n)
@@ -169,7 +176,7 @@ def main(argv=None) -> int:
     headers = ["length", "ours compile (s)", "ours step (s)", "transformers step (s)", "speed ratio", "target",
                "ours peak RSS GiB", "transformers peak RSS GiB", "ours compiled temp GiB",
                "losses ours (per step)", "losses transformers (per step)"]
-    notes = [f"SmolLM2-135M-Instruct fp32, pydoc text (first L tokens), one row per step, AdamW lr {ADAMW['lr']}, "
+    notes = [f"SmolLM2-135M-Instruct fp32, remat {args.remat}, pydoc text (first L tokens), one row per step, AdamW lr {ADAMW['lr']}, "
              f"clip {ADAMW['clip_norm']}; {threads} thread(s) for torch and XLA; median of {args.repeats} step(s).",
              "Both sides start from the same weights and take the same updates on the same tokens, so the per-step "
              "losses should agree (to float32 rounding).",
