@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         s = train_job.resolve(args.config, [f"--config.steps={args.steps}", f"--config.checkpoint_every={args.steps}",
                                             "--config.eval_every=0"], {"out": run})
         os.makedirs(run)
-        cfg, params, _, tok_path, _, _ = train_job._model(s, run, _bench.log)  # the job's initial params
+        cfg, params, _, tok_path, _, _ = train_job.initial_model(s, run, _bench.log)  # the job's initial params
         if not args.no_peer:
             checkpoint.save(os.path.join(tmp, "init"), dataclasses.replace(cfg, remat="none"), params,
                             tokenizer_file=tok_path)

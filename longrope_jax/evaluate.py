@@ -383,11 +383,8 @@ def score_named(params, cfg: ModelConfig, tokens, specs: Mapping[str, Any], *, l
 
     from longrope_jax import rope as rope_lib
 
-    groups: dict = {}
-    for name, sp in specs.items():
-        groups.setdefault(rope_lib.static_key(sp), []).append(name)
     out = {}
-    for names in groups.values():
+    for names in rope_lib.stackable(specs):
         t = time.time()
         res = score(params, cfg, tokens, rope_lib.stack([specs[n] for n in names]), **score_kw)
         dt = time.time() - t

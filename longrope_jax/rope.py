@@ -73,6 +73,15 @@ def static_key(spec: RopeSpec) -> tuple:
     return (spec.theta, spec.rotary_dim, spec.original_max, spec.dynamic_scale, spec.dynamic_max)
 
 
+def stackable(specs: Mapping[str, RopeSpec]) -> list[list[str]]:
+    """The names of ``specs`` in groups that :func:`stack` takes together (one static structure
+    each), in first-seen order."""
+    groups: dict = {}
+    for name, sp in specs.items():
+        groups.setdefault(static_key(sp), []).append(name)
+    return list(groups.values())
+
+
 def value_key(spec: RopeSpec) -> tuple:
     """What a spec computes, hashable: its static fields and its data's float32/int32
     bytes. Specs with equal keys give bit-identical angles (a search reuses scores by this key)."""

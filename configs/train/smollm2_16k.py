@@ -24,18 +24,13 @@ def get_config():
     c.model = "smollm2"
     c.model_config = {}
     c.rope = os.path.normpath(os.path.join(HERE, "..", "..", "results", "smollm2_16k", "search", "factors.json"))
-    c.data = ["stdlib:"]
-    c.tokenizer = ""
     c.seq_len = 16384
-    c.min_document_tokens = 0
-    c.batch = 8
     c.accum = 8
     c.steps = 400
     c.lr = 2e-5
     c.warmup_steps = 20
     c.schedule = "linear"
     c.end_lr_ratio = 0.0
-    c.b1 = 0.9
     c.b2 = 0.999
     c.weight_decay = 0.0
     c.remat = "full"
@@ -43,6 +38,5 @@ def get_config():
     c.loss_chunk = 1024
     c.checkpoint_every = 50
     c.eval_every = 50
-    c.eval_data = ["pydoc:"]
     c.eval_lengths = [8192, 16384]
     return c

@@ -45,7 +45,8 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
 
     ``needles`` > 0 also scores the LongRoPE2 fitness on the same windows: ``needles`` key
     sentences planted in each (``needle.needle_windows``, seeded by ``seed``), the NLL of the
-    answers' digit tokens only (``needle_ppl``, ``needle_nll_per_window``).
+    answers' digit tokens only (``needle_ppl``, ``needle_nll_per_window``). The planted windows
+    are other token sequences, so this doubles the forwards (``seconds`` counts both).
 
     Every input is checked before the model loads (data sources, ``--rope`` values and their
     factors files, the lengths against ``mesh``). At each length the ropes that share a spec

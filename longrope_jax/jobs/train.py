@@ -88,8 +88,9 @@ def _check_settings(path: str, settings: dict) -> None:
                          + "); only steps and the mesh may change on resume; use another --out")
 
 
-def _model(s: dict, run: str, log):
-    """(cfg, params, tokenizer, tokenizer file, factors attached to the source, source record)."""
+def initial_model(s: dict, run: str, log):
+    """The run's starting point: (cfg, params, tokenizer, tokenizer file, factors attached to the
+    source, source record); writes ``RUN/tokenizer.json`` (process 0) when it is not there."""
     import jax
 
     from longrope_jax.loading import model_from
@@ -182,6 +183,32 @@ def _metrics_file(path: str, start: int):
     return open(path, "a")
 
 
+class _Metrics:
+    """Each step's record to ``RUN/metrics.jsonl`` and TensorBoard (``RUN/tb``), both cut back to
+    ``start`` on resume; on processes other than 0 it writes nothing (one writer per run)."""
+
+    def __init__(self, run_dir: str, start: int):
+        self.on = parallel.is_main()
+        if self.on:
+            from tensorboardX import SummaryWriter
+
+            self.file = _metrics_file(os.path.join(run_dir, "metrics.jsonl"), start)
+            self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start)
+
+    def write(self, rec: dict) -> None:
+        if self.on:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+            for k, v in rec.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.on:
+            self.file.close()
+            self.tb.close()
+
+
 def model_flops_per_token(cfg, length: int) -> float:
     """Training FLOPs per token: 6 x the matmul parameters (projections, MLP, LM head) plus causal
     attention's QK^T and PV over half the row (3 x 4 L H d / 2 per layer)."""
@@ -209,7 +236,7 @@ def run(s: dict, log=print) -> dict:
     _check_settings(os.path.join(run_dir, "settings.json"), s)
     if mesh is not None:
         parallel.check(mesh, length=s["seq_len"], batch=s["batch"] // s["accum"])
-    cfg, params, tok, tok_path, model_factors, source = _model(s, run_dir, log)
+    cfg, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log)
     rope = factors_lib.parse_rope(s["rope"])
     spec = factors_lib.resolve_rope(rope, cfg, length=s["seq_len"], model_factors=model_factors)
     stage_factors = rope.factors if rope.kind == "file" else (model_factors if rope.kind == "model" else None)
@@ -264,11 +291,8 @@ def run(s: dict, log=print) -> dict:
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
-    primary = parallel.is_main()  # process 0 writes metrics.jsonl, TensorBoard events and final/
-    from tensorboardX import SummaryWriter
-
-    metrics = _metrics_file(os.path.join(run_dir, "metrics.jsonl"), start) if primary else None
-    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start) if primary else None
+    primary = parallel.is_main()  # process 0 writes the metrics, final/ and summary.json
+    metrics = _Metrics(run_dir, start)
     a, micro = s["accum"], s["batch"] // s["accum"]
     per_token = model_flops_per_token(cfg, s["seq_len"])
     peak = _peak_flops(jax.devices()[0]) * (mesh.devices.size if mesh is not None else 1)
@@ -301,12 +325,7 @@ def run(s: dict, log=print) -> dict:
             if evals and (t + 1) % s["eval_every"] == 0:
                 rec.update(held_out(state["params"]))
                 t_prev = time.perf_counter()  # the evaluation is not the next step's time
-            if primary:
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-                for k, v in rec.items():
-                    if k != "step":
-                        tb.add_scalar(f"train/{k}", v, t)
+            metrics.write(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
             last = rec
@@ -320,18 +339,15 @@ def run(s: dict, log=print) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
-        if primary:
-            metrics.close()
-            tb.close()
+        metrics.close()
         mngr.wait_until_finished()
     final = os.path.join(run_dir, "final")
     host = jax.tree.map(parallel.fetch, state["params"])
+    summary = {"steps": s["steps"], "final_loss": last["loss"], "final": final, "checkpoints": mngr.all_steps()}
     if primary:
         checkpoint.save(final, dataclasses.replace(cfg, remat="none"), host, tokenizer_file=tok_path,
                         factors=stage_factors, source={"trained_by": "longrope-jax train", "run": run_dir, **source},
                         overwrite=True)
-    summary = {"steps": s["steps"], "final_loss": last["loss"], "final": final, "checkpoints": mngr.all_steps()}
-    if primary:
         atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
     mngr.close()
     return summary

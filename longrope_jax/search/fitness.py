@@ -175,12 +175,8 @@ def score_named(fitness: PerplexityFitness, specs: dict[str, rope_lib.RopeSpec],
     spec is not scored again (``PerplexityFitness.remember``).
     """
     out = dict(done or {})
-    groups: dict = {}
-    for name, sp in specs.items():
-        if name not in out:
-            groups.setdefault(rope_lib.static_key(sp), []).append(name)
     step = getattr(fitness, "batch_size", None)
-    for names in groups.values():
+    for names in rope_lib.stackable({n: sp for n, sp in specs.items() if n not in out}):
         for i in range(0, len(names), step or len(names)):
             part = names[i:i + (step or len(names))]
             t = time.monotonic()
