@@ -300,7 +300,7 @@ def test_two_processes_train_the_losses_of_one(tmp_path, corpus, four_steps, mes
     _, params, _ = checkpoint.restore(str(out / "final"))
     _, want, _ = checkpoint.restore(str(four_steps / "final"))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):  # Adam's steps are ~lr (1e-3) whatever
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the gradient's size: 1% of one step
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=4e-5)  # the gradient's size: 1% of each of 4 steps
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, corpus):
