@@ -111,11 +111,16 @@ class SplashSteps:
 
         return jax.vmap(one)(*xs, *(segs if segs[0] is not None else ()))
 
-    def fwd_start(self, q, k, v, qp, kp, qs, ks):
+    def _sides(self, q, k, v, qp, kp, qs, ks):
+        """The query side (scaled q, positions, segments) and the k/v side, each as two chunks."""
         seg = lambda s: None if s is None else _chunks(s)
         qc = _chunks(q) * jnp.asarray(self.scale, q.dtype)
-        carry = (jnp.zeros(qc.shape, jnp.float32), jnp.full(qc.shape[:-1], NEG, jnp.float32))
-        return (qc, _chunks(qp), seg(qs)), carry, (_chunks(k), _chunks(v), _chunks(kp), seg(ks))
+        return (qc, _chunks(qp), seg(qs)), (_chunks(k), _chunks(v), _chunks(kp), seg(ks))
+
+    def fwd_start(self, q, k, v, qp, kp, qs, ks):
+        qside, kv = self._sides(q, k, v, qp, kp, qs, ks)
+        carry = (jnp.zeros(qside[0].shape, jnp.float32), jnp.full(qside[0].shape[:-1], NEG, jnp.float32))
+        return qside, carry, kv
 
     def merge(self, qside, carry, kv):
         (qc, qp, qs), (kc, vc, kp, ks) = qside, kv
@@ -149,7 +154,7 @@ class SplashSteps:
 
     def bwd_start(self, res, d_out):
         q, k, v, qp, kp, qs, ks, out, lse = res
-        qside, _, kv = self.fwd_start(q, k, v, qp, kp, qs, ks)
+        qside, kv = self._sides(q, k, v, qp, kp, qs, ks)
         return (*qside, _chunks(out), lse, _chunks(d_out.astype(out.dtype))), kv
 
     def grads(self, qside, kv):
