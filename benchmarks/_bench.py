@@ -9,6 +9,7 @@ every core.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -25,11 +26,16 @@ _THREADS: int | None = None
 LOAD_AT_START = os.getloadavg()
 
 
-def add_common_flags(p) -> None:
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A script's flags: its docstring's first paragraph as the description, the rest as the
+    epilog, and the flags every benchmark takes (``--threads``, ``--json``)."""
+    first, rest = doc.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=first, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=None,
                    help="threads for both torch and XLA (default: every core this process may use; "
                         "fewer pins the process to that many cores)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON (temp file, then rename)")
+    return p
 
 
 def setup_threads(n: int | None) -> int:
@@ -114,6 +120,17 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def finish(name: str, args, title: str, tables: list[str], notes: list[str],
+           machine_info: dict | None = None, **fields) -> int:
+    """A run's end: the report on stdout and, with ``--json``, the record (benchmark name, command,
+    ``machine_info`` or :func:`machine`, load average at the end, settings, then ``fields``).
+    Returns the exit status, 0."""
+    report(title, tables, notes)
+    write_json(args.json, {"benchmark": name, "command": command_line(), "machine": machine_info or machine(),
+                           "load_average_at_end": os.getloadavg(), "settings": vars(args), **fields})
+    return 0
 
 
 def report(title: str, tables: list[str], notes: list[str]) -> None:

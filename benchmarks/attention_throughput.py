@@ -13,7 +13,6 @@ isolates attention from the rest of the model's step (``grad_throughput.py``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,13 +21,11 @@ import _bench  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
     p.add_argument("--blocks", type=int, nargs="+", default=[512, 256], help="forward q/kv block sizes to measure")
     p.add_argument("--bwd-block", type=int, help="override blockwise.BWD_BLOCK")
     p.add_argument("--repeats", type=int, default=3)
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -81,10 +78,8 @@ def main(argv=None) -> int:
                "torch fwd+bwd (s)", "fwd+bwd ratio"]
     notes = [f"one attention layer, 9 q heads / 3 kv heads / head dim 64, causal, fp32, {threads} thread(s); "
              f"best of {args.repeats}; ratio = torch seconds / ours seconds."]
-    _bench.report("Attention layer: flash kernel vs torch SDPA", [_bench.md_table(headers, rows)], notes)
-    _bench.write_json(args.json, {"benchmark": "attention_throughput", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("attention_throughput", args, "Attention layer: flash kernel vs torch SDPA",
+                         [_bench.md_table(headers, rows)], notes, results=results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ deltas of the jitted function and XLA compile events), then ``--repeats`` timed 
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -33,8 +32,7 @@ import _bench  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--length", type=int, default=4096, help="window length (tokens)")
     p.add_argument("--k", type=int, default=8, help="number of candidates (>= 3: PI, NTK, YaRN, then mutations)")
     p.add_argument("--scale", type=float, default=2.0, help="context scale of the candidates")
@@ -48,7 +46,6 @@ def parse_args(argv=None):
                    help="batch the candidates with vmap (the accelerator path) instead of the CPU default, lax.map")
     p.add_argument("--torch-loop", action="store_true",
                    help="also time the loop in transformers (K forwards; slow at long lengths)")
-    _bench.add_common_flags(p)
     args = p.parse_args(argv)
     if args.k < 1:
         p.error("--k: expected at least 1")
@@ -212,15 +209,12 @@ def main(argv=None) -> int:
         f"steady: median of {args.repeats} run(s) after the compiling run. Target: evaluate.score at least as fast "
         "as the loop, with one compilation.",
     ]
-    _bench.report(f"{args.k} RoPE candidates: one evaluate.score call vs a per-candidate loop",
-                  [_bench.md_table(headers, rows), _bench.md_table(cheaders, crow)], notes)
-    _bench.write_json(args.json, {"benchmark": "candidates", "command": _bench.command_line(), "machine": machine,
-                                  "load_average_at_end": os.getloadavg(), "settings": vars(args),
-                                  "plan": {"sequential": sequential, "candidates_per_call": kc, "calls": -(-args.k // kc), "budget": budget},
-                                  "candidates": [{"name": n, "long_factor": f.tolist(), "attention_factor": af}
-                                                 for n, f, af in cands],
-                                  "paths": paths, "speedup": speedup, "target_met": met})
-    return 0
+    return _bench.finish(
+        "candidates", args, f"{args.k} RoPE candidates: one evaluate.score call vs a per-candidate loop",
+        [_bench.md_table(headers, rows), _bench.md_table(cheaders, crow)], notes, machine_info=machine,
+        plan={"sequential": sequential, "candidates_per_call": kc, "calls": -(-args.k // kc), "budget": budget},
+        candidates=[{"name": n, "long_factor": f.tolist(), "attention_factor": af} for n, f, af in cands],
+        paths=paths, speedup=speedup, target_met=met)
 
 
 if __name__ == "__main__":

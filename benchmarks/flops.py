@@ -25,7 +25,6 @@ warm-up. Both are credited the same FLOPs.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -37,15 +36,13 @@ FORMULA = ("FLOPs = 2 * P_matmul * L + 4 * (L^2/2) * H * d_head * n_layers, "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[8192], help="window lengths (tokens)")
     p.add_argument("--repeats", type=int, default=1, help="timed forwards per length and side after the warm-up")
     p.add_argument("--q-chunk", type=int, default=512, help="blockwise q/kv block beyond 2048 tokens")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--no-peer", action="store_true", help="ours only (no transformers)")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -154,14 +151,11 @@ def main(argv=None) -> int:
         f"Steady: median of {args.repeats} forward(s) after the compiling call (ours) or a 256-token warm-up "
         f"(transformers); {threads} thread(s) for torch and XLA; persistent compilation cache off.",
     ]
-    _bench.report("Achieved FLOP rate of the forward (share of measured fp32 matmul peak)",
-                  [_bench.md_table(["machine rate (GFLOP/s)", "numpy", "jax", "torch (info)", "peak"], mrow),
-                   _bench.md_table(headers, rows)], notes)
-    _bench.write_json(args.json, {"benchmark": "flops", "command": _bench.command_line(), "machine": machine,
-                                  "load_average_at_end": os.getloadavg(), "settings": vars(args),
-                                  "formula": FORMULA, "matmul_params": matmul_params(cfg), "matmul_rate": rate,
-                                  "results": results})
-    return 0
+    return _bench.finish(
+        "flops", args, "Achieved FLOP rate of the forward (share of measured fp32 matmul peak)",
+        [_bench.md_table(["machine rate (GFLOP/s)", "numpy", "jax", "torch (info)", "peak"], mrow),
+         _bench.md_table(headers, rows)], notes, machine_info=machine,
+        formula=FORMULA, matmul_params=matmul_params(cfg), matmul_rate=rate, results=results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ quadratic). ``--topology`` compiles for a TPU topology instead (REFERENCE.md sec
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -43,8 +42,7 @@ SHAPES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
     p.add_argument("--layers", type=int, help="override the number of layers (e.g. 1 for a per-layer figure)")
@@ -54,7 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--no-peer", action="store_true", help="ours only")
     p.add_argument("--peer-max-length", type=int, default=32768, help="dense peer only up to this length")
     p.add_argument("--topology", help="compile for this TPU topology (e.g. v5p:2x2x1; needs libtpu), one device")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -128,11 +125,8 @@ def main(argv=None) -> int:
              f"Target: linear in L, {TARGET_LENGTH} tokens under {TARGET_GIB:g} GiB: "
              + (f"{at[TARGET_LENGTH]:.2f} GiB ({'met' if at[TARGET_LENGTH] < TARGET_GIB else 'NOT met'})."
                 if TARGET_LENGTH in at else "not measured here.")]
-    _bench.report("Compiled memory of the loss gradient (flash vs dense attention)", [table], notes)
-    _bench.write_json(args.json, {"benchmark": "grad_memory", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "results": results,
-                                  "slope": {"ours": s_ours, "peer": s_peer}})
-    return 0
+    return _bench.finish("grad_memory", args, "Compiled memory of the loss gradient (flash vs dense attention)",
+                         [table], notes, results=results, slope={"ours": s_ours, "peer": s_peer})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ The losses and a gradient norm are compared as a check that both computed the sa
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,14 +24,12 @@ TARGET = 1.0  # ours / transformers steps per second
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--block", type=int, default=512, help="flash attention q/kv block")
     p.add_argument("--peer-warmup-tokens", type=int, default=256)
     p.add_argument("--no-peer", action="store_true")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -111,12 +108,9 @@ def main(argv=None) -> int:
              f"Ours: blockwise attention, flash backward, {args.block}-token blocks, loss in 1024-token chunks. "
              "speed ratio = median over interleaved pairs (ours, then transformers) of transformers seconds / ours seconds.",
              f"Target: >= {TARGET}x."]
-    _bench.report("Forward + backward of one window: longrope-jax vs transformers (SDPA)",
-                  [_bench.md_table(headers, rows)], notes)
-    _bench.write_json(args.json, {"benchmark": "grad_throughput", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "load_average_at_end": os.getloadavg(),
-                                  "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("grad_throughput", args,
+                         "Forward + backward of one window: longrope-jax vs transformers (SDPA)",
+                         [_bench.md_table(headers, rows)], notes, results=results)
 
 
 if __name__ == "__main__":

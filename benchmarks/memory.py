@@ -38,8 +38,7 @@ TARGET_LENGTH, TARGET_GIB = 32768, 6.0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768], help="window lengths (tokens)")
     p.add_argument("--peer-max-length", type=int, default=16384,
                    help="run the transformers peer only up to this length (its memory grows with L x vocab)")
@@ -47,7 +46,6 @@ def parse_args(argv=None):
     p.add_argument("--background-log", metavar="PATH", help="append one JSON line per finished length")
     p.add_argument("--from-log", metavar="PATH", help="print the table of a --background-log file and exit")
     p.add_argument("--peer-child", nargs=2, metavar=("TOKENS_NPY", "GGUF"), help=argparse.SUPPRESS)
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -195,12 +193,10 @@ def main(argv=None) -> int:
             if args.background_log:
                 with open(args.background_log, "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
-    _bench.report("Peak resident memory: `longrope-jax ppl` vs transformers forward with labels",
-                  [table(records)], NOTES + [f"{threads} thread(s) for torch and XLA."])
-    _bench.write_json(args.json, {"benchmark": "memory", "command": _bench.command_line(), "machine": machine,
-                                  "load_average_at_end": os.getloadavg(), "settings": vars(args),
-                                  "results": records})
-    return 0
+    return _bench.finish("memory", args,
+                         "Peak resident memory: `longrope-jax ppl` vs transformers forward with labels",
+                         [table(records)], NOTES + [f"{threads} thread(s) for torch and XLA."],
+                         machine_info=machine, results=records)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ topology (REFERENCE.md section 10; needs ``libtpu``):
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -31,8 +30,7 @@ from grad_memory import SHAPES  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--length", type=int, default=32768)
     p.add_argument("--mesh-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="sequence axis sizes")
     p.add_argument("--fsdp", type=int, default=1, help="fsdp axis size beside the sequence axis")
@@ -46,7 +44,6 @@ def parse_args(argv=None):
                    help="blockwise: k/v all-gathered over sequence; ring: ring attention (zigzag); ring_splash: the "
                         "ring with Pallas splash kernels (TPU topologies)")
     p.add_argument("--topology", help="compile for this TPU topology (e.g. v5p:2x2x2; needs libtpu)")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -101,10 +98,8 @@ def main(argv=None) -> int:
              f"one layer's whole-row k and v: {kv:.3f} GiB, which the all-gather holds on every device whatever "
              "the sequence axis and the ring splits over it."]
     headers = ["sequence", "params GiB", "forward temp GiB", "grad temp GiB", "grads GiB", "grad temp: 1 device / this"]
-    _bench.report(f"Per-device memory over the sequence axis ({strategy})", [_bench.md_table(headers, rows)], notes)
-    _bench.write_json(args.json, {"benchmark": "mesh_memory", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("mesh_memory", args, f"Per-device memory over the sequence axis ({strategy})",
+                         [_bench.md_table(headers, rows)], notes, results=results)
 
 
 if __name__ == "__main__":

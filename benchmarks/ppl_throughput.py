@@ -17,7 +17,6 @@ The JAX persistent compilation cache is off unless ``--compilation-cache``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -29,8 +28,7 @@ TARGET_FROM = 8192
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384], help="window lengths (tokens)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per length and side after the warm-up")
     p.add_argument("--q-chunk", type=int, default=512, help="blockwise q/kv block beyond 2048 tokens")
@@ -40,7 +38,6 @@ def parse_args(argv=None):
     p.add_argument("--no-peer", action="store_true", help="ours only")
     p.add_argument("--compilation-cache", action="store_true",
                    help="use longrope-jax's persistent compilation cache (compile time then measures a cache load)")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -131,12 +128,9 @@ def main(argv=None) -> int:
         "ppl ratio = ours / transformers on the same tokens (expected ~1).",
         f"Target: >= {TARGET}x at {TARGET_FROM} tokens and beyond.",
     ]
-    _bench.report("Perplexity forward throughput: longrope-jax vs transformers (SDPA)",
-                  [_bench.md_table(headers, rows)], notes)
-    _bench.write_json(args.json, {"benchmark": "ppl_throughput", "command": _bench.command_line(),
-                                  "machine": machine,
-                                  "load_average_at_end": os.getloadavg(), "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("ppl_throughput", args,
+                         "Perplexity forward throughput: longrope-jax vs transformers (SDPA)",
+                         [_bench.md_table(headers, rows)], notes, machine_info=machine, results=results)
 
 
 if __name__ == "__main__":

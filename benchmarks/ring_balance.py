@@ -14,7 +14,6 @@ the total work over n. Nothing runs on a device: the positions are the layouts'.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -23,12 +22,10 @@ import _bench  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--length", type=int, default=131072)
     p.add_argument("--block", type=int, default=512, help="q and kv block (the ring's block_q / block_kv)")
     p.add_argument("--mesh-sizes", type=int, nargs="+", default=[4, 8, 32])
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -79,11 +76,9 @@ def main(argv=None) -> int:
              "critical path: the sum over ring steps of the busiest device's blocks (the devices rotate in lockstep); "
              "ideal: total blocks / n. Zigzag adds blocks where a device's 2 chunks are shorter than a block "
              "(a block then spans both and cannot be skipped)."]
-    _bench.report("Blocks per device in the causal ring, contiguous and zigzag order", [_bench.md_table(headers, rows)],
-                  notes)
-    _bench.write_json(args.json, {"benchmark": "ring_balance", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("ring_balance", args,
+                         "Blocks per device in the causal ring, contiguous and zigzag order",
+                         [_bench.md_table(headers, rows)], notes, results=results)
 
 
 if __name__ == "__main__":

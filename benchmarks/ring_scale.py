@@ -17,7 +17,6 @@ their timeouts (set here before jax is imported).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,15 +26,13 @@ import _bench  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--length", type=int, default=262144)
     p.add_argument("--devices", type=int, default=8, help="the sequence axis")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--block", type=int, default=1024, help="attention q / kv block")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the one-device forward (as long again as the ring's)")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -123,14 +120,11 @@ def main(argv=None) -> int:
              + f"; every gradient finite: {finite}.",
              "memory per device from `compiled.memory_analysis()`; the last column is that program's gradient "
              "temporaries over the ring's."]
-    _bench.report(f"A tiny model at {args.length} tokens with the ring on {args.devices} CPU devices",
-                  [_bench.md_table(["program", "params GiB", "forward temp GiB", "grad temp GiB", "grad temp vs ring"],
-                                   table), _bench.md_table(["run", "seconds"], runs)], notes)
-    _bench.write_json(args.json, {"benchmark": "ring_scale", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "memory": memory,
-                                  "seconds": times, "ring_loss": float(ring_loss), "one_device_loss": ref_loss,
-                                  "grads_finite": finite})
-    return 0 if rel is None or rel <= 1e-5 else 1
+    return _bench.finish(
+        "ring_scale", args, f"A tiny model at {args.length} tokens with the ring on {args.devices} CPU devices",
+        [_bench.md_table(["program", "params GiB", "forward temp GiB", "grad temp GiB", "grad temp vs ring"], table),
+         _bench.md_table(["run", "seconds"], runs)], notes,
+        memory=memory, seconds=times, ring_loss=float(ring_loss), one_device_loss=ref_loss, grads_finite=finite)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ device. Needs ``einops`` (the authors' dependency).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -27,8 +26,7 @@ import _bench  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--authors", required=True, help="path of ringattention/ringattention_jax.py")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--devices", type=int, default=8)
@@ -36,7 +34,6 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -115,10 +112,8 @@ def main(argv=None) -> int:
              f"(MHA), causal, fp32, {args.block}-token blocks; best of {args.repeats}.",
              "speed vs authors = authors' seconds / these seconds (> 1: faster). Reference: dense attention on "
              "one device."]
-    _bench.report("Ring attention: ours vs the authors' ringattention", [_bench.md_table(headers, rows_out)], notes)
-    _bench.write_json(args.json, {"benchmark": "ring_vs_authors", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("ring_vs_authors", args, "Ring attention: ours vs the authors' ringattention",
+                         [_bench.md_table(headers, rows_out)], notes, results=results)
 
 
 if __name__ == "__main__":

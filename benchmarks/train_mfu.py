@@ -19,7 +19,6 @@ max of numpy and jax, measured in the same run). Model FLOPs per token are the j
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,15 +31,13 @@ TINY = os.path.join(_bench.REPO, "configs", "train", "tiny.py")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--config", default=TINY)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the medians")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--no-peer", action="store_true")
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -132,12 +129,10 @@ def main(argv=None) -> int:
              f"{rate['peak'] / 1e9:.1f} GFLOP/s (torch {rate['torch'] / 1e9:.1f}).",
              "Ours is the job's whole loop per step (data, metrics, checkpoint scheduling); the peer times the update "
              "only. Losses: " + " / ".join(f"{x:.4f}" for x in o["losses"][:4]) + " ..."]
-    _bench.report("Train MFU of configs/train/tiny.py: the train job vs transformers + torch AdamW",
-                  [_bench.md_table(headers, table)], notes)
-    _bench.write_json(args.json, {"benchmark": "train_mfu", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "matmul_rate": rate,
-                                  "flops_per_token": per_token, "results": row})
-    return 0
+    return _bench.finish("train_mfu", args,
+                         "Train MFU of configs/train/tiny.py: the train job vs transformers + torch AdamW",
+                         [_bench.md_table(headers, table)], notes, matmul_rate=rate, flops_per_token=per_token,
+                         results=row)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ ADAMW = dict(lr=2e-5, warmup_steps=0, schedule="constant", steps=1000, end_lr_ra
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = _bench.parser(__doc__)
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--block", type=int, default=512, help="flash attention q/kv block")
@@ -41,7 +40,6 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the child processes' peak memory")
     p.add_argument("--child", choices=["ours", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--tokens", help=argparse.SUPPRESS)  # the child's tokens (.npy), so it loads one model only
-    _bench.add_common_flags(p)
     return p.parse_args(argv)
 
 
@@ -182,11 +180,9 @@ def main(argv=None) -> int:
              "losses should agree (to float32 rounding).",
              "peak RSS: a fresh child process per side and length, two steps; it includes the model, the optimizer "
              "state and the runtime.", f"Target: >= {TARGET}x, and less memory."]
-    _bench.report("Train step: longrope-jax (Optax AdamW) vs transformers + torch AdamW", [_bench.md_table(headers, rows)],
-                  notes)
-    _bench.write_json(args.json, {"benchmark": "train_throughput", "command": _bench.command_line(),
-                                  "machine": _bench.machine(), "settings": vars(args), "results": results})
-    return 0
+    return _bench.finish("train_throughput", args,
+                         "Train step: longrope-jax (Optax AdamW) vs transformers + torch AdamW",
+                         [_bench.md_table(headers, rows)], notes, results=results)
 
 
 if __name__ == "__main__":
