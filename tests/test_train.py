@@ -343,6 +343,28 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, c
     assert f"step {k}" in outs[0][1] and [st for st, _ in _losses(out)] == list(range(k + 2))
 
 
+def test_a_sigterm_during_the_stop_agreement_stops_the_next_step(tmp_path, corpus, monkeypatch):
+    """The race behind a hang of the 2-process test: a signal landing while the processes agree
+    (the allgather) must not be overwritten by the agreement's "no one stopped"; it stops the run at
+    the next step, every process having agreed on it there."""
+    from longrope_jax.jobs import train
+
+    agree, calls = train._agreed_stop, []
+
+    def signalled_during_agreement(name):
+        calls.append(name)
+        if len(calls) == 2:  # step 1's agreement: the signal lands before it returns
+            os.kill(os.getpid(), signal.SIGTERM)
+        return agree(name)
+
+    monkeypatch.setattr(train, "_agreed_stop", signalled_during_agreement)
+    s = train.resolve(TINY, [*SMALL, "--config.steps=6", "--config.checkpoint_every=1000"],
+                      {"out": str(tmp_path / "run"), "data": [corpus]})
+    got = train.run(s, log=lambda *_: None)
+    assert got == {"stopped": "SIGTERM", "step": 3} and calls == [None, None, "SIGTERM"]
+    assert [st for st, _ in _losses(tmp_path / "run")] == [0, 1, 2]
+
+
 def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_path, corpus):
     """What a kill in the middle of an Orbax save leaves (an uncommitted temporary directory of the
     next step) is not restored: the run resumes from the last complete checkpoint."""

@@ -329,13 +329,14 @@ def run(s: dict, log=print) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
             last = rec
-            if jax.process_count() > 1:  # a signal to any process stops all at the same step
-                stop["signal"] = _agreed_stop(stop["signal"])
-            save(t + 1, force=t + 1 == s["steps"] or stop["signal"] is not None)
-            if stop["signal"]:
+            # One read of the flag per step: a signal landing after it (even during the allgather)
+            # stays in `stop` for the next step instead of being overwritten or seen by one process.
+            stopping = _agreed_stop(stop["signal"])
+            save(t + 1, force=t + 1 == s["steps"] or stopping is not None)
+            if stopping:
                 mngr.wait_until_finished()
-                log(f"{stop['signal']}: saved step {t + 1} in {run_dir}/checkpoints; the same command resumes")
-                return {"stopped": stop["signal"], "step": t + 1}
+                log(f"{stopping}: saved step {t + 1} in {run_dir}/checkpoints; the same command resumes")
+                return {"stopped": stopping, "step": t + 1}
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
@@ -355,10 +356,13 @@ def run(s: dict, log=print) -> dict:
 
 def _agreed_stop(signal_name: str | None) -> str | None:
     """"SIGTERM" on every process when any process has received it (schedulers signal the hosts
-    of a pod at different moments; all must save the same step)."""
+    of a pod at different moments; all must save the same step). One process: its own signal."""
+    import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
+    if jax.process_count() == 1:
+        return signal_name
     anyone = multihost_utils.process_allgather(np.int32(signal_name is not None)).any()
     return signal_name or ("SIGTERM" if anyone else None)
 
