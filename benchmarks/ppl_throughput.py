@@ -44,7 +44,6 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     threads = _bench.setup_threads(args.threads)
-    import jax
     import numpy as np
 
     from longrope_jax import evaluate
