@@ -30,7 +30,7 @@ METHODS = {
     "search16k_lr2_yarn_attention": "committed LongRoPE2-mode factors, YaRN attention 1.069",
     "search": "re-run search (3 windows, code + prose), attention 1.038",
     "search_yarn_attention": "re-run search's factors, YaRN attention 1.069",
-    "search_gene": "re-run search with the attention-factor gene",
+    "search_gene": "re-run search with the attention-factor gene (found 1.04), 256 start tokens",
     "search_gene_yarn_attention": "gene search's factors, YaRN attention 1.069",
 }
 REFERENCE = "yarn2"
@@ -86,16 +86,23 @@ def plot(rows: dict[str, dict], path: str) -> None:
     docs = [os.path.basename(d) for d in rows[REFERENCE]["documents"]]
     names = sorted(rows, key=lambda n: rows[n]["ppl"])
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(names) + 1.5))
-    height = 0.8 / len(docs)
+    height, clip, lowest = 0.8 / len(docs), 8.0, 0.0  # bars beyond +-clip % (PI) are cut there and labelled
     for j, doc in enumerate(docs):
-        vals = [100 * (np.exp(rows[n]["nll_per_window"][j]) / ref[j] - 1) for n in names]
-        ax.barh(np.arange(len(names)) + (j - (len(docs) - 1) / 2) * height, vals, height, label=doc)
+        vals = np.array([100 * (np.exp(rows[n]["nll_per_window"][j]) / ref[j] - 1) for n in names])
+        y = np.arange(len(names)) + (j - (len(docs) - 1) / 2) * height
+        ax.barh(y, np.clip(vals, -clip, clip), height, label=doc)
+        lowest = min(lowest, vals.min())
+        for yi, v in zip(y, vals):
+            if abs(v) > clip:
+                ax.text(np.sign(v) * clip, yi, f" {v:+.0f}% ", va="center", fontsize=7,
+                        ha="right" if v > 0 else "left", color="white")
+    ax.set_xlim(max(-clip, lowest - 0.5), clip)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(np.arange(len(names)), [f"{n} ({rows[n]['ppl']:.3f})" for n in names], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("perplexity relative to YaRN s=2 on the same document (%; left of 0 is better)")
     ax.set_title("SmolLM2-135M at 16384 tokens, held-out Vim help and Node.js docs (mean perplexity in brackets)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
