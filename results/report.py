@@ -25,6 +25,9 @@ def label(rope: str) -> str:
     if kind in names and (arg or kind == "none"):
         return names[kind] + (f" (s={arg})" if arg else "")
     parts = os.path.normpath(rope).split(os.sep)
+    if "controls" in parts and os.path.exists(rope):  # a control's factors file says what it is
+        with open(rope) as fh:
+            return json.load(fh).get("provenance", {}).get("control", rope)
     if "search_longrope2" in parts:
         return "LongRoPE2-mode search"
     if "search" in parts:

@@ -26,6 +26,13 @@ HELDOUT=(--model smollm2 --data results/data/heldout_32k.jsonl --length 32768 --
 step $R/heldout_ppl_search.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search/factors.json
 step $R/heldout_ppl_yarn4.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope yarn:4
 step $R/heldout_ppl_longrope16k.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $F16
+# 3. The search's exact controls (issue 17): the 16k factors times exact NTK and YaRN at s = 2, the
+#    search's baselines base*ntk:2 and base*yarn:2, on the held-out document.
+python results/smollm2_32k/make_controls.py
+for c in ntk2 yarn2; do
+  step $R/heldout_ppl_base_$c.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/controls/base_$c.json
+done
+# 4. The other baselines at s = 4.
 for rope in ntk:4 dynamic:4 pi:4 none; do
   step $R/heldout_ppl_${rope/:/}.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $rope
 done
