@@ -3,9 +3,10 @@ other domains that no search sees.
 
 Every text is on the machine image (offline): the committed files are what the results used, and
 this script says how they were made. Each document keeps the head of its source (whole lines) that
-holds at least 16,400 SmolLM2 tokens (the protocol scores the first N tokens).
+holds at least 16,400 SmolLM2 tokens (32,800 for the 32k file; the protocol scores the first N
+tokens).
 
-    python results/data/make_domain_docs.py   # writes the three files below
+    python results/data/make_domain_docs.py   # writes the four files below
 
 Files (JSONL, field ``text``; ``source`` names the file a document was cut from):
   search_code.jsonl    Python 3.11 standard-library modules (PSF licence): code; a search's seed
@@ -15,6 +16,9 @@ Files (JSONL, field ``text``; ``source`` names the file a document was cut from)
                        format; never searched on.
   heldout_nodejs.jsonl Node.js API docs (``nodejs``, MIT licence): Markdown reference; never
                        searched on.
+  heldout_domains_32k.jsonl
+                       the 32k held-out text of those two domains (one Vim help file, one Node.js
+                       API file), for the 4x result; never searched on.
 """
 
 import json
@@ -22,17 +26,19 @@ import os
 import sys
 import sysconfig
 
-MIN_TOKENS = 16_400
 STDLIB = sysconfig.get_paths()["stdlib"]
-SOURCES = {
-    "search_code.jsonl": [os.path.join(STDLIB, f) for f in
-                          ("argparse.py", "inspect.py", "subprocess.py", "tarfile.py", "typing.py", "zipfile.py")],
-    "heldout_vim.jsonl": [f"/usr/share/vim/vim90/doc/{f}" for f in ("eval.txt", "options.txt")],
-    "heldout_nodejs.jsonl": [f"/usr/share/doc/nodejs/api/{f}" for f in ("crypto.md", "fs.md")],
+VIM, NODEJS = "/usr/share/vim/vim90/doc", "/usr/share/doc/nodejs/api"
+SOURCES = {  # file -> (sources, the least number of tokens each document holds)
+    "search_code.jsonl": ([os.path.join(STDLIB, f) for f in
+                           ("argparse.py", "inspect.py", "subprocess.py", "tarfile.py", "typing.py", "zipfile.py")],
+                          16_400),
+    "heldout_vim.jsonl": ([f"{VIM}/{f}" for f in ("eval.txt", "options.txt")], 16_400),
+    "heldout_nodejs.jsonl": ([f"{NODEJS}/{f}" for f in ("crypto.md", "fs.md")], 16_400),
+    "heldout_domains_32k.jsonl": ([f"{VIM}/eval.txt", f"{NODEJS}/fs.md"], 32_800),
 }
 
 
-def head(text: str, tokenizer, min_tokens: int = MIN_TOKENS) -> tuple[str, int]:
+def head(text: str, tokenizer, min_tokens: int) -> tuple[str, int]:
     """The shortest run of whole lines from the start of ``text`` with ``min_tokens`` tokens."""
     lines = text.splitlines(keepends=True)
     lo, hi = 1, len(lines)
@@ -53,11 +59,11 @@ def main() -> None:
 
     tok = load_model("smollm2").tokenizer
     here = os.path.dirname(os.path.abspath(__file__))
-    for name, paths in SOURCES.items():
+    for name, (paths, min_tokens) in SOURCES.items():
         docs = []
         for p in paths:
             with open(p, encoding="utf-8") as fh:
-                text, n = head(fh.read(), tok)
+                text, n = head(fh.read(), tok, min_tokens)
             docs.append({"text": text, "source": p, "tokens": n})
         path = os.path.join(here, name)
         with open(path + ".tmp", "w") as fh:

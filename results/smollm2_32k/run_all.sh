@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The 32k (4x) results, best effort: a small search seeded from the 16k result, one held-out
-# document. Resumable like results/smollm2_16k/run_all.sh (steps skipped when their output
+# The 32k (4x) results, best effort: a small search seeded from the 16k result and one generation
+# on top of it, scored on a held-out pydoc document and on two documents of two other domains
+# (Vim help, Node.js docs). Resumable like results/smollm2_16k/run_all.sh (steps skipped when their output
 # exists, the search resumed from its log). One 32k forward takes about 15 minutes on 2 CPU cores.
 #   nohup nice -n 5 results/smollm2_32k/run_all.sh > /tmp/smollm2_32k.log 2>&1 &
 set -euo pipefail
@@ -32,7 +33,35 @@ python results/smollm2_32k/make_controls.py
 for c in ntk2 yarn2; do
   step $R/heldout_ppl_base_$c.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/controls/base_$c.json
 done
-# 4. The other baselines at s = 4.
+# 4. One evolution generation (issue 17): the search of step 1 extended by --config.iterations=1
+#    (2 mutations + 2 crossovers of its 4 best: 4 forwards, about an hour) in search_gen1/, which
+#    starts from a copy of search/'s log and baselines (the search replays them), so search/ stays
+#    the zero-generation result that heldout_ppl_search.jsonl scored.
+if [[ ! -s $R/search_gen1/log.jsonl ]]; then
+  mkdir -p $R/search_gen1 && cp $R/search/log.jsonl $R/search/baselines.json $R/search_gen1/
+fi
+step $R/search_gen1/result.json longrope-jax search --model smollm2 --data results/data/search_32k.jsonl \
+  --target-length 32768 --samples 1 --seed 0 --base-factors $F16 --out $R/search_gen1 \
+  --config.population=5 --config.iterations=1 --config.mutations=2 --config.crossovers=2 --config.parents=4
+rope_of() {  # a factors file without its provenance: what ppl scores
+  python -c "import json,sys; d=json.load(open(sys.argv[1])); d.pop('provenance'); print(json.dumps(d, sort_keys=True))" "$1"
+}
+BEST=$R/search_gen1
+if [[ "$(rope_of $R/search/factors.json)" == "$(rope_of $R/search_gen1/factors.json)" ]]; then
+  echo "== the generation found nothing better than search/: its held-out score is heldout_ppl_search.jsonl"
+  BEST=$R/search
+else
+  step $R/heldout_ppl_search_gen1.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $R/search_gen1/factors.json
+fi
+# 5. Held out on two other domains (issue 17): the first 32768 tokens of a Vim help file and of a
+#    Node.js API file (results/data/heldout_domains_32k.jsonl), about 30 minutes a method.
+DOMAINS=(--model smollm2 --data results/data/heldout_domains_32k.jsonl --length 32768 --samples 2 --seed 0)
+step $R/heldout_domains/yarn4.jsonl longrope-jax ppl "${DOMAINS[@]}" --rope yarn:4
+step $R/heldout_domains/$(basename $BEST).jsonl longrope-jax ppl "${DOMAINS[@]}" --rope $BEST/factors.json
+for c in ntk2 yarn2; do
+  step $R/heldout_domains/base_$c.jsonl longrope-jax ppl "${DOMAINS[@]}" --rope $R/controls/base_$c.json
+done
+# 6. The other baselines at s = 4.
 for rope in ntk:4 dynamic:4 pi:4 none; do
   step $R/heldout_ppl_${rope/:/}.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $rope
 done
