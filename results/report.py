@@ -2,10 +2,12 @@
 """Tables and a plot for a results directory (results/smollm2_16k, results/smollm2_32k).
 
 Reads what the directory's ``run_all.sh`` wrote: ``heldout_ppl*.jsonl`` (``ppl`` lines),
-``search*/summary.json`` and ``passkey_*/result.jsonl`` (``passkey`` lines; a run still in progress
-from its ``trials.jsonl``), prints markdown
-tables on stdout and writes ``heldout_ppl.png`` (held-out perplexity per method) into the
-directory. Missing pieces are reported as missing, not guessed.
+``heldout_domains/*.jsonl`` (``ppl`` lines on documents of other domains, compared with the YaRN
+row document by document), ``search*/summary.json`` and ``passkey_*/result.jsonl`` (``passkey``
+lines; a run still in progress from its ``trials.jsonl``), prints markdown tables on stdout and
+writes ``heldout_ppl.png`` (held-out perplexity per method) and ``heldout_domains.png`` into the
+directory. Missing pieces are reported as missing, not guessed. ``margin_table`` and
+``margin_plot`` also serve ``results/smollm2_16k_domains/report.py``.
 
     python results/report.py results/smollm2_16k
 """
@@ -17,6 +19,9 @@ import json
 import math
 import os
 import sys
+from typing import Callable
+
+import numpy as np
 
 
 def label(rope: str) -> str:
@@ -45,6 +50,87 @@ def heldout(d: str) -> list[dict]:
     for path in sorted(glob.glob(os.path.join(d, "heldout_ppl*.jsonl"))):
         rows += read_lines(path)
     return rows
+
+
+def margin_table(rows: dict[str, dict], ref: str, describe: Callable[[str], str],
+                 domain_of: Callable[[str], str] | None = None, ref_name: str = "YaRN") -> str:
+    """A markdown table of ``ppl`` lines scored on the same documents: per-document perplexity, per
+    domain (``domain_of(document)``, when given) and mean, and the margin over ``rows[ref]``
+    (1 - ppl / ref's: positive is better), mean and per document; rows sorted by perplexity."""
+    base = rows[ref]
+    docs = base["documents"]
+    for name, r in rows.items():
+        if r["documents"] != docs:
+            raise SystemExit(f"{name}: documents {r['documents']} differ from {ref}'s {docs}")
+    domains = sorted({domain_of(d) for d in docs}) if domain_of else []
+
+    def dom_ppl(r, dom):
+        return math.exp(np.mean([n for n, d in zip(r["nll_per_window"], docs) if domain_of(d) == dom]))
+
+    head = (["method", *[os.path.basename(d) for d in docs], *[f"{d} ppl" for d in domains], "mean ppl",
+             *[f"margin over {ref_name}, {d}" for d in domains], f"margin over {ref_name}, mean",
+             "per-document margin (min / max)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["ppl"]):
+        per = np.exp(r["nll_per_window"])
+        margins = 1 - per / np.exp(base["nll_per_window"])
+        cells = [describe(name), *[f"{p:.3f}" for p in per], *[f"{dom_ppl(r, d):.3f}" for d in domains],
+                 f"**{r['ppl']:.3f}**", *[f"{100 * (1 - dom_ppl(r, d) / dom_ppl(base, d)):+.2f}%" for d in domains],
+                 f"{100 * (1 - r['ppl'] / base['ppl']):+.2f}%",
+                 f"{100 * margins.min():+.2f}% / {100 * margins.max():+.2f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def margin_plot(rows: dict[str, dict], ref: str, path: str, *, title: str, ref_label: str) -> None:
+    """Each document's perplexity relative to ``rows[ref]``'s on it, a bar per (method, document);
+    bars beyond +-8% (PI, no scaling) are cut there and labelled. Written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = np.exp(rows[ref]["nll_per_window"])
+    docs = [os.path.basename(d) for d in rows[ref]["documents"]]
+    names = sorted(rows, key=lambda n: rows[n]["ppl"])
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(names) + 1.5))
+    height, clip, lowest = 0.8 / len(docs), 8.0, 0.0
+    for j, doc in enumerate(docs):
+        vals = np.array([100 * (np.exp(rows[n]["nll_per_window"][j]) / base[j] - 1) for n in names])
+        y = np.arange(len(names)) + (j - (len(docs) - 1) / 2) * height
+        ax.barh(y, np.clip(vals, -clip, clip), height, label=doc)
+        lowest = min(lowest, vals.min())
+        for yi, v in zip(y, vals):
+            if abs(v) > clip:
+                ax.text(np.sign(v) * clip, yi, f" {v:+.0f}% ", va="center", fontsize=7,
+                        ha="right" if v > 0 else "left", color="white")
+    ax.set_xlim(max(-clip, lowest - 0.5), clip)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(np.arange(len(names)), [f"{n} ({rows[n]['ppl']:.3f})" for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"perplexity relative to {ref_label} on the same document (%; left of 0 is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def domains_section(d: str) -> None:
+    """``heldout_domains/NAME.jsonl``: documents of other domains, each method against the YaRN row."""
+    rows = {os.path.basename(p)[:-len(".jsonl")]: read_lines(p)[0]
+            for p in sorted(glob.glob(os.path.join(d, "heldout_domains", "*.jsonl")))}
+    print("\n### Held-out perplexity on other domains\n")
+    ref = next((n for n, r in rows.items() if r["rope"].startswith("yarn:")), None)
+    if ref is None:
+        print("missing: no heldout_domains/*.jsonl with a YaRN row yet")
+        return
+    length = rows[ref]["length"]
+    print(f"{length} tokens, documents {', '.join(rows[ref]['documents'])}\n")
+    print(margin_table(rows, ref, lambda n: f"{n}: {label(rows[n]['rope'])}"))
+    margin_plot(rows, ref, os.path.join(d, "heldout_domains.png"), ref_label=label(rows[ref]["rope"]),
+                title=f"SmolLM2-135M at {length} tokens, held-out documents of other domains (mean perplexity in brackets)")
+    print("\n![held-out perplexity on other domains](heldout_domains.png)")
 
 
 def main(argv=None) -> int:
@@ -85,6 +171,8 @@ def main(argv=None) -> int:
         print(f"\n![held-out perplexity](heldout_ppl.png)")
     else:
         print("missing: no heldout_ppl*.jsonl yet")
+    if os.path.isdir(os.path.join(d, "heldout_domains")):
+        domains_section(d)
     print("\n### Searches (on the search window)\n")
     for path in sorted(glob.glob(os.path.join(d, "search*", "summary.json"))):
         s = json.load(open(path))
