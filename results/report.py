@@ -33,10 +33,11 @@ def label(rope: str) -> str:
     if "controls" in parts and os.path.exists(rope):  # a control's factors file says what it is
         with open(rope) as fh:
             return json.load(fh).get("provenance", {}).get("control", rope)
-    if "search_longrope2" in parts:
+    sub = next((p for p in parts if p.startswith("search")), None)  # search/, search_gen1/, search_longrope2/
+    if sub == "search_longrope2":
         return "LongRoPE2-mode search"
-    if "search" in parts:
-        return "LongRoPE search" + ("" if len(parts) < 3 else f" ({parts[-3]})")
+    if sub:
+        return "LongRoPE search" + ("" if len(parts) < 3 else f" ({parts[-3]}{'' if sub == 'search' else ', ' + sub})")
     return rope
 
 
