@@ -53,6 +53,20 @@ def heldout(d: str) -> list[dict]:
     return rows
 
 
+def doc_label(doc: str) -> str:
+    """``path.jsonl:N`` (a ``ppl`` line's document, N from 1) as its file's name and, where the JSONL
+    line names its ``source``, that source's file name: ``heldout_domains_32k.jsonl:1 (eval.txt)``."""
+    path, _, n = doc.rpartition(":")
+    name = os.path.basename(doc)
+    try:
+        with open(path) as fh:
+            line = next(x for i, x in enumerate(fh, 1) if i == int(n))
+        source = json.loads(line).get("source")
+    except (OSError, ValueError, StopIteration):
+        return name
+    return f"{name} ({os.path.basename(source)})" if source else name
+
+
 def margin_table(rows: dict[str, dict], ref: str, describe: Callable[[str], str],
                  domain_of: Callable[[str], str] | None = None, ref_name: str = "YaRN") -> str:
     """A markdown table of ``ppl`` lines scored on the same documents: per-document perplexity, per
@@ -68,7 +82,7 @@ def margin_table(rows: dict[str, dict], ref: str, describe: Callable[[str], str]
     def dom_ppl(r, dom):
         return math.exp(np.mean([n for n, d in zip(r["nll_per_window"], docs) if domain_of(d) == dom]))
 
-    head = (["method", *[os.path.basename(d) for d in docs], *[f"{d} ppl" for d in domains], "mean ppl",
+    head = (["method", *[doc_label(d) for d in docs], *[f"{d} ppl" for d in domains], "mean ppl",
              *[f"margin over {ref_name}, {d}" for d in domains], f"margin over {ref_name}, mean",
              "per-document margin (min / max)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -92,7 +106,7 @@ def margin_plot(rows: dict[str, dict], ref: str, path: str, *, title: str, ref_l
     import matplotlib.pyplot as plt
 
     base = np.exp(rows[ref]["nll_per_window"])
-    docs = [os.path.basename(d) for d in rows[ref]["documents"]]
+    docs = [doc_label(d) for d in rows[ref]["documents"]]
     names = sorted(rows, key=lambda n: rows[n]["ppl"])
     fig, ax = plt.subplots(figsize=(11, 0.45 * len(names) + 1.5))
     height, clip, lowest = 0.8 / len(docs), 8.0, 0.0
