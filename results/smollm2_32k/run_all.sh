@@ -61,6 +61,8 @@ step $R/heldout_domains/$(basename $BEST).jsonl longrope-jax ppl "${DOMAINS[@]}"
 for c in ntk2 yarn2; do
   step $R/heldout_domains/base_$c.jsonl longrope-jax ppl "${DOMAINS[@]}" --rope $R/controls/base_$c.json
 done
+# The zero-generation result (the NTK seed on the 0.01 grid) too: what the generation added over it.
+step $R/heldout_domains/search.jsonl longrope-jax ppl "${DOMAINS[@]}" --rope $R/search/factors.json
 # 6. The other baselines at s = 4.
 for rope in ntk:4 dynamic:4 pi:4 none; do
   step $R/heldout_ppl_${rope/:/}.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $rope
