@@ -7,7 +7,12 @@ and start tokens as its baselines ``base*ntk:2`` and ``base*yarn:2`` had them):
   base_yarn2.json    lambda_16k * YaRN's per-pair factors at s = 2
 
 The search's best (``search/factors.json``) is the NTK seed rounded onto the 0.01 grid, so scoring
-these beside it on the held-out document says what the rounding and the search added.
+these beside it on the held-out document says what the rounding and the search added. And the
+attention-factor controls at 4x, as at 16k (``results/smollm2_16k_domains/make_controls.py``):
+
+  yarn4_longrope_attention.json      YaRN's factors at s = 4 (from 8k) with the LongRoPE attention
+                                     factor sqrt(1 + ln 4 / ln 8192) = 1.074 (YaRN's own: 1.139)
+  search_gen1_yarn_attention.json    the generation's best (``search_gen1/``) with YaRN's 1.139
     python results/smollm2_32k/make_controls.py
 """
 
@@ -17,6 +22,7 @@ import os
 import numpy as np
 
 from longrope_jax import factors as factors_lib
+from longrope_jax import rope as rope_lib
 from longrope_jax.atomic import write_json
 from longrope_jax.search.fitness import base_document
 from longrope_jax.search.plan import reference_factors
@@ -50,6 +56,20 @@ def main() -> None:
         fname = f"base_{name}{scale:g}.json"
         factors_lib.validate(d, fname)
         write_json(os.path.join(out, fname), d)
+    original = LENGTH / switch
+    yarn = base_document(_Cfg, original_max=switch, length=LENGTH)
+    yarn["long_factor"] = rope_lib.yarn_factors(_Cfg.rope_theta, _Cfg.rotary_dim, original, switch).tolist()
+    yarn["provenance"] = {"control": f"YaRN s={original:g} factors, LongRoPE attention factor"}
+    factors_lib.validate(yarn, "yarn4_longrope_attention.json")
+    write_json(os.path.join(out, "yarn4_longrope_attention.json"), yarn)
+    gen1 = os.path.join(HERE, "search_gen1")
+    if os.path.exists(os.path.join(gen1, "result.json")):  # a running search's factors.json is its best so far
+        d = json.load(open(os.path.join(gen1, "factors.json")))
+        d["attention_factor"] = rope_lib.yarn_attention_factor(original)
+        d["provenance"] = {"control": f"search_gen1 with YaRN's attention factor (s={original:g})",
+                           "parent": d.get("provenance")}
+        factors_lib.validate(d, "search_gen1_yarn_attention.json")
+        write_json(os.path.join(out, "search_gen1_yarn_attention.json"), d)
     print("wrote", sorted(os.listdir(out)))
 
 

@@ -63,6 +63,12 @@ for c in ntk2 yarn2; do
 done
 # The zero-generation result (the NTK seed on the 0.01 grid) too: what the generation added over it.
 step $R/heldout_domains/search.jsonl longrope-jax ppl "${DOMAINS[@]}" --rope $R/search/factors.json
+# The attention-factor controls at 4x (LongRoPE's 1.074 against YaRN's 1.139): YaRN s=4's factors with
+# LongRoPE's attention factor, the generation's best with YaRN's.
+python results/smollm2_32k/make_controls.py  # again: search_gen1's control once it exists
+for c in yarn4_longrope_attention search_gen1_yarn_attention; do
+  step $R/heldout_domains/$c.jsonl longrope-jax ppl "${DOMAINS[@]}" --rope $R/controls/$c.json
+done
 # 6. The other baselines at s = 4.
 for rope in ntk:4 dynamic:4 pi:4 none; do
   step $R/heldout_ppl_${rope/:/}.jsonl longrope-jax ppl "${HELDOUT[@]}" --rope $rope
