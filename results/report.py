@@ -5,8 +5,8 @@ Reads what the directory's ``run_all.sh`` wrote: ``heldout_ppl*.jsonl`` (``ppl``
 ``heldout_domains/*.jsonl`` (``ppl`` lines on documents of other domains, compared with the YaRN
 row document by document), ``search*/summary.json`` and ``passkey_*/result.jsonl`` (``passkey``
 lines; a run still in progress from its ``trials.jsonl``), prints markdown tables on stdout and
-writes ``heldout_ppl.png`` (held-out perplexity per method) and ``heldout_domains.png`` into the
-directory. Missing pieces are reported as missing, not guessed. ``margin_table`` and
+writes ``heldout_ppl.png`` and ``heldout_domains.png`` (each method's perplexity relative to
+YaRN's, document by document) into the directory. Missing pieces are reported as missing, not guessed. ``margin_table`` and
 ``margin_plot`` also serve ``results/smollm2_16k_domains/report.py``.
 
     python results/report.py results/smollm2_16k
@@ -165,24 +165,11 @@ def main(argv=None) -> int:
         for r in sorted(rows, key=lambda r: r["ppl"]):
             per = ", ".join(f"{math.exp(x):.3f}" for x in r["nll_per_window"])
             print(f"| {label(r['rope'])} | {r['ppl']:.4f} | {per} |")
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        srt = sorted(rows, key=lambda r: r["ppl"])
-        fig, ax = plt.subplots(figsize=(7, 0.5 * len(srt) + 1.5))
-        ax.barh([label(r["rope"]) for r in srt][::-1], [r["ppl"] for r in srt][::-1], color="tab:blue")
-        for i, r in enumerate(srt[::-1]):
-            ax.text(r["ppl"], i, f" {r['ppl']:.3f}", va="center", fontsize=8)
-        if max(r["ppl"] for r in srt) / min(r["ppl"] for r in srt) > 3:
-            ax.set_xscale("log")
-        ax.set_xlabel("perplexity (held-out documents; lower is better)")
-        ax.set_title(f"SmolLM2-135M at {rows[0]['length']} tokens, no fine-tuning")
-        fig.tight_layout()
-        png = os.path.join(d, "heldout_ppl.png")
-        fig.savefig(png + ".tmp.png", dpi=120)
-        os.replace(png + ".tmp.png", png)
+        named = {label(r["rope"]): r for r in rows}
+        ref = next((n for n, r in named.items() if r["rope"].startswith("yarn:")), None)
+        if ref is not None and len(docs) == 1:
+            margin_plot(named, ref, os.path.join(d, "heldout_ppl.png"), ref_label=ref,
+                        title=f"SmolLM2-135M at {rows[0]['length']} tokens, held-out documents (mean perplexity in brackets)")
         print(f"\n![held-out perplexity](heldout_ppl.png)")
     else:
         print("missing: no heldout_ppl*.jsonl yet")
