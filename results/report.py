@@ -131,12 +131,17 @@ def margin_plot(rows: dict[str, dict], ref: str, path: str, *, title: str, ref_l
     os.replace(tmp, path)
 
 
+def yarn_row(rows: dict[str, dict]) -> str | None:
+    """The name of the YaRN row, the reference every margin is taken against (None: none yet)."""
+    return next((n for n, r in rows.items() if r["rope"].startswith("yarn:")), None)
+
+
 def domains_section(d: str) -> None:
     """``heldout_domains/NAME.jsonl``: documents of other domains, each method against the YaRN row."""
     rows = {os.path.basename(p)[:-len(".jsonl")]: read_lines(p)[0]
             for p in sorted(glob.glob(os.path.join(d, "heldout_domains", "*.jsonl")))}
     print("\n### Held-out perplexity on other domains\n")
-    ref = next((n for n, r in rows.items() if r["rope"].startswith("yarn:")), None)
+    ref = yarn_row(rows)
     if ref is None:
         print("missing: no heldout_domains/*.jsonl with a YaRN row yet")
         return
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
             per = ", ".join(f"{math.exp(x):.3f}" for x in r["nll_per_window"])
             print(f"| {label(r['rope'])} | {r['ppl']:.4f} | {per} |")
         named = {label(r["rope"]): r for r in rows}
-        ref = next((n for n, r in named.items() if r["rope"].startswith("yarn:")), None)
+        ref = yarn_row(named)
         if ref is not None and len(docs) == 1:
             margin_plot(named, ref, os.path.join(d, "heldout_ppl.png"), ref_label=ref,
                         title=f"SmolLM2-135M at {rows[0]['length']} tokens, held-out documents (mean perplexity in brackets)")

@@ -10,47 +10,27 @@ Scored beside the files as they are, these separate what the factors do from wha
 does.    python results/smollm2_16k_domains/make_controls.py
 """
 
-import json
 import os
-
-from longrope_jax import factors as factors_lib
-from longrope_jax import rope as rope_lib
-from longrope_jax.atomic import write_json
-from longrope_jax.search.fitness import base_document
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from controls import ROOT, with_yarn_attention, write, yarn_longrope_attention  # noqa: E402  (results/controls.py)
+
 SEARCHES = {  # each used once its result.json exists (a running search's factors.json is its best so far)
             "search16k": "results/smollm2_16k/search/factors.json",
             "search16k_lr2": "results/smollm2_16k/search_longrope2/factors.json",
             "search": "results/smollm2_16k_domains/search/factors.json",
             "search_gene": "results/smollm2_16k_domains/search_gene/factors.json"}
-THETA, ROTARY, WINDOW, LENGTH = 100000.0, 64, 8192, 16384
-
-
-class _Cfg:  # what base_document reads of a model config: SmolLM2's rotary numbers
-    rope_theta, rotary_dim = THETA, ROTARY
+WINDOW, LENGTH = 8192, 16384
 
 
 def main() -> None:
     out = os.path.join(HERE, "controls")
-    os.makedirs(out, exist_ok=True)
-    scale = LENGTH / WINDOW
-    yarn = base_document(_Cfg, original_max=WINDOW, length=LENGTH)
-    yarn["long_factor"] = rope_lib.yarn_factors(THETA, ROTARY, scale, WINDOW).tolist()
-    yarn["provenance"] = {"control": "YaRN s=2 factors, LongRoPE attention factor (null: the sqrt default)"}
-    factors_lib.validate(yarn, "yarn_longrope_attention.json")
-    write_json(os.path.join(out, "yarn_longrope_attention.json"), yarn)
+    write(out, "yarn_longrope_attention.json", yarn_longrope_attention(WINDOW, LENGTH))
     for name, path in SEARCHES.items():
-        path = os.path.join(ROOT, path)
-        if not os.path.exists(os.path.join(os.path.dirname(path), "result.json")):
-            continue  # a running search's factors.json is its best so far
-        d = json.load(open(path))
-        d["attention_factor"] = rope_lib.yarn_attention_factor(scale)
-        d["provenance"] = {"control": f"{os.path.relpath(path, ROOT)} with YaRN's attention factor",
-                           "parent": d.get("provenance")}
-        factors_lib.validate(d, name)
-        write_json(os.path.join(out, f"{name}_yarn_attention.json"), d)
+        if os.path.exists(os.path.join(ROOT, os.path.dirname(path), "result.json")):
+            write(out, f"{name}_yarn_attention.json", with_yarn_attention(path))
     print("wrote", sorted(os.listdir(out)))
 
 

@@ -18,24 +18,21 @@ attention-factor controls at 4x, as at 16k (``results/smollm2_16k_domains/make_c
 
 import json
 import os
+import sys
 
 import numpy as np
 
-from longrope_jax import factors as factors_lib
-from longrope_jax import rope as rope_lib
-from longrope_jax.atomic import write_json
 from longrope_jax.search.fitness import base_document
 from longrope_jax.search.plan import reference_factors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+from controls import ROOT, SmolLM2, with_yarn_attention, write, yarn_longrope_attention  # noqa: E402
+
 F16 = "results/smollm2_16k/search/factors.json"
+GEN1 = "results/smollm2_32k/search_gen1/factors.json"
 LENGTH = 32768
 NAMES = {"ntk": "NTK", "yarn": "YaRN"}
-
-
-class _Cfg:  # what base_document and reference_factors read of a model config: SmolLM2's rotary numbers
-    rope_theta, rotary_dim = 100000.0, 64
 
 
 def main() -> None:
@@ -44,32 +41,18 @@ def main() -> None:
     scale = LENGTH / window
     lam1 = np.asarray(f16["long_factor"], np.float64)
     out = os.path.join(HERE, "controls")
-    os.makedirs(out, exist_ok=True)
-    for name, lam2 in reference_factors(_Cfg, scale, window).items():
+    for name, lam2 in reference_factors(SmolLM2, scale, window).items():
         if name == "pi":
             continue  # base*pi:2 is one of the search's seeds, scored there already (32.4 on its window)
-        d = base_document(_Cfg, original_max=switch, length=LENGTH)
+        d = base_document(SmolLM2, original_max=switch, length=LENGTH)
         d.update(short_factor=f16["short_factor"], attention_factor=f16.get("attention_factor"),
                  long_factor=np.round(lam1 * lam2, 10).tolist(),
                  provenance={"control": f"16k factors x exact {NAMES[name]} lambda_2 at s={scale:g}",
                              "parent": f16.get("provenance")})
-        fname = f"base_{name}{scale:g}.json"
-        factors_lib.validate(d, fname)
-        write_json(os.path.join(out, fname), d)
-    original = LENGTH / switch
-    yarn = base_document(_Cfg, original_max=switch, length=LENGTH)
-    yarn["long_factor"] = rope_lib.yarn_factors(_Cfg.rope_theta, _Cfg.rotary_dim, original, switch).tolist()
-    yarn["provenance"] = {"control": f"YaRN s={original:g} factors, LongRoPE attention factor"}
-    factors_lib.validate(yarn, "yarn4_longrope_attention.json")
-    write_json(os.path.join(out, "yarn4_longrope_attention.json"), yarn)
-    gen1 = os.path.join(HERE, "search_gen1")
-    if os.path.exists(os.path.join(gen1, "result.json")):  # a running search's factors.json is its best so far
-        d = json.load(open(os.path.join(gen1, "factors.json")))
-        d["attention_factor"] = rope_lib.yarn_attention_factor(original)
-        d["provenance"] = {"control": f"search_gen1 with YaRN's attention factor (s={original:g})",
-                           "parent": d.get("provenance")}
-        factors_lib.validate(d, "search_gen1_yarn_attention.json")
-        write_json(os.path.join(out, "search_gen1_yarn_attention.json"), d)
+        write(out, f"base_{name}{scale:g}.json", d)
+    write(out, "yarn4_longrope_attention.json", yarn_longrope_attention(switch, LENGTH))
+    if os.path.exists(os.path.join(ROOT, os.path.dirname(GEN1), "result.json")):  # else: a search's best so far
+        write(out, "search_gen1_yarn_attention.json", with_yarn_attention(GEN1))
     print("wrote", sorted(os.listdir(out)))
 
 
