@@ -11,7 +11,7 @@ YaRN and its mutations YaRN's. One window of the pydoc text (``--length`` tokens
   vmapped batch, which the budget ``--memory-budget-gib`` then splits); ``candidates_nll`` is
   compiled once.
 * loop (the official LongRoPE code's way): for each candidate a fresh spec (fresh inv_freq)
-  is built and ``evaluate.window_nll`` scores it; K calls.
+  is built and ``window_nll`` scores it; K calls.
 * ``--torch-loop`` adds the same loop in transformers (PyTorch, SDPA): the rotary embedding's
   ``inv_freq`` and ``attention_scaling`` replaced per candidate, a forward with ``labels=``.
 
@@ -90,20 +90,23 @@ def main(argv=None) -> int:
     threads = _bench.setup_threads(args.threads)
     import numpy as np
 
-    from longrope_jax import evaluate, rope
+    from longrope_jax import evaluate, memory, rope
+    from longrope_jax.attention import select
+    from longrope_jax.loss import window_nll
 
     comp = _bench.CompileLog()
     ours = _bench.load_ours()
     cfg, params = ours.cfg, ours.params
     tokens = _bench.pydoc_tokens(ours.tokenizer, args.length)
-    attn = evaluate.pick_attention("auto", args.length)
+    attn = select.pick("auto", args.length)
     qc = args.q_chunk if args.length > 2048 else None
     cands = candidate_factors(cfg, args.k, args.scale, args.sigma, args.seed)
-    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else evaluate.default_budget()
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else memory.default_budget()
     import jax
 
     sequential = False if args.vmap else (len(jax.local_devices()) == 1 and jax.devices()[0].platform == "cpu")
-    kc = args.k if sequential else evaluate.plan(args.k, 1, evaluate.item_bytes(cfg, args.length, qc or 512), budget)[0]
+    per_candidate = memory.item_bytes(cfg, args.length, qc or 512)
+    kc = args.k if sequential else memory.calls_within(args.k, 1, per_candidate, budget)[0]
     machine = _bench.machine()
     n_tok = args.k * args.length
 
@@ -118,13 +121,12 @@ def main(argv=None) -> int:
         out = []
         for _, f, af in cands:
             spec = build_spec(cfg, f, af, args.scale)
-            out.append(float(np.asarray(evaluate.window_nll(params, tokens, spec, cfg=cfg, attention=attn,
-                                                            q_chunk=qc))[0]))
+            out.append(float(np.asarray(window_nll(params, tokens, spec, cfg=cfg, attention=attn, q_chunk=qc))[0]))
         return np.asarray(out)
 
     # Compile both first, then alternate their timed runs (drift in machine load hits both alike).
     specs_of = {"ours: evaluate.score (one call)": (run_score, evaluate.candidates_nll, -(-args.k // kc)),
-                "loop: fresh spec + window_nll per candidate": (run_loop, evaluate.window_nll, args.k)}
+                "loop: fresh spec + window_nll per candidate": (run_loop, window_nll, args.k)}
     paths = {}
     for name, (fn, jitted, calls) in specs_of.items():
         before = jitted._cache_size()
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
         f"attention {attn}" + (f" (block {qc})" if qc else "") + f"; {threads} thread(s) for torch and XLA.",
         f"evaluate.score plan: {'lax.map' if sequential else 'vmap'}, {kc} candidate(s) per call, "
         f"{-(-args.k // kc)} call(s) "
-        f"(memory budget {budget / 2**30:.2f} GiB, {evaluate.item_bytes(cfg, args.length, qc or 512) / 2**20:.0f} "
+        f"(memory budget {budget / 2**30:.2f} GiB, {per_candidate / 2**20:.0f} "
         "MiB per candidate).",
         "compilations: growth of the jitted function's cache (candidates_nll / window_nll); in brackets all XLA "
         "compilations seen during the first run (tiny eager ops included). compile (s): XLA trace+lower+compile "

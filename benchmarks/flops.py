@@ -15,7 +15,7 @@ Model FLOPs, counted analytically for one forward over L tokens (no backward):
 and the loss are not counted; attention counts QK^T and PV over the causal half only, so a
 kernel computing whole diagonal blocks does more work than it is credited with.)
 
-Ours: ``evaluate.window_nll`` on one pydoc window with the ``ppl`` command's attention choice
+Ours: ``window_nll`` on one pydoc window with the ``ppl`` command's attention choice
 (dense up to 2048 tokens, blockwise with ``--q-chunk`` blocks beyond), compiled once, then timed.
 Peer: transformers (PyTorch, SDPA) forward with ``labels=`` on the same tokens, after a short
 warm-up. Both are credited the same FLOPs.
@@ -86,8 +86,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = _bench.setup_threads(args.threads)
     _bench.torch_threads()
-    from longrope_jax import evaluate
+    from longrope_jax.attention import select
     from longrope_jax.factors import resolve_rope
+    from longrope_jax.loss import window_nll
 
     comp = _bench.CompileLog()
     ours = _bench.load_ours()
@@ -104,12 +105,12 @@ def main(argv=None) -> int:
     for length in args.lengths:
         tokens = _bench.pydoc_tokens(ours.tokenizer, length)
         spec = resolve_rope("none", cfg, length)
-        attn = evaluate.pick_attention("auto", length)
+        attn = select.pick("auto", length)
         qc = args.q_chunk if length > 2048 else None
         import numpy as np
 
         def run():
-            return np.asarray(evaluate.window_nll(ours.params, tokens, spec, cfg=cfg, attention=attn, q_chunk=qc))
+            return np.asarray(window_nll(ours.params, tokens, spec, cfg=cfg, attention=attn, q_chunk=qc))
 
         with comp:
             _, first = _bench.timed(run)

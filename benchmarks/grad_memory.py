@@ -60,10 +60,10 @@ def compiled_memory(cfg, length: int, attention: str, block: int, device=None) -
     import jax
 
     from longrope_jax import parallel
-    from longrope_jax.parallel import aot
+    from longrope_jax.train.aot import loss_report
 
     mesh = parallel.build(None, [device or jax.devices()[0]])
-    return aot.loss_report(cfg, mesh, length=length, grad=True, attention=attention, block=block)
+    return loss_report(cfg, mesh, length=length, grad=True, attention=attention, block=block)
 
 
 def slope(points: list[tuple[int, int]]) -> float | None:

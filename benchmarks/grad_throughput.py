@@ -40,14 +40,14 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from longrope_jax import evaluate
+    from longrope_jax.loss import mean_nll
     from longrope_jax.model import rope_spec
 
     comp = _bench.CompileLog()
     ours = _bench.load_ours()
     cfg, spec = ours.cfg, rope_spec(ours.cfg)
     grad_fn = jax.jit(jax.value_and_grad(
-        lambda p, t: jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, q_chunk=args.block))))
+        lambda p, t: jnp.mean(mean_nll(p, t, spec, cfg=cfg, q_chunk=args.block))))
     peer = None if args.no_peer else _bench.load_peer()
     torch = None
     if peer is not None:

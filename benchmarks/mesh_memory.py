@@ -2,7 +2,7 @@
 """Per-device memory of a sharded forward and loss gradient as the sequence axis grows.
 
 At one fixed length, for ``--mesh-sizes`` (default 1, 2, 4, 8 devices on the ``sequence`` axis),
-``parallel.aot.loss_report``: the compiled executable's per-device argument and temporary bytes
+``train.aot.loss_report``: the compiled executable's per-device argument and temporary bytes
 of one window's mean NLL and of its gradient (kept sharded like the params), weights over fsdp x
 sequence, attention by the all-gather strategy (queries local, k/v of the whole row gathered on
 every device) or, with ``--attention ring``, the ring (zigzag order; ``ring_splash``: with
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     from longrope_jax import parallel
     from longrope_jax.model import ModelConfig
     from longrope_jax.parallel import aot
+    from longrope_jax.train.aot import loss_report
 
     kw = dict(SHAPES[args.shapes], rope_parameters={"rope_type": "default"}, remat=args.remat, dtype=args.dtype,
               param_dtype=args.dtype)
@@ -70,8 +71,8 @@ def main(argv=None) -> int:
     rows, results = [], []
     for n in args.mesh_sizes:
         mesh = parallel.build({"fsdp": args.fsdp, "sequence": n}, devices[:args.fsdp * n])
-        rep = {w: aot.loss_report(cfg, mesh, length=args.length, batch=args.batch, grad=w == "grad", block=args.block,
-                                  attention=args.attention)
+        rep = {w: loss_report(cfg, mesh, length=args.length, batch=args.batch, grad=w == "grad", block=args.block,
+                              attention=args.attention)
                for w in ("forward", "grad")}
         results.append({"sequence": n, **rep})
         _bench.log(f"sequence={n}: forward temp {rep['forward']['temp_bytes'] / gib:.2f} GiB, grad temp "

@@ -47,7 +47,9 @@ def main(argv=None) -> int:
     import numpy as np
 
     from longrope_jax import evaluate
+    from longrope_jax.attention import select
     from longrope_jax.factors import resolve_rope
+    from longrope_jax.loss import window_nll
 
     if args.compilation_cache:
         from longrope_jax.cache import enable_compilation_cache
@@ -64,14 +66,14 @@ def main(argv=None) -> int:
     for length in args.lengths:
         tokens = _bench.pydoc_tokens(ours.tokenizer, length)
         spec = resolve_rope("none", ours.cfg, length)
-        attn = evaluate.pick_attention("auto", length)
+        attn = select.pick("auto", length)
         qc = args.q_chunk if length > 2048 else None
 
         def run():
             return evaluate.perplexity(ours.params, ours.cfg, tokens, spec, attention=attn, q_chunk=qc,
                                        loss_chunk=args.loss_chunk)
 
-        before = evaluate.window_nll._cache_size()
+        before = window_nll._cache_size()
         with comp:
             res, first = _bench.timed(run)
         compile_s, backend_compiles = comp.seconds, comp.backend
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
             "length": length, "attention": attn, "q_chunk": qc,
             "ours": {"ppl": res["ppl"], "nll": res["nll"], "first_call_s": first, "compile_s": compile_s,
                      "xla_compilations": backend_compiles,
-                     "window_nll_compilations": evaluate.window_nll._cache_size() - before,
+                     "window_nll_compilations": window_nll._cache_size() - before,
                      "seconds": times, "steady_s": steady, "tokens_per_s": length / steady},
         }
         _bench.log(f"{length}: ours ppl {res['ppl']:.4f}, compile {compile_s:.1f}s, steady {steady:.1f}s")

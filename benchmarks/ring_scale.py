@@ -63,9 +63,11 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from longrope_jax import evaluate, parallel
+    from longrope_jax import parallel
+    from longrope_jax.attention import select
+    from longrope_jax.loss import mean_nll
     from longrope_jax.model import init_params, rope_spec
-    from longrope_jax.parallel import aot
+    from longrope_jax.train.aot import loss_report
 
     cfg = tiny(args.length, args.layers)
     spec = rope_spec(cfg)
@@ -74,16 +76,16 @@ def main(argv=None) -> int:
     gib = 2**30
     memory = {}
     for name, m, att in (("ring", mesh, "ring"), ("all-gather", mesh, "blockwise"), ("one device", one, "blockwise")):
-        memory[name] = {w: aot.loss_report(cfg, m, length=args.length, grad=w == "grad", attention=att,
-                                           block=args.block) for w in ("forward", "grad")}
+        memory[name] = {w: loss_report(cfg, m, length=args.length, grad=w == "grad", attention=att, block=args.block)
+                        for w in ("forward", "grad")}
         _bench.log(f"{name}: grad temp {memory[name]['grad']['temp_bytes'] / gib:.3f} GiB per device")
 
-    layout = evaluate.layout_for(mesh, "ring")
+    layout = select.layout_for(mesh, "ring")
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.length), dtype=np.int32)
 
     def loss(p, t, layout, attention):
-        return jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, attention=attention, q_chunk=args.block,
-                                          loss_chunk=4096, layout=layout))
+        return jnp.mean(mean_nll(p, t, spec, cfg=cfg, attention=attention, q_chunk=args.block, loss_chunk=4096,
+                                 layout=layout))
 
     params = init_params(cfg, 0)
     placed = parallel.put_params(params, mesh)

@@ -2,16 +2,17 @@
 """Model FLOPs utilisation of ``configs/train/tiny.py``: the ``train`` job's own steps against
 transformers + ``torch.optim.AdamW`` on the same model, weights, batches and schedule.
 
-Ours: ``jobs.train.run`` on the config (eval off, one checkpoint at the end), step times from its
-``metrics.jsonl`` (``tokens_per_s``: the loop's wall time per step, data, checkpoint scheduling
-and metrics included). Peer: the job's initial params exported to HF (``convert``), loaded by
+Ours: ``jobs.train.run`` on the config (the library's ``train.trainer.Trainer`` with the job's
+hooks; eval off, one checkpoint at the end), step times from its ``metrics.jsonl``
+(``tokens_per_s``: the loop's wall time per step, data, checkpoint scheduling and metrics
+included). Peer: the job's initial params exported to HF (``convert``), loaded by
 transformers (``LlamaForCausalLM``), then the same updates: the job's batches (``chunks.npy``,
 ``step_rows``), ``clip_grad_norm_``, AdamW with the config's betas, eps, weight decay and the
 same learning rate per step. The losses per step should agree to float32 rounding.
 
 MFU = model FLOPs per second / this machine's measured fp32 matmul peak (``flops.machine_rate``,
 max of numpy and jax, measured in the same run). Model FLOPs per token are the job's own
-``model_flops_per_token`` (6 x matmul parameters + causal attention). The first ``--skip`` steps
+``train.flops.model_flops_per_token`` (6 x matmul parameters + causal attention). The first ``--skip`` steps
 (compilation, warm-up) are left out of both medians.
 
     python benchmarks/train_mfu.py --steps 12 --threads 2 --json out/train_mfu.json
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     from longrope_jax import checkpoint
     from longrope_jax.jobs import convert
     from longrope_jax.jobs import train as train_job
+    from longrope_jax.train.flops import model_flops_per_token
 
     rate = flops.machine_rate(args.matmul_size, args.matmul_repeats)
     _bench.log(f"matmul {args.matmul_size}^3 fp32: peak {rate['peak'] / 1e9:.1f} GFLOP/s")
@@ -99,13 +101,13 @@ def main(argv=None) -> int:
             checkpoint.save(os.path.join(tmp, "init"), dataclasses.replace(cfg, remat="none"), params,
                             tokenizer_file=tok_path)
             convert.run(os.path.join(tmp, "init"), os.path.join(tmp, "hf"))
-        train_job.run(s, _bench.log)
+        train_job.run(s, log=_bench.log)
         with open(os.path.join(run, "metrics.jsonl")) as fh:
             recs = [json.loads(line) for line in fh]
         chunks = np.load(os.path.join(run, "data", "chunks.npy"))
         peer = None if args.no_peer else _peer_steps(os.path.join(tmp, "hf"), chunks, s, args.steps)
     tokens = s["batch"] * s["seq_len"]
-    per_token = train_job.model_flops_per_token(cfg, s["seq_len"])
+    per_token = model_flops_per_token(cfg, s["seq_len"])
     ours_s = _bench.median([tokens / r["tokens_per_s"] for r in recs[args.skip:]])
     row = {"ours": {"step_s": ours_s, "losses": [r["loss"] for r in recs],
                     "mfu": tokens * per_token / ours_s / rate["peak"]}}
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
              f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, head dim {cfg.head_dim}, vocab "
              f"{cfg.vocab_size}, {s['dtype']}; {args.steps} steps, medians of steps {args.skip}..{args.steps - 1}; "
              f"{threads} thread(s) for torch and XLA.",
-             f"Model FLOPs per token (the job's model_flops_per_token): {per_token:,.0f}; peak: {args.matmul_size}^3 "
+             f"Model FLOPs per token (train.flops.model_flops_per_token): {per_token:,.0f}; peak: {args.matmul_size}^3 "
              f"fp32 matmul, max(numpy {rate['numpy'] / 1e9:.1f}, jax {rate['jax'] / 1e9:.1f}) = "
              f"{rate['peak'] / 1e9:.1f} GFLOP/s (torch {rate['torch'] / 1e9:.1f}).",
              "Ours is the job's whole loop per step (data, metrics, checkpoint scheduling); the peer times the update "

@@ -3,7 +3,7 @@
 ``torch.optim.AdamW`` on SmolLM2-135M, fp32, the same tokens, the same threads.
 
 Ours: ``train.step.make_step`` (AdamW with global-norm clipping, the loss and flash backward of
-``evaluate.mean_nll``), jitted with the state donated, compiled once (reported apart). Peer: the
+``mean_nll``), jitted with the state donated, compiled once (reported apart). Peer: the
 same update in PyTorch: ``loss.backward()``, ``clip_grad_norm_(1.0)``, ``AdamW.step()``,
 ``zero_grad``. Interleaved pairs (ours, then theirs) per repeat; the speed ratio is the median of
 the pairs'. Peak memory: each side runs its step twice in a fresh child process (``--child``),
@@ -48,7 +48,7 @@ def _ours(block, remat="none"):
     import jax
     import jax.numpy as jnp
 
-    from longrope_jax import evaluate
+    from longrope_jax.loss import mean_nll
     from longrope_jax.model import rope_spec
     from longrope_jax.train import step as step_lib
 
@@ -57,7 +57,7 @@ def _ours(block, remat="none"):
     ours = _bench.load_ours()
     cfg, spec = dataclasses.replace(ours.cfg, remat=remat), rope_spec(ours.cfg)
     tx = step_lib.optimizer(ADAMW)
-    fn = jax.jit(step_lib.make_step(lambda p, t: jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, q_chunk=block)),
+    fn = jax.jit(step_lib.make_step(lambda p, t: jnp.mean(mean_nll(p, t, spec, cfg=cfg, q_chunk=block)),
                                     tx, step_lib.schedule(ADAMW)), donate_argnums=0)
     box = {"state": step_lib.init_state(ours.params, tx)}
 

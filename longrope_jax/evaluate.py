@@ -1,7 +1,8 @@
-"""Scoring: per-window negative log-likelihood and perplexity.
+"""Scoring: the K-candidate evaluator (NLL of K RoPE specs on S windows, calls sized by the
+memory model and laid out on a mesh), perplexity, and named specs scored together.
 
-The loss never materialises ``[L, vocab]`` logits for the whole window: the final hidden states
-are projected and scored in chunks of ``loss_chunk`` tokens, in float32.
+The loss itself is :func:`longrope_jax.loss.mean_nll`; attention is chosen by
+:mod:`longrope_jax.attention.select`; call sizes come from :mod:`longrope_jax.memory`.
 """
 
 from __future__ import annotations
@@ -14,187 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longrope_jax import attention as attention_lib
-from longrope_jax.model import ModelConfig, Transformer
-
-
-RINGS = {"ring": "blockwise", "ring_splash": "splash"}  # attention name -> the ring's per-chunk kernel
-
-
-def layout_for(mesh, attention: str, batch_axes=None):
-    """The :class:`longrope_jax.parallel.Layout` that ``attention`` runs on over ``mesh``: None
-    for no mesh or one device (the single-device program); zigzag order for a ring over a
-    sequence axis (it balances causal work; the all-gather needs none)."""
-    from longrope_jax import parallel
-
-    if mesh is None or mesh.devices.size == 1:
-        return None
-    zig = attention in RINGS and int(mesh.shape["sequence"]) > 1
-    return parallel.Layout(mesh, *(() if batch_axes is None else (batch_axes,)), zigzag=zig)
-
-
-def _attention(name: str, q_chunk: int | None, layout=None):
-    """The attention function of ``name``; on a ``layout``, a ring (:data:`RINGS`) or the named
-    kernel under the all-gather strategy (``attention.gather``)."""
-    blocks = {"block_q": q_chunk, "block_kv": q_chunk} if q_chunk else {}
-    if name in RINGS:
-        if layout is None or layout.mesh.shape["sequence"] == 1:
-            raise ValueError(f"attention: {name} needs a mesh with a sequence axis (--mesh sequence=N)")
-        from longrope_jax.attention.ring import ring_attention
-
-        return ring_attention(layout, kernel=RINGS[name], **blocks)
-    fn = attention_lib.get(name)
-    if q_chunk:
-        fn = functools.partial(fn, **(blocks if name == "blockwise" else
-                                      {"block": q_chunk} if name == "fused" else {"q_chunk": q_chunk}))
-    if layout is not None:
-        from longrope_jax.attention.gather import all_gather_attention
-
-        fn = all_gather_attention(fn, layout)
-    return fn
-
-
-def pick_attention(name: str, length: int, *, cfg: ModelConfig | None = None, mesh=None,
-                   memory_budget: int | None = None, windows: int = 1) -> str:
-    """``auto``: the dense reference up to 512 tokens, blockwise beyond (2.7x faster than dense
-    at 2048 tokens on 2 CPU cores).
-
-    On a mesh with a sequence axis, ``auto`` chooses the strategy by predicted per-device bytes
-    (:func:`attention_bytes`) against ``memory_budget`` (default :func:`default_budget`): k/v
-    all-gathered (blockwise on the whole row: MaxText measured it faster than a ring at 32k) when
-    it fits, else the ring; neither fitting is an error naming both figures.
-    """
-    if name != "auto":
-        return name
-    n = 1 if mesh is None else int(mesh.shape["sequence"])
-    if n == 1 or cfg is None:
-        return "dense" if length <= 512 else "blockwise"
-    budget = memory_budget or default_budget()
-    need = {s: attention_bytes(cfg, length, mesh, s, windows=windows) for s in ("blockwise", "ring")}
-    for strategy in ("blockwise", "ring"):
-        if need[strategy] <= budget:
-            return strategy
-    gib = 2**30
-    raise ValueError(f"attention auto: {length} tokens do not fit {budget / gib:.2f} GiB per device on this mesh: "
-                     f"k/v all-gathered needs {need['blockwise'] / gib:.2f} GiB, the ring "
-                     f"{need['ring'] / gib:.2f} GiB (add devices to the sequence axis, or give more memory)")
-
-
-def attention_bytes(cfg: ModelConfig, length: int, mesh, strategy: str, *, windows: int = 1,
-                    block: int = 512) -> int:
-    """Predicted per-device bytes of one forward on ``mesh`` under ``strategy`` (``blockwise``:
-    k/v all-gathered over ``sequence``; ``ring``): the local activations (:func:`item_bytes` of
-    the local tokens) plus the k/v a device holds during attention: the whole row's for the
-    all-gather, two chunks (the one computed and the one arriving) for the ring."""
-    s = {a: int(mesh.shape[a]) for a in mesh.axis_names}
-    n, rows = s["sequence"], -(-windows // (s["data"] * s["fsdp"]))
-    kv = 2 * cfg.num_key_value_heads // s["tensor"] * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
-    local = rows * item_bytes(cfg, length // n, block)
-    held = length if strategy == "blockwise" else 2 * (length // n)
-    return int(local + rows * kv * held)
-
-
-def default_block(length: int, q_chunk: int | None = None) -> int | None:
-    """The attention block (``q_chunk``) used when none is given: 512 beyond 512 tokens."""
-    return q_chunk if q_chunk is not None else (512 if length > 512 else None)
-
-
-def chunked_nll(model: Transformer, params, hidden, targets, loss_chunk: int, weights=None):
-    """Summed (``weights``-weighted) NLL per row. hidden: [B, T, D]; targets: int32[B, T];
-    weights: float32[B, T] or None (all 1) -> float32[B].
-
-    Each chunk's projection and loss is rematerialised in the backward (``jax.checkpoint``), so
-    neither pass holds more than one ``[B, loss_chunk, vocab]`` logits tile.
-    """
-    b, t, d = hidden.shape
-    c = min(loss_chunk, t)
-    n = -(-t // c)
-    pad = n * c - t
-    w = jnp.ones((b, t), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    valid = jnp.pad(w, [(0, 0), (0, pad)])
-    hidden = jnp.pad(hidden, [(0, 0), (0, pad), (0, 0)])
-    targets = jnp.pad(targets, [(0, 0), (0, pad)])
-
-    def split(x):
-        return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def one(args):
-        h, y, m = args
-        logits = model.apply({"params": params}, h, method=Transformer.project).astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - tgt) * m, axis=-1)
-
-    return jnp.sum(jax.lax.map(one, (split(hidden), split(targets), split(valid))), axis=0)
-
-
-def _sharded_nll(model, params, hidden, targets, loss_chunk, weights, layout):
-    """:func:`chunked_nll` on each device's own tokens (``layout``), the rows' partial sums added
-    after: the hidden states never leave their device. Only the head's weights are gathered."""
-    from jax.sharding import PartitionSpec as P
-
-    head = {k: params[k] for k in ("embed_tokens", "lm_head") if k in params}
-    rows = layout.rows()
-
-    def local(head, h, y, m):
-        return chunked_nll(model, head, h, y, loss_chunk, m)[:, None]
-
-    # check_vma=False: under the evaluator's vmap over candidates (spmd_axis_name="data") the
-    # shared targets and the batched logits vary over different axes, which the check rejects.
-    part = jax.shard_map(local, mesh=layout.mesh, in_specs=(P(), layout.hidden(), rows, rows),
-                         out_specs=rows, check_vma=False)(head, hidden, targets, weights)
-    return jnp.sum(part, axis=1)
-
-
-def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockwise", q_chunk: int | None = None,
-             loss_chunk: int = 1024, weights=None, layout=None):
-    """Mean next-token NLL of each row over its ``L - 1`` predictions: float32[B]. Pure and
-    differentiable (the flash backward, the chunked loss): the loss of a gradient step.
-
-    tokens: int32[B, L]; spec: a RopeSpec without candidate axis; weights: float32[B, L - 1] per
-    prediction (the mean is weighted) or None. ``layout`` (``parallel.Layout``): rows and tokens
-    sharded on its mesh, attention by all-gather over ``sequence`` (``attention="ring"``: the
-    ring), the loss on each device's tokens; with ``layout.zigzag`` tokens, targets, positions
-    and weights are put in zigzag order first (the loss is a sum: no inverse needed). None: one
-    device.
-    """
-    b, l = tokens.shape
-    fn = _attention(attention, q_chunk, layout)
-    model = Transformer(cfg, fn) if layout is None else Transformer(cfg, fn, layout.constrain)
-    # Position i predicts token i + 1; the last position predicts nothing (weight 0), so hidden
-    # states and targets keep the row's length and its sharding.
-    targets = jnp.roll(tokens, -1, axis=1)
-    w = jnp.ones((b, l - 1), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    w = jnp.pad(w, [(0, 0), (0, 1)])
-    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    if layout is not None and layout.zigzag:
-        from longrope_jax.parallel import zigzag
-
-        n = layout.mesh.shape["sequence"]
-        tokens, targets, w, positions = (zigzag.apply(x, n) for x in (tokens, targets, w, positions))
-    hidden = model.apply({"params": params}, tokens, positions, rope=spec, return_hidden=True, seq_len=l)
-    if layout is None:
-        total = chunked_nll(model, params, hidden, targets, loss_chunk, w)
-    else:
-        total = _sharded_nll(model, params, hidden, targets, loss_chunk, w, layout)
-    return total / jnp.sum(w, axis=-1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "layout"))
-def window_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "dense", q_chunk: int | None = None,
-               loss_chunk: int = 1024, layout=None):
-    """Mean NLL of each window over its ``L - 1`` next-token predictions (:func:`mean_nll`, jitted).
-
-    Args:
-      params: model params.
-      tokens: int32[S, L] windows.
-      spec: RopeSpec for the call (no candidate axis).
-    Returns:
-      float32[S].
-    """
-    return mean_nll(params, tokens, spec, cfg=cfg, attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk,
-                    layout=layout)
+from longrope_jax import memory, parallel
+from longrope_jax.attention import select
+from longrope_jax.loss import mean_nll, window_nll
+from longrope_jax.model import ModelConfig
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "sequential", "layout"))
@@ -220,50 +44,6 @@ def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = 
         return jax.lax.map(one, specs)
     data = layout is not None and layout.mesh.shape["data"] > 1
     return jax.vmap(one, spmd_axis_name="data" if data else None)(specs)
-
-
-def item_bytes(cfg: ModelConfig, length: int, block: int = 512, loss_chunk: int = 1024) -> int:
-    """Estimated peak activation bytes of one (candidate, window) pair in a forward pass.
-
-    Inference keeps one layer's activations at a time: the residual stream, q/k/v, the MLP
-    intermediates, one attention block's float32 scores, cos/sin, and one loss chunk's logits.
-    """
-    f32 = 4
-    d, f, h, kv, hd, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                          cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
-    per_token = 4 * d + 2 * h * hd + 4 * kv * hd + 3 * f + 2 * cfg.rotary_dim
-    attn_block = 3 * h * min(block, length) * min(block, length)
-    loss = 2 * min(loss_chunk, length) * v
-    return int(f32 * (length * per_token + attn_block + loss))
-
-
-def default_budget() -> int:
-    """Bytes the evaluator may use: 80% of the first device's free memory where it reports one,
-    else 4 GiB (set ``memory_budget`` explicitly on CPU hosts)."""
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-    except Exception:  # backends without memory stats
-        stats = {}
-    if "bytes_limit" in stats:
-        return int(0.8 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-    return 4 << 30
-
-
-def plan(k: int, s: int, per_item: int, budget: int, n_devices: int = 1) -> tuple[int, int]:
-    """(candidates per call, windows per call): as few calls as fit ``budget`` bytes per device.
-
-    Calls are balanced (K = 10 at most 4 per call gives 3 calls of 4, the last padded); with
-    several devices the candidates per call are a multiple of the device count.
-    """
-    budget = max(budget, per_item)
-    if s * per_item > budget:
-        return 1, max(1, budget // per_item)
-    cap = n_devices * max(1, budget // (s * per_item))
-    calls = -(-k // cap)
-    kc = -(-k // calls)
-    if n_devices > 1:
-        kc = -(-kc // n_devices) * n_devices
-    return kc, s
 
 
 def one_cpu(devices=None) -> bool:
@@ -293,8 +73,6 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     repeating the last candidate, so every call has one shape and one compilation); results do
     not depend on the split.
     """
-    from longrope_jax import parallel
-
     tokens = np.asarray(tokens, np.int32)
     k = specs.long_factor.shape[0]
     s, length = tokens.shape
@@ -305,15 +83,15 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     if sequential is None:
         sequential = one_cpu(list(mesh.devices.flat) if mesh is not None else devices)
     nd, nf = sizes["data"], sizes["fsdp"]
-    per_item = item_bytes(cfg, length, q_chunk or 512, loss_chunk)
-    budget = memory_budget or default_budget()
+    per_item = memory.item_bytes(cfg, length, q_chunk or 512, loss_chunk)
+    budget = memory_budget or memory.default_budget()
     if sequential:  # memory is one candidate's at a time: every candidate in one call
-        kc, sc = k, plan(1, s, per_item, budget, 1)[1]
+        kc, sc = k, memory.calls_within(1, s, per_item, budget, 1)[1]
     else:
-        kc, sc = plan(k, s, per_item, budget, nd)
+        kc, sc = memory.calls_within(k, s, per_item, budget, nd)
     kc = -(-kc // nd) * nd  # a whole number of candidates per data shard
     sc = -(-sc // nf) * nf
-    layout = layout_for(mesh, attention, ("fsdp",))
+    layout = select.layout_for(mesh, attention, ("fsdp",))
     if layout is not None:
         parallel.check(mesh, cfg=cfg, length=length)
         params = parallel.put_params(params, mesh)

@@ -21,7 +21,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longrope_jax import evaluate, hf, parallel  # noqa: E402
+from longrope_jax import hf, parallel  # noqa: E402
+from longrope_jax.loss import mean_nll  # noqa: E402
 from longrope_jax.model import rope_spec  # noqa: E402
 
 TOKENS_SEED, ROWS, LENGTH = 5, 4, 64
@@ -33,7 +34,7 @@ def tokens() -> np.ndarray:
 
 def loss_fn(cfg, layout):
     spec = rope_spec(cfg)
-    return lambda p, t: jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, q_chunk=8, loss_chunk=8, layout=layout))
+    return lambda p, t: jnp.mean(mean_nll(p, t, spec, cfg=cfg, q_chunk=8, loss_chunk=8, layout=layout))
 
 
 def main(port: str, process_id: str, model_dir: str, out: str) -> None:

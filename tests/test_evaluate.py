@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longrope_jax import evaluate, rope
+from longrope_jax import evaluate, memory, rope
+from longrope_jax.loss import chunked_nll, window_nll
 from longrope_jax.model import Transformer, init_params
 
 from tiny import largest_residual, tiny_config
@@ -39,7 +40,7 @@ def test_chunked_loss_equals_full_loss(model):
     full = -jnp.take_along_axis(lp, tokens[:, 1:, None], -1)[..., 0].sum(-1)
     hidden = m.apply({"params": params}, jnp.asarray(tokens), return_hidden=True)
     for chunk in (5, 16, 47, 1024):
-        got = evaluate.chunked_nll(m, params, hidden[:, :-1], jnp.asarray(tokens[:, 1:]), chunk)
+        got = chunked_nll(m, params, hidden[:, :-1], jnp.asarray(tokens[:, 1:]), chunk)
         np.testing.assert_allclose(got, full, rtol=1e-6)
 
 
@@ -56,7 +57,7 @@ def test_chunked_loss_gradient_equals_full_and_keeps_one_tile(model, capsys):
         return -jnp.sum(jnp.take_along_axis(lp, y[..., None], -1))
 
     def chunked(p, h):
-        return jnp.sum(evaluate.chunked_nll(m, p, h, y, 8))
+        return jnp.sum(chunked_nll(m, p, h, y, 8))
 
     gf, gc = jax.grad(full, argnums=(0, 1))(params, hidden), jax.grad(chunked, argnums=(0, 1))(params, hidden)
     for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gf)):
@@ -73,7 +74,7 @@ def test_candidate_batch_equals_one_by_one(model):
     got = evaluate.score(params, cfg, tokens, specs, attention="dense")
     for i in range(5):
         one = jax.tree.map(lambda a: a[i], specs)
-        ref = evaluate.window_nll(params, jnp.asarray(tokens), one, cfg=cfg, attention="dense")
+        ref = window_nll(params, jnp.asarray(tokens), one, cfg=cfg, attention="dense")
         np.testing.assert_allclose(got[i], ref, rtol=2e-6)
     assert np.ptp(got[:, 0]) > 1e-3  # the candidates really differ
 
@@ -91,10 +92,10 @@ def test_new_factor_values_never_recompile(model):
 def test_split_does_not_change_results(model):
     cfg, params, tokens = model
     specs = _candidates(cfg, 7)
-    per = evaluate.item_bytes(cfg, L, 16)
+    per = memory.item_bytes(cfg, L, 16)
     results = []
     for budget in (per * 3, per * 9, per * 21, per):  # kc = 1, 3, 7 candidates; last: windows split too
-        kc = evaluate.plan(7, 3, per, budget)[0]
+        kc = memory.calls_within(7, 3, per, budget)[0]
         assert kc == (1 if budget < 3 * per else -(-7 // -(-7 // (budget // (3 * per)))))
         results.append(evaluate.score(params, cfg, tokens, specs, memory_budget=budget, attention="blockwise",
                                       q_chunk=16, devices=jax.local_devices()[:1], sequential=False))
@@ -109,7 +110,7 @@ def test_sequential_candidates_equal_vmapped_ones(model):
     specs = _candidates(cfg, 5, seed=3)
     dev = jax.local_devices()[:1]
     ref = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16, devices=dev, sequential=False)
-    per = evaluate.item_bytes(cfg, L, 16)
+    per = memory.item_bytes(cfg, L, 16)
     before = evaluate.candidates_nll._cache_size()
     auto = evaluate.score(params, cfg, tokens, specs, attention="blockwise", q_chunk=16, devices=dev)
     assert evaluate.candidates_nll._cache_size() == before + 1  # the sequential variant, compiled once
@@ -129,14 +130,14 @@ def test_multi_device_spreads_candidates(model):
     np.testing.assert_allclose(many, one, rtol=1e-6)
 
 
-def test_plan():
-    assert evaluate.plan(10, 4, 100, 10_000) == (10, 4)
-    assert evaluate.plan(10, 4, 100, 1_000) == (2, 4)
-    assert evaluate.plan(10, 1, 100, 400) == (4, 1)
-    assert evaluate.plan(10, 4, 100, 250) == (1, 2)
-    assert evaluate.plan(10, 4, 100, 10) == (1, 1)
-    assert evaluate.plan(64, 2, 100, 1_000, n_devices=8) == (32, 2)
-    assert evaluate.plan(3, 2, 100, 1_000, n_devices=8) == (8, 2)
+def test_calls_within_a_budget():
+    assert memory.calls_within(10, 4, 100, 10_000) == (10, 4)
+    assert memory.calls_within(10, 4, 100, 1_000) == (2, 4)
+    assert memory.calls_within(10, 1, 100, 400) == (4, 1)
+    assert memory.calls_within(10, 4, 100, 250) == (1, 2)
+    assert memory.calls_within(10, 4, 100, 10) == (1, 1)
+    assert memory.calls_within(64, 2, 100, 1_000, n_devices=8) == (32, 2)
+    assert memory.calls_within(3, 2, 100, 1_000, n_devices=8) == (8, 2)
 
 
 def test_weighted_nll_equals_reference(model):

@@ -184,7 +184,7 @@ def test_gradients_match_torch_autograd(reference, arch, path):
     """d(mean next-token NLL)/d(params) against torch autograd of HF's loss: through dense
     attention and full logits, and through the training path (blockwise attention's flash
     backward over 16-token blocks, the loss in 16-token chunks)."""
-    from longrope_jax import evaluate
+    from longrope_jax.loss import mean_nll
 
     model, _, cfg, params = reference(arch, "longrope")
     tokens = _tokens(L_ORIG + 1)
@@ -199,7 +199,7 @@ def test_gradients_match_torch_autograd(reference, arch, path):
 
     def loss_fn(p):
         if path == "flash":  # every window has L - 1 predictions: the mean of the means is HF's mean
-            return jnp.mean(evaluate.mean_nll(p, jnp.asarray(tokens), spec, cfg=cfg, q_chunk=16, loss_chunk=16))
+            return jnp.mean(mean_nll(p, jnp.asarray(tokens), spec, cfg=cfg, q_chunk=16, loss_chunk=16))
         logits = Transformer(cfg).apply({"params": p}, jnp.asarray(tokens), rope=spec)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         nll = -jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)

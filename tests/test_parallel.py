@@ -20,10 +20,13 @@ import pytest
 
 from longrope_jax import evaluate, parallel
 from longrope_jax import rope as rope_lib
+from longrope_jax.loss import mean_nll
 from longrope_jax.model import init_params, rope_spec
 
 from processes import free_port, two_processes
 from tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ORIG = 32  # the original window: 64 tokens run on the long factors, 32 on the short ones
 P = 4  # rotary pairs (head_dim 8)
@@ -184,7 +187,7 @@ def test_loss_gradients_on_a_mesh_equal_one_device(model, mesh_text):
     layout = parallel.Layout(mesh)
 
     def loss(p, t, layout):
-        return jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, q_chunk=8, loss_chunk=8, layout=layout))
+        return jnp.mean(mean_nll(p, t, spec, cfg=cfg, q_chunk=8, loss_chunk=8, layout=layout))
 
     ref_loss, ref = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, jnp.asarray(tokens), None)
     placed = parallel.put_params(params, mesh)
@@ -240,6 +243,39 @@ def test_two_processes_ppl_equals_one_process(tiny_dir, attention):
         np.testing.assert_allclose(g["nll_per_window"], r["nll_per_window"], rtol=1e-5)
 
 
+def test_two_jobs_in_one_process_start_the_runtime_once(tiny_dir, tmp_path):
+    """A ``ppl`` then a ``train`` of 2 steps in the same Python process, over 2 processes x 4
+    devices (what a pipeline does between its stages): each job's ``main`` asks for the runtime,
+    which starts once; a third job asking for another runtime is a one-line error."""
+    d, data = tiny_dir
+    port, run = free_port(), tmp_path / "run"
+    procs = ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    ppl = ["ppl", "--model", d, "--data", data, "--length", str(ORIG), "--mesh", "sequence=8", *procs]
+    train = ["train", "--config", os.path.join(ROOT, "configs", "train", "tiny.py"), "--model", d, "--data", data,
+             "--out", str(run), "--config.steps=2", "--config.seq_len=32", "--config.batch=2",
+             "--config.loss_chunk=32", "--mesh", "data=2,sequence=4", *procs]
+    other = ["ppl", "--model", d, "--data", data, "--length", str(ORIG), "--coordinator", "localhost:1",
+             "--num-processes", "2"]
+    script = ("import json, sys; from longrope_jax import cli; "
+              "print('exit codes', [cli.main(job) for job in json.loads(sys.argv[1])], file=sys.stderr)")
+
+    def argv(i):
+        pid = ["--process-id", str(i)]
+        return [sys.executable, "-c", script, json.dumps([ppl + pid, train + pid, other + pid])]
+
+    res = two_processes(argv, ROOT, env={"PYTHONPATH": ROOT})
+    for i, (rc, _, err) in enumerate(res):
+        assert rc == 0 and err.strip().splitlines()[-1] == "exit codes [0, 0, 2]", err[-3000:]
+        assert err.strip().splitlines()[-2] == (
+            f"longrope-jax ppl: error: --coordinator: this process already joined localhost:{port} as process {i} "
+            f"of 2; got localhost:1 as {i} of 2")
+    out = [json.loads(line) for line in res[0][1].splitlines()]
+    assert out[0]["length"] == ORIG and out[0]["mesh"] == "sequence=8"  # ppl's record
+    assert out[1]["steps"] == 2 and out[1]["checkpoints"][-1] == 2  # train's summary
+    with open(run / "metrics.jsonl") as fh:
+        assert [json.loads(line)["step"] for line in fh] == [0, 1]
+
+
 def test_two_processes_gradients_equal_one_process(tiny_dir, tmp_path):
     import multihost_worker as worker
     from longrope_jax import hf
@@ -270,6 +306,7 @@ TPU_SCRIPT = """
 import json, sys
 from longrope_jax import parallel
 from longrope_jax.parallel import aot
+from longrope_jax.train.aot import loss_report
 from test_parallel import _cfg
 cfg = _cfg(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
            max_position_embeddings=8192, rope_parameters={"rope_type": "default"}, dtype="bfloat16",
@@ -279,13 +316,13 @@ out = {"kind": devices[0].device_kind}
 for mesh in ("sequence=1", "sequence=4", "fsdp=2,sequence=2"):
     m = parallel.build(mesh, devices[:1] if mesh == "sequence=1" else devices)
     b = 2 if mesh.startswith("fsdp") else 1
-    out[mesh] = {"forward": aot.loss_report(cfg, m, length=4096, batch=b, block=512),
-                 "grad": aot.loss_report(cfg, m, length=4096, batch=b, block=512, grad=True)}
+    out[mesh] = {"forward": loss_report(cfg, m, length=4096, batch=b, block=512),
+                 "grad": loss_report(cfg, m, length=4096, batch=b, block=512, grad=True)}
 # The ring with splash kernels per step (no sliding window: splash's masks are static).
 import dataclasses
 m, splash = parallel.build("sequence=4", devices), dataclasses.replace(cfg, sliding_window=None)
-out["ring_splash"] = {"forward": aot.loss_report(splash, m, length=4096, block=512, attention="ring_splash"),
-                      "grad": aot.loss_report(splash, m, length=4096, block=512, grad=True, attention="ring_splash")}
+out["ring_splash"] = {"forward": loss_report(splash, m, length=4096, block=512, attention="ring_splash"),
+                      "grad": loss_report(splash, m, length=4096, block=512, grad=True, attention="ring_splash")}
 two = aot.topology_devices("v5p:2x2x1", num_slices=2)  # 2 slices of 4 chips
 out["slices"] = sorted({d.slice_index for d in two})
 out["across_slices"] = parallel.axis_sizes(parallel.build("data=2,sequence=4", two))

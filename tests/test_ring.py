@@ -188,7 +188,8 @@ def test_model_gradients_with_ring_equal_one_device(model, attention, n, length)
     without the sliding window it refuses."""
     import dataclasses
 
-    from longrope_jax import evaluate
+    from longrope_jax.attention import select
+    from longrope_jax.loss import mean_nll
     from longrope_jax.model import rope_spec
 
     cfg, params = model
@@ -196,12 +197,11 @@ def test_model_gradients_with_ring_equal_one_device(model, attention, n, length)
         cfg = dataclasses.replace(cfg, sliding_window=None, max_position_embeddings=length)
     tokens = _tokens(2, length, seed=4)
     spec = rope_spec(cfg)
-    layout = evaluate.layout_for(parallel.build(f"sequence={n}", jax.devices()[:n]), attention)
+    layout = select.layout_for(parallel.build(f"sequence={n}", jax.devices()[:n]), attention)
     assert layout.zigzag
 
     def loss(p, t, layout, attention):
-        return jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, attention=attention, q_chunk=8, loss_chunk=8,
-                                          layout=layout))
+        return jnp.mean(mean_nll(p, t, spec, cfg=cfg, attention=attention, q_chunk=8, loss_chunk=8, layout=layout))
 
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=(2, 3))
     ref_loss, ref = grad(params, jnp.asarray(tokens), None, "blockwise")
@@ -226,21 +226,22 @@ def test_ring_needs_a_sequence_axis(model):
 
 
 def test_auto_picks_all_gather_then_ring_by_predicted_bytes_and_refuses_naming_both(model):
-    from longrope_jax import evaluate
+    from longrope_jax import memory
+    from longrope_jax.attention import select
 
     cfg, _ = model
     mesh = parallel.build("sequence=8")
     length = 1 << 16
-    gather, ring = (evaluate.attention_bytes(cfg, length, mesh, s) for s in ("blockwise", "ring"))
+    gather, ring = (memory.attention_bytes(cfg, length, mesh, s) for s in ("blockwise", "ring"))
     assert ring < gather  # the whole row's k/v against two chunks of it
-    pick = lambda budget: evaluate.pick_attention("auto", length, cfg=cfg, mesh=mesh, memory_budget=budget)  # noqa: E731
+    pick = lambda budget: select.pick("auto", length, cfg=cfg, mesh=mesh, memory_budget=budget)  # noqa: E731
     assert pick(gather) == "blockwise" and pick(gather - 1) == "ring" and pick(ring) == "ring"
     with pytest.raises(ValueError, match=rf"attention auto: 65536 tokens do not fit {(ring - 1) / 2**30:.2f} GiB per "
                                          rf"device on this mesh: k/v all-gathered needs {gather / 2**30:.2f} GiB, the "
                                          rf"ring {ring / 2**30:.2f} GiB"):
         pick(ring - 1)
     # Without a sequence axis nothing is gathered: the single-device rule.
-    assert evaluate.pick_attention("auto", length, cfg=cfg, mesh=parallel.build("data=8")) == "blockwise"
+    assert select.pick("auto", length, cfg=cfg, mesh=parallel.build("data=8")) == "blockwise"
 
 
 def test_bf16_error_is_no_worse_than_the_single_device_kernel():

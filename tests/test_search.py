@@ -799,22 +799,22 @@ def test_a_candidate_with_a_baselines_spec_takes_its_score(tiny):
     exactly: they take those scores (what a forward gives them) instead of a forward pass each."""
     from longrope_jax import loading, rope
     from longrope_jax.search import fitness as fitness_lib
-    from longrope_jax.jobs.search import load_plan as plan_search
+    from longrope_jax.jobs.search import load_setup as setup_search
 
     model, _, root = tiny
     m = loading.load_model(model)
-    plan = plan_search(m.cfg, SearchSettings(), 128, base_factors=_factors_file(root / "lambda1_same.json"))
+    setup = setup_search(m.cfg, SearchSettings(), 128, base_factors=_factors_file(root / "lambda1_same.json"))
     tokens = np.random.default_rng(0).integers(3, 200, (2, 128))
     def make():
-        return fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, plan["space"], original_max=plan["switch"],
-                                             base_factors=plan["base"], template=plan["template"], slot=plan["slot"])
+        return fitness_lib.PerplexityFitness(m.params, m.cfg, tokens, setup["space"], original_max=setup["switch"],
+                                             base_factors=setup["base"], template=setup["template"], slot=setup["slot"])
 
     fit = make()
     calls = []
     real = fit.score_specs
     fit.score_specs = lambda specs: calls.append(len(specs)) or real(specs)
-    base = fitness_lib.score_named(fit, plan["baselines"])
-    seeds = dict(plan["seeds"])
+    base = fitness_lib.score_named(fit, setup["baselines"])
+    seeds = dict(setup["seeds"])
     assert list(seeds) == ["base", "pi", "ntk", "yarn"]
     calls.clear()
     got = fit([seeds["base"], seeds["ntk"], seeds["pi"]])
@@ -826,9 +826,9 @@ def test_a_candidate_with_a_baselines_spec_takes_its_score(tiny):
                                    ["nll_per_window"], rtol=1e-6)
     # A score carried over from an earlier run (``done``) is remembered too; a different spec is not.
     fit2 = make()
-    fitness_lib.score_named(fit2, {"base": plan["baselines"]["base"]}, done={"base": base["base"]})
+    fitness_lib.score_named(fit2, {"base": setup["baselines"]["base"]}, done={"base": base["base"]})
     assert fit2([seeds["base"]])[0]["same_as"] == "base"
-    assert rope.value_key(plan["baselines"]["base"]) != rope.value_key(fit.spec(seeds["ntk"]))
+    assert rope.value_key(setup["baselines"]["base"]) != rope.value_key(fit.spec(seeds["ntk"]))
 
 
 def test_readjust_writes_short_factors_or_a_per_length_entry(tiny, capsys):
@@ -954,7 +954,7 @@ def test_progress_plot_keeps_the_search_in_view(tmp_path, monkeypatch):
 
 
 def test_weights_in_memory_are_searched_step_by_step(tiny, capsys):
-    """The search's parts over params in memory, called one at a time (plan, windows, fitness,
+    """The search's parts over params in memory, called one at a time (setup, windows, fitness,
     baselines + evolution, no files), find what the ``search`` job finds on the same weights
     written to disk and loaded back."""
     from longrope_jax import loading
@@ -965,12 +965,12 @@ def test_weights_in_memory_are_searched_step_by_step(tiny, capsys):
     m = loading.load_model(model)
     params = jax.tree.map(lambda a: a * 1.1, m.params)  # "fine-tuned": other weights than the file's
     settings = SearchSettings(population=6, iterations=2, mutations=2, crossovers=2, parents=4)
-    plan = search_job.load_plan(m.cfg, settings, 64)
-    assert plan["kind"] == "plain" and set(plan["baselines"]) == {"none", "pi:2", "ntk:2", "yarn:2", "dynamic:2"}
+    setup = search_job.load_setup(m.cfg, settings, 64)
+    assert setup["kind"] == "plain" and set(setup["baselines"]) == {"none", "pi:2", "ntk:2", "yarn:2", "dynamic:2"}
     w, tokens, weights, _ = search_job.search_windows(m.tokenizer, data, "text", 64, 2, 1, settings)
-    fit = search_run.make_fitness(params, m.cfg, tokens, plan, weights=weights)
+    fit = search_run.make_fitness(params, m.cfg, tokens, setup, weights=weights)
     seen = []
-    s = search_run.search_factors(fit, plan, settings, seed=1, progress=False,
+    s = search_run.search_factors(fit, setup, settings, seed=1, progress=False,
                                   on_generation=lambda b, r: seen.append(r.evaluations))
     assert s.result.best is not None and seen == sorted(seen) and len(seen) == 3
     tuned = str(root / "tuned")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longrope_jax import evaluate
+from longrope_jax.loss import mean_nll
 from longrope_jax.model import init_params, rope_spec
 from longrope_jax.train import data as data_lib
 from longrope_jax.train import step as step_lib
@@ -97,8 +97,7 @@ SETTINGS = dict(lr=1e-4, warmup_steps=0, schedule="constant", steps=10, end_lr_r
 
 def _loss_fn(cfg):
     spec = rope_spec(cfg)
-    return lambda p, t: jnp.mean(evaluate.mean_nll(p, t, spec, cfg=cfg, attention="blockwise", q_chunk=16,
-                                                   loss_chunk=16))
+    return lambda p, t: jnp.mean(mean_nll(p, t, spec, cfg=cfg, attention="blockwise", q_chunk=16, loss_chunk=16))
 
 
 def test_step_equals_optax_on_jax_grad_of_the_dense_reference():
@@ -348,8 +347,9 @@ def test_a_sigterm_during_the_stop_agreement_stops_the_next_step(tmp_path, corpu
     (the allgather) must not be overwritten by the agreement's "no one stopped"; it stops the run at
     the next step, every process having agreed on it there."""
     from longrope_jax.jobs import train
+    from longrope_jax.train import trainer
 
-    agree, calls = train._agreed_stop, []
+    agree, calls = trainer.agreed_stop, []
 
     def signalled_during_agreement(name):
         calls.append(name)
@@ -357,10 +357,10 @@ def test_a_sigterm_during_the_stop_agreement_stops_the_next_step(tmp_path, corpu
             os.kill(os.getpid(), signal.SIGTERM)
         return agree(name)
 
-    monkeypatch.setattr(train, "_agreed_stop", signalled_during_agreement)
+    monkeypatch.setattr(trainer, "agreed_stop", signalled_during_agreement)
     s = train.resolve(TINY, [*SMALL, "--config.steps=6", "--config.checkpoint_every=1000"],
                       {"out": str(tmp_path / "run"), "data": [corpus]})
-    got = train.run(s, log=lambda *_: None)
+    got = train.run(s, log=lambda *_: None).summary
     assert got == {"stopped": "SIGTERM", "step": 3} and calls == [None, None, "SIGTERM"]
     assert [st for st, _ in _losses(tmp_path / "run")] == [0, 1, 2]
 
@@ -484,9 +484,8 @@ def test_a_stage_with_a_factors_file_trains_on_its_long_factors(tmp_path, corpus
     first = chunks[data_lib.step_rows(len(chunks), 0, 0, 4)]
     spec = factors_lib.to_spec(factors_lib.load(str(factors)), 64)
     init = init_params(cfg, 0)
-    ref = float(jnp.mean(evaluate.mean_nll(init, jnp.asarray(first), spec, cfg=cfg, q_chunk=64, loss_chunk=64)))
-    plain = float(jnp.mean(evaluate.mean_nll(init, jnp.asarray(first), rope_spec(cfg), cfg=cfg, q_chunk=64,
-                                             loss_chunk=64)))
+    ref = float(jnp.mean(mean_nll(init, jnp.asarray(first), spec, cfg=cfg, q_chunk=64, loss_chunk=64)))
+    plain = float(jnp.mean(mean_nll(init, jnp.asarray(first), rope_spec(cfg), cfg=cfg, q_chunk=64, loss_chunk=64)))
     # Random init attends nearly uniformly, so the factors move the loss little; still 10x the
     # tolerance.
     assert _losses(out)[0][1] == pytest.approx(ref, rel=1e-6) and abs(ref - plain) > 10 * 1e-6 * ref

@@ -13,6 +13,7 @@ from typing import Iterator
 from longrope_jax import evaluate
 from longrope_jax import factors as factors_lib
 from longrope_jax import parallel
+from longrope_jax.attention import select
 from longrope_jax.data import read_sources, source_label, windows_from
 from longrope_jax.loading import LoadedModel, model_from
 
@@ -76,10 +77,10 @@ def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], rop
         w = windows_from(sources, tok, length, samples, seed)
         if w.skipped_short:
             log(f"length {length}: skipped {w.skipped_short} document(s) shorter than {length} tokens")
-        attn = evaluate.pick_attention(attention, length, cfg=m.cfg, mesh=mesh, memory_budget=memory_budget,
-                                       windows=w.tokens.shape[0])
+        attn = select.pick(attention, length, cfg=m.cfg, mesh=mesh, memory_budget=memory_budget,
+                           windows=w.tokens.shape[0])
         specs = {r: factors_lib.resolve_rope(p, m.cfg, length, m.factors) for r, p in parsed.items()}
-        kw = dict(log=log, memory_budget=memory_budget, attention=attn, q_chunk=evaluate.default_block(length, q_chunk),
+        kw = dict(log=log, memory_budget=memory_budget, attention=attn, q_chunk=select.default_block(length, q_chunk),
                   loss_chunk=loss_chunk, mesh=mesh)
         scores = evaluate.score_named(m.params, m.cfg, w.tokens, specs, **kw)
         if needles:

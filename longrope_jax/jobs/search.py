@@ -23,12 +23,12 @@ from longrope_jax import factors as factors_lib
 from longrope_jax import parallel
 from longrope_jax.loading import LoadedModel, model_from
 from longrope_jax.search import evolve as evolve_lib
-from longrope_jax.search import plan as plan_lib
+from longrope_jax.search import setup as setup_lib
 from longrope_jax.search import run as run_lib
 from longrope_jax.search.genome import SearchError
 from longrope_jax.search.settings import JOB_DEFAULTS, SearchSettings
 
-FACTORS_FILE, SUMMARY_FILE, LOG_FILE = plan_lib.FACTORS_FILE, "summary.json", "log.jsonl"
+FACTORS_FILE, SUMMARY_FILE, LOG_FILE = setup_lib.FACTORS_FILE, "summary.json", "log.jsonl"
 BASELINES_FILE = "baselines.json"  # each baseline written as soon as it is scored, before generation 0
 PROGRESS_PNG, FACTORS_PNG = "search_progress.png", "search_factors.png"
 
@@ -104,21 +104,20 @@ def check_args(target_length, samples, seed, max_evals, time_budget, settings, o
             "settings": settings.validate(), "out": out_abs}
 
 
-def load_plan(cfg, settings: SearchSettings, target_length: int, *, original_window=None, base_factors=None,
-              readjust: str | None = None, log=None) -> dict:
-    """``plan.plan_search`` with its factors files loaded and checked against the model; the plan
+def load_setup(cfg, settings: SearchSettings, target_length: int, *, original_window=None, base_factors=None,
+               readjust: str | None = None, log=None) -> dict:
+    """``setup.setup_search`` with its factors files loaded and checked against the model; the setup
     records their absolute paths (``base_factors_file``, ``readjust``)."""
     seeds = [(p, factors_lib.load_for(p, cfg, "config.seed_factors")) for p in settings.seed_factors]
     base = factors_lib.load_for(base_factors, cfg, "base-factors") if isinstance(base_factors, str) else base_factors
     re = None if readjust is None else factors_lib.load_for(readjust, cfg, "readjust")
-    plan = plan_lib.plan_search(cfg, settings, target_length, original_window=original_window, base_factors=base,
-                                readjust=re, names={"readjust": readjust},
-                                seed_factors=seeds, log=log)
+    setup = setup_lib.setup_search(cfg, settings, target_length, original_window=original_window, base_factors=base,
+                                   readjust=re, names={"readjust": readjust}, seed_factors=seeds, log=log)
     if isinstance(base_factors, str):
-        plan["base_factors_file"] = os.path.abspath(base_factors)
+        setup["base_factors_file"] = os.path.abspath(base_factors)
     if readjust is not None:
-        plan["readjust"] = os.path.abspath(readjust)
-    return plan
+        setup["readjust"] = os.path.abspath(readjust)
+    return setup
 
 
 def search_windows(tok, data, field: str, target_length: int, samples: int, seed: int, settings: SearchSettings):
@@ -136,31 +135,31 @@ def search_windows(tok, data, field: str, target_length: int, samples: int, seed
     return w, nw.tokens, nw.weights, info
 
 
-def search_context(m: LoadedModel, plan: dict, fit, w, needle_info, *, target_length, samples,
+def search_context(m: LoadedModel, setup: dict, fit, w, needle_info, *, target_length, samples,
                    param_dtype, sliding_window, loss_chunk) -> dict:
     """What the log header records of the fitness: a log is resumed only by the same search."""
     model_id = m.sha256 or (os.path.abspath(m.source) if os.path.exists(m.source) else m.source)
-    context = {"model": model_id, "target_length": target_length, "original_window": plan["window"],
+    context = {"model": model_id, "target_length": target_length, "original_window": setup["window"],
                "rope_theta": m.cfg.rope_theta, "rotary_dim": m.cfg.rotary_dim, "documents": w.documents,
                "samples": samples, "param_dtype": param_dtype, "sliding_window": sliding_window,
                "attention": fit.attention, "q_chunk": fit.q_chunk, "loss_chunk": loss_chunk,
-               "base_factors": None if plan["base"] is None else [float(x) for x in fit.base]}
-    if plan["kind"] != "plain":  # keys added later, left out of plain searches' headers
-        context["kind"] = plan["kind"]
-        context["template"] = json.loads(json.dumps(plan["template"]))
+               "base_factors": None if setup["base"] is None else [float(x) for x in fit.base]}
+    if setup["kind"] != "plain":  # keys added later, left out of plain searches' headers
+        context["kind"] = setup["kind"]
+        context["template"] = json.loads(json.dumps(setup["template"]))
     if needle_info is not None:
         context["needles"] = needle_info
     return context
 
 
-def summarise(res: evolve_lib.EvolveResult, fit, plan: dict, settings: SearchSettings, baselines: dict, *,
+def summarise(res: evolve_lib.EvolveResult, fit, setup: dict, settings: SearchSettings, baselines: dict, *,
               m: LoadedModel, data, w, context: dict, paths: dict, command: str, target_length: int, seed: int,
               samples: int, param_dtype: str, out: str, t_start: float) -> tuple[dict, dict]:
     """The result line (stdout) and ``summary.json`` of a search so far."""
-    best, space = res.best, plan["space"]
+    best, space = res.best, setup["space"]
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
     line = {"command": "search", "model": m.source, "model_sha256": m.sha256, "data": data,
-            "target_length": target_length, "original_window": plan["window"], "scale": plan["scale"], "seed": seed,
+            "target_length": target_length, "original_window": setup["window"], "scale": setup["scale"], "seed": seed,
             "samples": samples, "documents": w.documents, "stopped": res.stopped,
             "evaluations": res.evaluations, "new_evaluations": res.new_evaluations,
             "replayed_evaluations": res.replayed,
@@ -169,7 +168,7 @@ def summarise(res: evolve_lib.EvolveResult, fit, plan: dict, settings: SearchSet
             "start_tokens": best.candidate.start_tokens if best else None,
             "critical_dim": best.candidate.critical_dim if best else None,
             "attention_factor": fit.document(best.candidate)["attention_factor"] if best else None,
-            "kind": plan["kind"], "mode": settings.mode, "fitness": settings.fitness, "slot": plan["slot"],
+            "kind": setup["kind"], "mode": settings.mode, "fitness": settings.fitness, "slot": setup["slot"],
             "baselines": base_ppl, "out": out, **paths}
     summary = dict(line)
     summary.update({
@@ -192,39 +191,39 @@ def summarise(res: evolve_lib.EvolveResult, fit, plan: dict, settings: SearchSet
     return line, summary
 
 
-def search_info(res: evolve_lib.EvolveResult, plan: dict, settings: SearchSettings, baselines: dict, *,
+def search_info(res: evolve_lib.EvolveResult, setup: dict, settings: SearchSettings, baselines: dict, *,
                 target_length: int, samples: int) -> dict:
     """The ``provenance.search`` block of the factors file."""
     info = {"ppl": res.best.ppl if math.isfinite(res.best.ppl) else None, "target_length": target_length,
             "samples": samples, "evaluations": res.evaluations, "factor_range": settings.factor_range,
-            "step": settings.step, "baselines": {k: v["ppl"] for k, v in baselines.items()}, "kind": plan["kind"],
-            "mode": settings.mode, "fitness": settings.fitness, "slot": plan["slot"]}
+            "step": settings.step, "baselines": {k: v["ppl"] for k, v in baselines.items()}, "kind": setup["kind"],
+            "mode": settings.mode, "fitness": settings.fitness, "slot": setup["slot"]}
     if settings.attention_factor_range:
         info["attention_factor_range"] = list(settings.attention_factor_range)
     for key in ("base_factors_file", "readjust", "theoretical_critical_dim"):
-        if plan.get(key) is not None:
-            info[key] = plan[key]
-    if plan["kind"] == "progressive":
-        info["lambda_2"] = plan["space"].factors(res.best.candidate).tolist()
+        if setup.get(key) is not None:
+            info[key] = setup[key]
+    if setup["kind"] == "progressive":
+        info["lambda_2"] = setup["space"].factors(res.best.candidate).tolist()
     return info
 
 
-def draw(res: evolve_lib.EvolveResult, fit, plan: dict, cfg, baselines: dict, *, model_name: str, out: str,
+def draw(res: evolve_lib.EvolveResult, fit, setup: dict, cfg, baselines: dict, *, model_name: str, out: str,
          target_length: int) -> list[str]:
     """The progress and factors PNGs of a finished search."""
     from longrope_jax.search import plots
 
-    scale, window = plan["scale"], plan["window"]
-    base = np.ones(plan["space"].num_pairs) if plan["base"] is None else plan["base"]
+    scale, window = setup["scale"], setup["window"]
+    base = np.ones(setup["space"].num_pairs) if setup["base"] is None else setup["base"]
     refs = {f"{label} {scale:g}": base * v for label, v in
-            zip(("PI", "NTK", "YaRN"), plan_lib.reference_factors(cfg, scale, window).values())}
-    if plan["base"] is not None:
+            zip(("PI", "NTK", "YaRN"), setup_lib.reference_factors(cfg, scale, window).values())}
+    if setup["base"] is not None:
         refs = {"base " + k: v for k, v in refs.items()}
         refs["base (lambda_1)"] = base
     name = os.path.basename(str(model_name).rstrip("/"))
     title = f"{name}: {window} -> {target_length}"
-    if plan["kind"].startswith("readjust"):
-        title = f"{name}: readjust at {target_length} ({plan['slot']})"
+    if setup["kind"].startswith("readjust"):
+        title = f"{name}: readjust at {target_length} ({setup['slot']})"
     elif res.best.candidate.critical_dim is not None:
         title += f", critical dim {res.best.candidate.critical_dim}"
     return [plots.progress(res.generations, os.path.join(out, PROGRESS_PNG), {k: v["ppl"] for k, v in baselines.items()},
@@ -276,25 +275,25 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
     out_arg, out = out, a["out"]  # the command records --out as given
     m = model_from(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
     tok = m.need_tokenizer()
-    plan = load_plan(m.cfg, settings, target_length, original_window=original_window, base_factors=base_factors,
-                     readjust=readjust, log=log)
-    window, scale, space = plan["window"], plan["scale"], plan["space"]
+    setup = load_setup(m.cfg, settings, target_length, original_window=original_window, base_factors=base_factors,
+                       readjust=readjust, log=log)
+    window, scale, space = setup["window"], setup["scale"], setup["space"]
     w, tokens, weights, needle_info = search_windows(tok, data, field, target_length, samples, seed, settings)
     data = source_label(data)
     what = {"plain": "", "progressive": " (progressive: lambda_2 over the fine-tuned window)",
             "longrope2": f" (LongRoPE2 mode: critical dim in {list(space.critical or ())}, theoretical "
-                         f"{plan.get('theoretical_critical_dim')})",
+                         f"{setup.get('theoretical_critical_dim')})",
             "readjust-short": f" (readjust of {readjust}: short factors)",
-            "readjust-per_length": f" (readjust of {readjust}: per_length entry)"}[plan["kind"]]
+            "readjust-per_length": f" (readjust of {readjust}: per_length entry)"}[setup["kind"]]
     log(f"search: {m.source} (window {window}) to {target_length} tokens (scale {scale:g}){what} on "
         f"{len(w.documents)} window(s), fitness {settings.fitness}; population {settings.population}, "
         f"{settings.iterations} iterations, range {settings.factor_range if settings.mode == 'longrope' else '[s, 2s]'}")
 
     if mesh is not None:
         parallel.check(mesh, cfg=m.cfg, length=target_length)
-    fit = run_lib.make_fitness(m.params, m.cfg, tokens, plan, weights=weights, memory_budget=memory_budget,
+    fit = run_lib.make_fitness(m.params, m.cfg, tokens, setup, weights=weights, memory_budget=memory_budget,
                                attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk, mesh=mesh)
-    context = search_context(m, plan, fit, w, needle_info, target_length=target_length, samples=samples,
+    context = search_context(m, setup, fit, w, needle_info, target_length=target_length, samples=samples,
                              param_dtype=param_dtype, sliding_window=sliding_window, loss_chunk=loss_chunk)
     if command is None:
         command = canonical_command(m.source, data, target_length, out_arg, settings=settings, samples=samples,
@@ -308,9 +307,9 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
     paths = {k: os.path.join(out, f) for k, f in (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE),
                                                   ("log", LOG_FILE), ("baselines_file", BASELINES_FILE))}
     # A log of another search is refused now, before any scoring.
-    evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, plan["seeds"], context))
+    evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, setup["seeds"], context))
 
-    names = list(plan["baselines"])
+    names = list(setup["baselines"])
     prev, prev_src = {}, None
     for src in ("baselines_file", "summary"):
         got = previous_baselines(paths[src], context, names)
@@ -331,14 +330,14 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
             log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
 
     def write(baselines, res: evolve_lib.EvolveResult) -> dict:
-        line, summary = summarise(res, fit, plan, settings, baselines, m=m, data=data, w=w, context=context,
+        line, summary = summarise(res, fit, setup, settings, baselines, m=m, data=data, w=w, context=context,
                                   paths=paths, command=command, target_length=target_length, seed=seed,
                                   samples=samples, param_dtype=param_dtype, out=out, t_start=t_start)
         if res.best is not None:
-            info = search_info(res, plan, settings, baselines, target_length=target_length, samples=samples)
-            atomic.write_json(paths["factors"], plan_lib.factors_document(
+            info = search_info(res, setup, settings, baselines, target_length=target_length, samples=samples)
+            atomic.write_json(paths["factors"], setup_lib.factors_document(
                 fit, res.best, model=m.source, model_sha256=m.sha256, seed=seed, documents=w.documents,
-                command=command, search=info, parent=plan["parent"]))
+                command=command, search=info, parent=setup["parent"]))
         atomic.write_json(paths["summary"], summary)
         if on_generation is not None:
             on_generation(summary)
@@ -348,7 +347,7 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         if not complete:
             log(f"baselines: {_ppls(baselines)} ({time.time() - t1:.1f}s)")
 
-    s = run_lib.search_factors(fit, plan, settings, seed=seed, log_path=paths["log"], context=context,
+    s = run_lib.search_factors(fit, setup, settings, seed=seed, log_path=paths["log"], context=context,
                                known_baselines=prev, on_baseline=on_baseline, on_baselines=on_baselines,
                                on_generation=write,
                                max_evals=max_evals,
@@ -359,7 +358,7 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         write(baselines, res)
         raise SearchError(f"no candidate was evaluated ({res.stopped}): raise --max-evals / --time-budget")
     line = write(baselines, res)
-    line["plots"] = draw(res, fit, plan, m.cfg, baselines, model_name=m.source, out=out, target_length=target_length)
+    line["plots"] = draw(res, fit, setup, m.cfg, baselines, model_name=m.source, out=out, target_length=target_length)
     base_ppl = {k: v["ppl"] for k, v in baselines.items()}
     crit = "" if res.best.candidate.critical_dim is None else f", critical dim {res.best.candidate.critical_dim}"
     log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {res.best.candidate.start_tokens}{crit}) after "

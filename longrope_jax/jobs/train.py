@@ -23,9 +23,13 @@ import math
 import os
 import signal
 import time
+from typing import Any
 
 from longrope_jax import atomic, parallel
 from longrope_jax import factors as factors_lib
+from longrope_jax.loading import LoadedModel
+from longrope_jax.train import trainer as trainer_lib
+from longrope_jax.train.trainer import TrainError
 
 DEFAULTS = dict(
     model=None, model_config={}, init_seed=0, rope="model", data=["stdlib:"], field="text", tokenizer=None,
@@ -49,10 +53,6 @@ RESUMABLE = ("steps", "out", *parallel.SETTINGS)
 FORMAT = "longrope-train/1"
 
 
-class TrainError(ValueError):
-    """A run that cannot start or go on; names the file or setting."""
-
-
 def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
     from longrope_jax import config_files
 
@@ -61,8 +61,7 @@ def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
                            unset_if_falsy=("model", "tokenizer", "q_chunk", "mesh", "eval_data", "eval_lengths"))
     if s["eval_every"] and not (s["eval_data"] and s["eval_lengths"]):
         raise TrainError("eval_every: held-out perplexity needs eval_data and eval_lengths")
-    if s["batch"] % s["accum"]:
-        raise TrainError(f"batch: expected a multiple of accum ({s['accum']}), got {s['batch']}")
+    trainer_lib.check(s)
     if not s["model"] and not s["model_config"]:
         raise TrainError("model: expected a model path, or model_config for a model trained from scratch")
     return s
@@ -88,9 +87,10 @@ def _check_settings(path: str, settings: dict) -> None:
                          + "); only steps and the mesh may change on resume; use another --out")
 
 
-def initial_model(s: dict, run: str, log):
+def initial_model(s: dict, run: str, log, model: LoadedModel | None = None):
     """The run's starting point: (cfg, params, tokenizer, tokenizer file, factors attached to the
-    source, source record); writes ``RUN/tokenizer.json`` (process 0) when it is not there."""
+    source, source record); writes ``RUN/tokenizer.json`` (process 0) when it is not there.
+    ``model``: a model in memory (a previous stage's) instead of ``s["model"]``'s path."""
     import jax
 
     from longrope_jax.loading import model_from
@@ -98,10 +98,11 @@ def initial_model(s: dict, run: str, log):
     from longrope_jax.tokenizer import Tokenizer
 
     tok_path = os.path.join(run, "tokenizer.json")
-    if s["model"]:
-        m = model_from(s["model"], param_dtype=s["param_dtype"], tokenizer=s["tokenizer"])
+    if model is not None or s["model"]:
+        m = model_from(model if model is not None else s["model"], param_dtype=s["param_dtype"],
+                       tokenizer=s["tokenizer"])
         tok = m.need_tokenizer()
-        cfg, params, factors, source = m.cfg, m.params, m.factors, {"path": s["model"], "sha256": m.sha256}
+        cfg, params, factors, source = m.cfg, m.params, m.factors, {"path": m.source, "sha256": m.sha256}
     else:
         try:
             cfg = ModelConfig(**{**s["model_config"], "param_dtype": s["param_dtype"]})
@@ -195,7 +196,8 @@ class _Metrics:
             self.file = _metrics_file(os.path.join(run_dir, "metrics.jsonl"), start)
             self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start)
 
-    def write(self, rec: dict) -> None:
+    def __call__(self, done: int, state, rec: dict, last: bool) -> None:
+        """A trainer hook: writes step ``done - 1``'s record."""
         if self.on:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
@@ -209,57 +211,42 @@ class _Metrics:
             self.tb.close()
 
 
-def model_flops_per_token(cfg, length: int) -> float:
-    """Training FLOPs per token: 6 x the matmul parameters (projections, MLP, LM head) plus causal
-    attention's QK^T and PV over half the row (3 x 4 L H d / 2 per layer)."""
-    d, h, kv, hd, f, v = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          cfg.intermediate_size, cfg.vocab_size)
-    matmul = cfg.num_hidden_layers * (2 * d * h * hd + 2 * d * kv * hd + 3 * d * f) + v * d
-    return 6.0 * matmul + 6.0 * cfg.num_hidden_layers * length * h * hd
+@dataclasses.dataclass
+class Trained:
+    """What a run leaves in memory: its summary (what ``main`` prints), and when it finished (not
+    stopped), the trained params (on the run's mesh), their config and the stage's factors."""
+
+    summary: dict
+    params: Any = None
+    cfg: Any = None
+    factors: dict | None = None
 
 
-def run(s: dict, log=print) -> dict:
-    """Trains per settings ``s`` (:func:`resolve`); returns the summary (also ``RUN/summary.json``)."""
+def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> Trained:
+    """Trains per settings ``s`` (:func:`resolve`) on ``mesh`` (None: the one ``s`` names, else
+    one device; the multi-process runtime is started by the caller, ``parallel.from_settings``),
+    from ``model`` in memory when given (else ``s["model"]``, else a fresh init), resuming the run
+    directory ``s["out"]`` where it stopped. The summary is also ``RUN/summary.json``."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     import orbax.checkpoint as ocp
-    from tqdm import tqdm
 
-    from longrope_jax import __version__, checkpoint, evaluate
-    from longrope_jax.train import data as data_lib
-    from longrope_jax.train import step as step_lib
+    from longrope_jax import __version__, checkpoint
 
     run_dir = os.path.abspath(s["out"])
     os.makedirs(run_dir, exist_ok=True)
-    mesh = parallel.from_settings(s)
+    mesh = parallel.mesh_for(s) if mesh is None else mesh
     _check_settings(os.path.join(run_dir, "settings.json"), s)
     if mesh is not None:
         parallel.check(mesh, length=s["seq_len"], batch=s["batch"] // s["accum"])
-    cfg, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log)
+    cfg, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log, model)
     rope = factors_lib.parse_rope(s["rope"])
     spec = factors_lib.resolve_rope(rope, cfg, length=s["seq_len"], model_factors=model_factors)
     stage_factors = rope.factors if rope.kind == "file" else (model_factors if rope.kind == "model" else None)
     chunks = _chunks(s, run_dir, tok, cfg, log)
 
-    layout = evaluate.layout_for(mesh, s["attention"])
-    q_chunk = s["q_chunk"] or min(512, s["seq_len"])
-
-    def loss_fn(p, tokens):
-        return jnp.mean(evaluate.mean_nll(p, tokens, spec, cfg=cfg, attention=s["attention"], q_chunk=q_chunk,
-                                          loss_chunk=s["loss_chunk"], layout=layout))
-
-    tx = step_lib.optimizer(s)
-    lr = step_lib.schedule(s)
-    train_step = jax.jit(step_lib.make_step(loss_fn, tx, lr), donate_argnums=0)
-    if layout is not None:
-        params = parallel.put_params(params, mesh)
-    state = step_lib.init_state(params, tx)
-    if layout is not None:  # the counters too: a restore places each leaf as the state has it
-        whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                             else parallel.put(x, whole), state)
-
+    trainer = trainer_lib.Trainer(cfg, spec, s, mesh=mesh)
+    state = trainer.init_state(params)
+    del params
     options = ocp.CheckpointManagerOptions(max_to_keep=s["keep"], save_interval_steps=s["checkpoint_every"],
                                            enable_async_checkpointing=True, create=True)
     mngr = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"), options=options)
@@ -271,115 +258,49 @@ def run(s: dict, log=print) -> dict:
     meta = {"format": FORMAT, "settings": s, "model_config": cfg.to_dict(), "factors": stage_factors,
             "rope": s["rope"], "source": source, "version": __version__}
 
-    def save(step, force=False):
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                  force=force)
+    def save(done, state, rec, last):
+        mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                  force=last)
 
-    evals = _eval_windows(s, tok, log) if s["eval_every"] else {}
-
-    def held_out(params):
-        """{"eval_ppl_L": perplexity} of the params in memory on the held-out windows (the stage's spec)."""
-        from longrope_jax import rope as rope_lib
-
-        out = {}
-        for length, tokens in evals.items():
-            nll = evaluate.score(params, cfg, tokens, rope_lib.stack([spec]), mesh=mesh, q_chunk=q_chunk,
-                                 loss_chunk=s["loss_chunk"],
-                                 attention=evaluate.pick_attention("auto", length, cfg=cfg, mesh=mesh))
-            out[f"eval_ppl_{length}"] = float(np.exp(nll.mean()))
-        return out
-
+    evaluate_fn = None
+    if s["eval_every"]:
+        evaluate_fn = trainer_lib.held_out(cfg, spec, _eval_windows(s, tok, log), mesh=mesh,
+                                           loss_chunk=s["loss_chunk"], q_chunk=trainer.q_chunk)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
-    primary = parallel.is_main()  # process 0 writes the metrics, final/ and summary.json
     metrics = _Metrics(run_dir, start)
-    a, micro = s["accum"], s["batch"] // s["accum"]
-    per_token = model_flops_per_token(cfg, s["seq_len"])
-    peak = _peak_flops(jax.devices()[0]) * (mesh.devices.size if mesh is not None else 1)
-    tokens_per_step = s["batch"] * s["seq_len"]
-    # Step t's tokens [accum, micro, L]; this process reads only the micro rows its devices hold.
-    shape = (a, micro, s["seq_len"])
-    rows = None if layout is None else layout.sharding(jax.sharding.PartitionSpec(None, *layout.rows()))
-    mine = np.arange(micro) if rows is None else parallel.local_rows(rows, shape, 1)
-    it = data_lib.batches(chunks, batch=s["batch"], seed=s["seed"], start=start, stop=s["steps"],
-                          positions=(np.arange(a)[:, None] * micro + mine).ravel())
-    bar = tqdm(total=s["steps"], initial=start, desc="train", unit="step", disable=not primary)
-    last = {"loss": None}
-    t_prev = time.perf_counter()
     try:
-        for t in range(start, s["steps"]):
-            local = next(it).reshape(a, len(mine), s["seq_len"])
-            tokens = jnp.asarray(local) if rows is None else parallel.put_rows(local, mine, rows, shape, 1)
-            state, m = train_step(state, tokens)
-            loss = float(m["loss"])
-            now = time.perf_counter()
-            if not math.isfinite(loss):
-                raise TrainError(f"step {t}: the loss is {loss}; stopping (the last checkpoint, step "
-                                 f"{mngr.latest_step() or 0} in {run_dir}/checkpoints, is intact)")
-            rate = tokens_per_step / (now - t_prev)
-            t_prev = now
-            rec = {"step": t, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                   "tokens_per_s": round(rate, 1)}
-            if peak:
-                rec["mfu"] = round(rate * per_token / peak, 4)
-            if evals and (t + 1) % s["eval_every"] == 0:
-                rec.update(held_out(state["params"]))
-                t_prev = time.perf_counter()  # the evaluation is not the next step's time
-            metrics.write(rec)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
-            last = rec
-            # One read of the flag per step: a signal landing after it (even during the allgather)
-            # stays in `stop` for the next step instead of being overwritten or seen by one process.
-            stopping = _agreed_stop(stop["signal"])
-            save(t + 1, force=t + 1 == s["steps"] or stopping is not None)
-            if stopping:
-                mngr.wait_until_finished()
-                log(f"{stopping}: saved step {t + 1} in {run_dir}/checkpoints; the same command resumes")
-                return {"stopped": stopping, "step": t + 1}
+        result = trainer.fit(state, trainer.batches(chunks, start), start=start, hooks=[metrics, save],
+                             should_stop=lambda: stop["signal"], evaluate_fn=evaluate_fn,
+                             eval_every=s["eval_every"])
+    except trainer_lib.NonFiniteLoss as e:
+        raise TrainError(f"{e} (the last checkpoint, step {mngr.latest_step() or 0} in {run_dir}/checkpoints, "
+                         "is intact)") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-        bar.close()
         metrics.close()
         mngr.wait_until_finished()
+    if result.stopped:
+        log(f"{result.stopped}: saved step {result.step} in {run_dir}/checkpoints; the same command resumes")
+        mngr.close()
+        return Trained({"stopped": result.stopped, "step": result.step})
     final = os.path.join(run_dir, "final")
-    host = jax.tree.map(parallel.fetch, state["params"])
-    summary = {"steps": s["steps"], "final_loss": last["loss"], "final": final, "checkpoints": mngr.all_steps()}
-    if primary:
+    summary = {"steps": s["steps"], "final_loss": result.record["loss"] if result.record else None,
+               "final": final, "checkpoints": mngr.all_steps()}
+    host = jax.tree.map(parallel.fetch, result.params)
+    if parallel.is_main():  # process 0 writes final/ and summary.json
         checkpoint.save(final, dataclasses.replace(cfg, remat="none"), host, tokenizer_file=tok_path,
                         factors=stage_factors, source={"trained_by": "longrope-jax train", "run": run_dir, **source},
                         overwrite=True)
         atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
     mngr.close()
-    return summary
-
-
-def _agreed_stop(signal_name: str | None) -> str | None:
-    """"SIGTERM" on every process when any process has received it (schedulers signal the hosts
-    of a pod at different moments; all must save the same step). One process: its own signal."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() == 1:
-        return signal_name
-    anyone = multihost_utils.process_allgather(np.int32(signal_name is not None)).any()
-    return signal_name or ("SIGTERM" if anyone else None)
-
-
-def _peak_flops(device) -> float:
-    """Peak bf16 FLOP/s of one TPU chip (``aot.PEAK_BF16_TFLOPS``); 0 elsewhere (no MFU then)."""
-    from longrope_jax.parallel.aot import PEAK_BF16_TFLOPS
-
-    kind = getattr(device, "device_kind", "").lower()
-    for gen, tflops in PEAK_BF16_TFLOPS.items():
-        if device.platform == "tpu" and gen in kind.replace(" ", ""):
-            return tflops * 1e12
-    return 0.0
+    return Trained(summary, result.params, cfg, stage_factors)
 
 
 def main(s: dict, log) -> int:
-    summary = run(s, log)
+    """``longrope-jax train`` with resolved settings ``s``: starts the processes, trains, prints
+    the summary (process 0)."""
+    trained = run(s, mesh=parallel.from_settings(s), log=log)
     if parallel.is_main():
-        print(json.dumps(summary))
+        print(json.dumps(trained.summary))
     return 0

@@ -9,7 +9,9 @@ described, not opened).
 
     devices = topology_devices("v5p:2x2x1")
     mesh = parallel.build("sequence=4", devices)
-    report = loss_report(cfg, mesh, length=32768, grad=True)  # bytes per device, FLOPs, seconds
+    report = compile_report(jax.jit(fn), *abstract_args)  # bytes per device, FLOPs, seconds
+
+``longrope_jax.train.aot.loss_report`` compiles a model's loss (or its gradient) this way.
 """
 
 from __future__ import annotations
@@ -79,36 +81,3 @@ def compile_report(jitted, *args) -> dict:
     out["flops"] = float((cost or {}).get("flops", 0.0))
     out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     return out
-
-
-def loss_report(cfg, mesh, *, length: int, batch: int = 1, grad: bool = False, attention: str = "blockwise",
-                block: int = 512, loss_chunk: int = 1024) -> dict:
-    """:func:`compile_report` of one batch's mean NLL (``grad``: its gradient with respect to
-    every parameter) for ``cfg`` laid out on ``mesh`` (``parallel.Layout``: rows over data x
-    fsdp, tokens over sequence, weights by the partition rules; a one-device mesh runs the
-    single-device program). Nothing is allocated: the params are abstract. ``mesh`` may hold
-    compile-only TPU devices (:func:`topology_devices`)."""
-    import jax.numpy as jnp
-
-    from longrope_jax import evaluate
-    from longrope_jax.model import init_params, rope_spec
-    from longrope_jax.parallel.mesh import check
-    from longrope_jax.parallel.sharding import Layout, param_shardings
-
-    check(mesh, cfg=cfg, length=length, batch=batch)
-    layout = evaluate.layout_for(mesh, attention)
-    if layout is None and attention in evaluate.RINGS:
-        attention = "blockwise"  # one device: the plain single-device program
-    spec = rope_spec(cfg)
-    params = jax.eval_shape(lambda: init_params(cfg, 0))
-
-    def loss(p, tokens):
-        return jnp.mean(evaluate.mean_nll(p, tokens, spec, cfg=cfg, attention=attention, q_chunk=block,
-                                          loss_chunk=loss_chunk, layout=layout))
-
-    rows = Layout(mesh).sharding(Layout(mesh).rows())
-    shardings = param_shardings(params, mesh)
-    args = (abstract(params, shardings), jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows))
-    # The gradient keeps the params' sharding (what an optimizer step consumes), not replicated.
-    jitted = jax.jit(jax.grad(loss), out_shardings=shardings) if grad else jax.jit(loss)
-    return compile_report(jitted, *args)

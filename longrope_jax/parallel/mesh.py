@@ -121,29 +121,44 @@ def check(mesh, *, cfg=None, length: int | None = None, batch: int | None = None
                 raise ValueError(f"{source}: tensor={s['tensor']} must divide {name}, which is {getattr(cfg, name)}")
 
 
+_STARTED: dict = {}  # how this process's runtime was started (initialize runs it once)
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Starts JAX's multi-process runtime where there is more than one process.
+    """Starts JAX's multi-process runtime where there is more than one process; once per process.
 
     Explicit (``--coordinator HOST:PORT --num-processes N --process-id I``, any platform; on CPU
     the collectives use gloo), or detected on a TPU pod slice (its workers' environment), where
-    ``jax.distributed.initialize()`` finds everything itself. Does nothing on one host.
+    ``jax.distributed.initialize()`` finds everything itself. Does nothing on one host. Called
+    again in the same process (a second job: a pipeline's next stage, a notebook's next cell) it
+    does nothing, unless it names another runtime than the one started: a one-line error.
     """
     import jax
 
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
         raise ValueError("--coordinator, --num-processes and --process-id: give all three or none")
+    if all(given) and not 0 <= process_id < num_processes:
+        raise ValueError(f"--process-id: expected 0 <= id < {num_processes}, got {process_id}")
+    asked = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    if _STARTED or jax.distributed.is_initialized():  # started here before, or by the caller itself
+        if _STARTED and all(given) and asked != _STARTED:
+            raise ValueError(f"--coordinator: this process already joined {_STARTED['coordinator']} as process "
+                             f"{_STARTED['process_id']} of {_STARTED['num_processes']}; got {coordinator} as "
+                             f"{process_id} of {num_processes}")
+        return
     if all(given):
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id: expected 0 <= id < {num_processes}, got {process_id}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         _keep_stdout_for_python()
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
+        _STARTED.update(asked)
         return
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if len([h for h in hosts.split(",") if h]) > 1 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
         jax.distributed.initialize()
+        _STARTED.update(coordinator="the TPU pod's", num_processes=jax.process_count(),
+                        process_id=jax.process_index())
 
 
 def _keep_stdout_for_python() -> None:
@@ -169,13 +184,19 @@ SETTINGS = dict(mesh=None, coordinator=None, num_processes=None, process_id=None
 SETTINGS_KINDS = dict(mesh="str?", coordinator="str?", num_processes="int?", process_id="int0?")
 
 
-def from_settings(s) -> "object | None":
-    """Starts the processes (:func:`initialize`) and builds the mesh of resolved settings ``s``
-    (keys of :data:`SETTINGS`): None on one process without ``mesh``; every device of every
-    process over ``data`` when several processes run without one."""
+def mesh_for(s) -> "object | None":
+    """The mesh of resolved settings ``s`` (keys of :data:`SETTINGS`) in the running runtime:
+    None on one process without ``mesh``; every device of every process over ``data`` when
+    several processes run without one."""
     import jax
 
-    initialize(s.get("coordinator"), s.get("num_processes"), s.get("process_id"))
     if s.get("mesh") is None and jax.process_count() == 1:
         return None
     return build(s.get("mesh") or "data=-1")
+
+
+def from_settings(s) -> "object | None":
+    """Starts the processes (:func:`initialize`, once per process) and builds :func:`mesh_for`
+    ``s``: what every command's ``main`` does first."""
+    initialize(s.get("coordinator"), s.get("num_processes"), s.get("process_id"))
+    return mesh_for(s)

@@ -4,9 +4,12 @@
     operators  mutation, crossover, the range and monotone constraints
     evolve     the loop: generations, JSONL log, resume, budgets, progress
     settings   the paper's defaults, validation, config-file resolution
+    setup      a search's space, seeds and baselines from the model and loaded factors
     fitness    perplexity of candidates through the vectorised evaluator; baselines
+    run        a search over params in memory (``search_factors``)
     plots      PNGs of the search
-    job        ``run_search``: the ``longrope-jax search`` command
+
+The ``longrope-jax search`` command (paths, files, resumption) is ``longrope_jax.jobs.search``.
 """
 
 from longrope_jax.search import evolve  # the module (its loop: evolve.evolve)
@@ -15,13 +18,5 @@ from longrope_jax.search.genome import Candidate, SearchError, Space, from_facto
 from longrope_jax.search.operators import check, crossover, is_valid, mutate
 from longrope_jax.search.settings import SearchSettings
 
-
-def run_search(*args, **kwargs):
-    """See :func:`longrope_jax.search.job.run_search` (imported lazily: it pulls in JAX)."""
-    from longrope_jax.search.job import run_search as run
-
-    return run(*args, **kwargs)
-
-
 __all__ = ["Candidate", "EvolveResult", "SearchError", "SearchSettings", "Space", "check", "crossover", "evolve",
-           "from_factors", "is_valid", "mutate", "run_search", "space_for"]
+           "from_factors", "is_valid", "mutate", "space_for"]

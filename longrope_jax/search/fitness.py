@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from longrope_jax import evaluate, factors as factors_lib, rope as rope_lib
+from longrope_jax.attention import select
 from longrope_jax.search.genome import Candidate, Space
 
 
@@ -96,9 +97,9 @@ class PerplexityFitness:
         self.slot = slot
         self.weights = None if weights is None else np.asarray(weights, np.float32)
         self.memory_budget = memory_budget
-        self.attention = evaluate.pick_attention(attention, self.length, cfg=cfg, mesh=mesh,
-                                                 memory_budget=memory_budget, windows=self.tokens.shape[0])
-        self.q_chunk = evaluate.default_block(self.length, q_chunk)
+        self.attention = select.pick(attention, self.length, cfg=cfg, mesh=mesh, memory_budget=memory_budget,
+                                     windows=self.tokens.shape[0])
+        self.q_chunk = select.default_block(self.length, q_chunk)
         self.known: dict[tuple, tuple[str, dict]] = {}  # rope.value_key -> (name, score): see remember
         self.loss_chunk = loss_chunk
         # On one CPU device candidates are scored one after another anyway: one per call, so the

@@ -1,4 +1,4 @@
-"""The search over loaded params: a planned search (``plan.plan_search``) on windows, its
+"""The search over loaded params: a search set up (``setup.setup_search``) on windows, its
 baselines scored, then the evolution (``evolve.evolve``). Weights fine-tuned in memory are searched
 as they are; the job (``jobs/search.py``) adds paths, files, plots and resumption.
 """
@@ -21,19 +21,19 @@ class Searched:
     result: evolve_lib.EvolveResult
 
 
-def make_fitness(params, cfg, tokens, plan: Mapping[str, Any], *, weights=None, memory_budget: int | None = None,
+def make_fitness(params, cfg, tokens, setup: Mapping[str, Any], *, weights=None, memory_budget: int | None = None,
                  attention: str = "auto", q_chunk: int | None = None, loss_chunk: int = 1024, mesh=None
                  ) -> fitness_lib.PerplexityFitness:
-    """The fitness of a planned search on windows ``tokens: int32[S, L]`` (``weights``:
+    """The fitness of a search set up on windows ``tokens: int32[S, L]`` (``weights``:
     float32[S, L - 1] per prediction, the needle fitness; None: every prediction) on ``mesh``
     (``parallel.build``; None: the local devices)."""
-    return fitness_lib.PerplexityFitness(params, cfg, tokens, plan["space"], original_max=plan["switch"],
-                                         base_factors=plan["base"], template=plan["template"], slot=plan["slot"],
+    return fitness_lib.PerplexityFitness(params, cfg, tokens, setup["space"], original_max=setup["switch"],
+                                         base_factors=setup["base"], template=setup["template"], slot=setup["slot"],
                                          weights=weights, memory_budget=memory_budget, attention=attention,
                                          q_chunk=q_chunk, loss_chunk=loss_chunk, mesh=mesh)
 
 
-def search_factors(fit: fitness_lib.PerplexityFitness, plan: Mapping[str, Any], settings: SearchSettings, *,
+def search_factors(fit: fitness_lib.PerplexityFitness, setup: Mapping[str, Any], settings: SearchSettings, *,
                    seed: int = 0, log_path: str | None = None, context: Mapping[str, Any] | None = None,
                    known_baselines: Mapping[str, dict] | None = None,
                    on_baseline: Callable[[str, dict, float], None] | None = None,
@@ -41,8 +41,8 @@ def search_factors(fit: fitness_lib.PerplexityFitness, plan: Mapping[str, Any], 
                    on_generation: Callable[[dict, evolve_lib.EvolveResult], None] | None = None,
                    max_evals: int | None = None, time_budget: float | None = None, progress: bool = False,
                    log: Callable[[str], None] | None = None) -> Searched:
-    """Scores the plan's baselines (``known_baselines`` are taken, not rescored; ``on_baseline``
-    sees each one scored), then evolves from the plan's seeds.
+    """Scores the setup's baselines (``known_baselines`` are taken, not rescored; ``on_baseline``
+    sees each one scored), then evolves from the setup's seeds.
 
     Every baseline goes through the fitness, so a candidate with a baseline's exact spec takes its
     score. ``on_baselines(baselines)``: once all are known, before the evolution;
@@ -50,12 +50,12 @@ def search_factors(fit: fitness_lib.PerplexityFitness, plan: Mapping[str, Any], 
     evolution's JSONL log (resumed when it exists; None: in memory).
     """
     t0 = time.monotonic()
-    baselines = fitness_lib.score_named(fit, plan["baselines"], done=dict(known_baselines or {}),
+    baselines = fitness_lib.score_named(fit, setup["baselines"], done=dict(known_baselines or {}),
                                         on_scored=on_baseline)
     if on_baselines is not None:
         on_baselines(baselines)
     left = None if time_budget is None else time_budget - (time.monotonic() - t0)
-    res = evolve_lib.evolve(plan["space"], plan["seeds"], fit, settings, seed=seed, log_path=log_path,
+    res = evolve_lib.evolve(setup["space"], setup["seeds"], fit, settings, seed=seed, log_path=log_path,
                             context=context, max_evals=max_evals, time_budget=left, progress=progress,
                             on_generation=None if on_generation is None else (lambda r: on_generation(baselines, r)),
                             log=log)

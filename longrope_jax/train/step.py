@@ -1,7 +1,7 @@
 """The train step: Optax AdamW over the whole model, gradient accumulation, one jitted update.
 
 State is a plain pytree ``{"step": int32[], "params": ..., "opt_state": ...}`` (what Orbax
-saves). The loss is :func:`longrope_jax.evaluate.mean_nll` (flash backward, chunked loss: no
+saves). The loss is :func:`longrope_jax.loss.mean_nll` (flash backward, chunked loss: no
 ``[L, vocab]`` buffer either way) under a RoPE spec fixed for the stage: the spec is a closed-over
 constant, never a parameter, and one spec serves every call (no short/long switching inside a
 stage).

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from longrope_jax.search.fitness import base_document
-from longrope_jax.search.plan import reference_factors
+from longrope_jax.search.setup import reference_factors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))

@@ -65,9 +65,9 @@ def _seed_or_skip(make, name, log):
         return []
 
 
-def plan_search(cfg, settings: SearchSettings, target_length: int, *, original_window: int | None = None,
-                base_factors=None, readjust: Mapping | None = None, names: Mapping[str, str] | None = None,
-                seed_factors: Sequence[tuple[str, Mapping]] = (), log=None) -> dict:
+def setup_search(cfg, settings: SearchSettings, target_length: int, *, original_window: int | None = None,
+                 base_factors=None, readjust: Mapping | None = None, names: Mapping[str, str] | None = None,
+                 seed_factors: Sequence[tuple[str, Mapping]] = (), log=None) -> dict:
     """What a search looks for, from its flags: the space, the seeds, the baselines, and where a
     candidate goes (``template`` and ``slot`` of :class:`~longrope_jax.search.fitness.PerplexityFitness`).
 
