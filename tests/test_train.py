@@ -491,6 +491,31 @@ def test_a_stage_with_a_factors_file_trains_on_its_long_factors(tmp_path, corpus
     assert _losses(out)[0][1] == pytest.approx(ref, rel=1e-6) and abs(ref - plain) > 10 * 1e-6 * ref
 
 
+def test_a_stage_from_a_model_in_memory_hands_its_params_back(tmp_path, corpus):
+    """``run(s, model=...)`` (a pipeline's next stage): the losses of the same run from the
+    model's path, and the params it returns are ``final/``'s."""
+    from longrope_jax import checkpoint, loading
+    from longrope_jax.jobs import train
+
+    from tiny import make_hf_dir
+
+    model_dir = make_hf_dir(str(tmp_path / "model"), max_position_embeddings=64)
+    args = [*SMALL, "--config.steps=3", "--config.checkpoint_every=3"]
+    quiet = dict(log=lambda *_: None)
+    s = train.resolve(TINY, args, {"out": str(tmp_path / "path"), "data": [corpus], "model": model_dir})
+    from_path = train.run(s, **quiet)
+    m = loading.load_model(model_dir)
+    s = train.resolve(TINY, args, {"out": str(tmp_path / "memory"), "data": [corpus], "model": "in memory"})
+    got = train.run(s, model=m, **quiet)
+    assert got.summary["steps"] == 3 and got.cfg == from_path.cfg
+    assert _losses(tmp_path / "memory") == _losses(tmp_path / "path")
+    _, final, _ = checkpoint.restore(str(tmp_path / "memory" / "final"))
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(final)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    np.testing.assert_array_equal(np.asarray(m.params["embed_tokens"]["embedding"]),  # the model in memory is kept
+                                  np.asarray(loading.load_model(model_dir).params["embed_tokens"]["embedding"]))
+
+
 @pytest.mark.slow
 def test_smollm2_16k_config_runs_a_step_with_its_factors(tmp_path):
     """The SmolLM2 config as shipped (model from the wheel, the 16k search's factors), shortened to

@@ -13,6 +13,10 @@ The same command after a kill resumes from the last checkpoint (``steps`` may ch
 schedule then follows the new total; so may the mesh); the batch of step t depends only
 on ``(seed, t)`` (:mod:`longrope_jax.train.data`), so the resumed losses equal an uninterrupted
 run's. SIGTERM saves and exits. A non-finite loss stops the run; the last checkpoint stays.
+
+The stage itself is the library's trainer (:mod:`longrope_jax.train.trainer`) with this job's
+hooks (metrics, checkpoints); :func:`run` also starts from a model in memory (a pipeline's
+previous stage) and hands the trained params back in memory.
 """
 
 from __future__ import annotations
