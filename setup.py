@@ -9,7 +9,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["longrope_jax", "longrope_jax.*"]),
+    # The top-level configs/ folder is installed as the subpackage longrope_jax.configs, so an
+    # installed longrope-jax finds its built-in configs (--config NAME) and configs import each other.
+    packages=find_packages(include=["longrope_jax", "longrope_jax.*"])
+    + ["longrope_jax.configs"] + [f"longrope_jax.configs.{p}" for p in find_packages("configs")],
+    package_dir={"longrope_jax.configs": "configs"},
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",

@@ -15,8 +15,14 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a built-in config's NAME (configs/<command>/NAME.py, installed with the package) "
+                                    "or a config file's PATH (get_config() -> ConfigDict); --config.KEY=VALUE "
+                                    "overrides any setting")
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="ml_collections config file (get_config()); --config.KEY=VALUE overrides")
+    _add_config_flag(p)
     p.add_argument("--model", help="HF directory, .gguf file, 'smollm2', or Hub id")
     p.add_argument("--tokenizer", help="tokenizer.json overriding the model's own")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"])
@@ -31,49 +37,20 @@ def _add_mesh_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int, help="multi-process: this process's index (0 writes the output)")
 
 
-def _no_extra(extra: list[str]) -> None:
-    if extra:
-        raise ValueError(f"unrecognised arguments: {' '.join(extra)}")
+def _job(args, extra) -> int:
+    """The command's job: its settings resolved from ``--config``, ``--config.KEY=VALUE`` overrides
+    and the flags, then its ``main``."""
+    import importlib
+
+    job = importlib.import_module(f"longrope_jax.jobs.{args.command}")
+    return job.main(job.resolve(args.config, extra, vars(args)), _log)
 
 
-def cmd_ppl(args, extra) -> int:
-    from longrope_jax.jobs import ppl
+def _default(command: str, key: str):
+    """A setting's default, as ``configs/<command>/default.py`` states it (for the help)."""
+    from longrope_jax import config_files
 
-    return ppl.main(ppl.resolve(args.config, extra, vars(args)), _log)
-
-
-def cmd_generate(args, extra) -> int:
-    from longrope_jax.jobs import generate
-
-    _no_extra(extra)
-    return generate.main(args, _log)
-
-
-def cmd_passkey(args, extra) -> int:
-    from longrope_jax.jobs import passkey
-
-    _no_extra(extra)
-    return passkey.main(args, _log)
-
-
-def cmd_convert(args, extra) -> int:
-    from longrope_jax.jobs import convert
-
-    _no_extra(extra)
-    return convert.main(args, _log)
-
-
-def cmd_search(args, extra) -> int:
-    from longrope_jax.jobs import search
-    from longrope_jax.search.settings import resolve
-
-    return search.main(resolve(args.config, extra, vars(args)), _log)
-
-
-def cmd_train(args, extra) -> int:
-    from longrope_jax.jobs import train
-
-    return train.main(train.resolve(args.config, extra, vars(args)), _log)
+    return config_files.defaults(command)[key]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,52 +64,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, action="append", help="tokens per window (repeatable)")
     p.add_argument("--rope", action="append",
                    help=f"{ROPE_HELP} (repeatable; default model: the model as configured, as transformers computes it)")
-    p.add_argument("--samples", type=int, help="documents per length (seeded choice; default 1)")
-    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--samples", type=int, help=f"documents per length (seeded choice; default {_default('ppl', 'samples')})")
+    p.add_argument("--seed", type=int, help=f"seeds the choice of documents (default {_default('ppl', 'seed')})")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
     p.add_argument("--needles", type=int,
                    help="also score N needles planted in each window: perplexity of the answers' digits only "
-                        "(LongRoPE2's fitness; default 0: off)")
+                        f"(LongRoPE2's fitness; default {_default('ppl', 'needles')}: off)")
     p.add_argument("--attention", choices=["auto", "dense", "blockwise", "fused", "ring", "ring_splash"],
                    help="auto: dense up to 512 tokens, blockwise beyond; on a mesh with a sequence axis k/v "
                         "all-gathered, or the ring where that does not fit; ring: ring attention (zigzag order); ring_splash: the ring with Pallas splash kernels per step (TPU; no sliding window)")
-    p.add_argument("--q-chunk", type=int, default=None,
+    p.add_argument("--q-chunk", type=int,
                    help="attention block: query rows (dense) or q/kv block size (blockwise); default 512 beyond 512 tokens")
-    p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
+    p.add_argument("--loss-chunk", type=int,
+                   help=f"tokens per projection+loss step (default {_default('ppl', 'loss_chunk')})")
     p.add_argument("--memory-budget-gib", type=float,
                    help="memory the evaluator may use per device (default: 80%% of free device memory, 4 GiB on CPU)")
     p.add_argument("--plot", action="store_true", help="write ppl_vs_length.png under --out")
     p.add_argument("--out", help="directory for files (plots)")
     _add_mesh_flags(p)
-    p.set_defaults(func=cmd_ppl)
+    p.set_defaults(func=_job)
 
     p = sub.add_parser("generate", help="greedy continuation of a prompt (KV cache, short/long aware)")
     _add_model_flags(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--rope", default="model", help=f"{ROPE_HELP} (default: the model as configured)")
-    p.set_defaults(func=cmd_generate)
+    p.add_argument("--prompt", help="the text to continue (required)")
+    p.add_argument("--max-new-tokens", type=int, help=f"default {_default('generate', 'max_new_tokens')}")
+    p.add_argument("--rope", help=f"{ROPE_HELP} (default: the model as configured)")
+    p.set_defaults(func=_job)
 
     p = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
     _add_model_flags(p)
-    p.add_argument("--lengths", type=int, nargs="+", required=True)
-    p.add_argument("--trials", type=int, default=10, help="trials per length, at stratified random depths")
-    p.add_argument("--rope", default="model", help=f"{ROPE_HELP} (default: the model as configured)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lengths", type=int, nargs="+", help="prompt lengths in tokens (required)")
+    p.add_argument("--trials", type=int, help=f"trials per length, at stratified random depths (default "
+                                              f"{_default('passkey', 'trials')})")
+    p.add_argument("--rope", help=f"{ROPE_HELP} (default: the model as configured)")
+    p.add_argument("--seed", type=int, help=f"seeds the keys and depths (default {_default('passkey', 'seed')})")
     p.add_argument("--out", help="directory for passkey.png")
-    p.set_defaults(func=cmd_passkey)
+    p.set_defaults(func=_job)
 
     p = sub.add_parser("convert", help="HF dir / GGUF -> checkpoint; checkpoint (+ factors) -> HF directory")
-    p.add_argument("--model", required=True, help="HF directory, .gguf file, 'smollm2', checkpoint, or Hub id")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    _add_config_flag(p)
+    p.add_argument("--model", help="HF directory, .gguf file, 'smollm2', checkpoint, or Hub id (required)")
+    p.add_argument("--out", help="output directory (required; must not exist unless --overwrite)")
     p.add_argument("--factors", help="factors.json (longrope-factors/1): attached to a checkpoint, written to HF")
     p.add_argument("--to", choices=["checkpoint", "hf"],
                    help="default: hf for a checkpoint source, checkpoint otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--allow-drop-start-tokens", action="store_true",
                    help="export factors with start_tokens > 0 to HF without them (HF cannot express them)")
-    p.add_argument("--shard-bytes", type=int, default=2 * 2**30, help="HF export: largest safetensors shard")
-    p.set_defaults(func=cmd_convert)
+    p.add_argument("--shard-bytes", type=int, help=f"HF export: largest safetensors shard (default "
+                                                   f"{_default('convert', 'shard_bytes')})")
+    p.set_defaults(func=_job)
 
     p = sub.add_parser("search", help="LongRoPE evolutionary search of rescale factors and start tokens")
     _add_model_flags(p)
@@ -140,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME' (repeatable: windows split across them)")
     p.add_argument("--target-length", type=int, help="tokens per search window (beyond the model's window)")
     p.add_argument("--out", help="directory for factors.json, summary.json, log.jsonl, PNGs (a log there is resumed)")
-    p.add_argument("--samples", type=int, help="documents (one window each; default 5, the paper's)")
-    p.add_argument("--seed", type=int, help="seeds the windows and the search (default 0)")
+    p.add_argument("--samples", type=int,
+                   help=f"documents (one window each; default {_default('search', 'samples')}, the paper's)")
+    p.add_argument("--seed", type=int, help=f"seeds the windows and the search (default {_default('search', 'seed')})")
     p.add_argument("--max-evals", type=int, help="stop after this many evaluations (logged ones included)")
     p.add_argument("--time-budget", type=float, help="stop after this many seconds (checked between generations)")
     p.add_argument("--memory-budget-gib", type=float,
@@ -149,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
     p.add_argument("--attention", choices=["auto", "dense", "blockwise", "ring", "ring_splash"],
                    help="auto: dense up to 512 tokens, blockwise beyond (on a mesh: all-gather or ring by memory)")
-    p.add_argument("--q-chunk", type=int, default=None, help="attention block size (default 512 beyond 512 tokens)")
-    p.add_argument("--loss-chunk", type=int, help="tokens per projection+loss step (default 1024)")
+    p.add_argument("--q-chunk", type=int, help="attention block size (default 512 beyond 512 tokens)")
+    p.add_argument("--loss-chunk", type=int,
+                   help=f"tokens per projection+loss step (default {_default('search', 'loss_chunk')})")
     p.add_argument("--base-factors", metavar="FILE",
                    help="progressive search: the factors file the model was fine-tuned with (lambda_1); searches "
                         "lambda_2 over its length and writes lambda_2 * lambda_1")
@@ -158,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="short-context readjust of an extended model's factors file: its short factors (target "
                         "length <= the original window) or a per_length entry (above it)")
     _add_mesh_flags(p)
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=_job)
 
     p = sub.add_parser("train", help="one fine-tuning stage with fixed RoPE factors (or a tiny model from scratch); "
                                      "resumable")
@@ -169,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", help="text file, .jsonl, directory, 'stdlib:' or 'tfds:NAME' (repeatable)")
     p.add_argument("--attention", choices=["dense", "blockwise", "ring", "ring_splash"])
     _add_mesh_flags(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=_job)
     return parser
 
 

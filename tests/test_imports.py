@@ -18,13 +18,16 @@ PACKAGE = "longrope_jax"
 
 
 def _modules() -> dict[str, str]:
-    """{dotted module name: file path} of every module of the package."""
+    """{dotted module name: file path} of every module of the package, the built-in configs
+    (``configs/``, installed as ``longrope_jax.configs``) included."""
     out = {}
-    for d, _, files in os.walk(os.path.join(ROOT, PACKAGE)):
-        for f in files:
-            if f.endswith(".py"):
-                rel = os.path.relpath(os.path.join(d, f), ROOT)[:-3].split(os.sep)
-                out[".".join(rel[:-1] if rel[-1] == "__init__" else rel)] = os.path.join(d, f)
+    for folder, name in ((PACKAGE, PACKAGE), ("configs", f"{PACKAGE}.configs")):
+        for d, _, files in os.walk(os.path.join(ROOT, folder)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(d, f), os.path.join(ROOT, folder))[:-3].split(os.sep)
+                    rel = rel[:-1] if rel[-1] == "__init__" else rel
+                    out[".".join([name, *rel])] = os.path.join(d, f)
     return out
 
 

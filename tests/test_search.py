@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -28,9 +29,10 @@ CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "search")
 # Settings and the space.
 
 
-def test_config_files_hold_the_paper_defaults():
+def test_the_defaults_are_the_paper_settings():
+    """``configs/search/default.py`` against the paper's table (the library's ``SearchSettings``
+    takes its defaults from there); ``official`` differs in the range alone."""
     default = config_files.load(os.path.join(CONFIGS, "default.py")).to_dict()
-    assert default == settings_lib.defaults()
     s = SearchSettings()
     assert (s.population, s.iterations, s.mutations, s.crossovers, s.parents) == (64, 40, 16, 16, 32)
     assert (s.mutation_prob, s.step, s.factor_range) == (0.3, 0.01, "paper")
@@ -502,6 +504,45 @@ def test_search_on_a_mesh_equals_one_device(tiny, capsys):
     rc, _, err = _cli(["search", "--model", model, "--data", data, "--target-length", "60", "--out",
                        str(root / "mesh_bad"), "--samples", "2", "--mesh", "sequence=8", *SMOKE], capsys)
     assert rc == 2 and "--mesh: sequence=8 needs a length divisible by 16 (2 x sequence), got 60" in err
+
+
+def test_two_processes_search_as_one_and_resume_to_the_same_log(tiny, tmp_path, capsys):
+    """2 processes x 4 devices on ``data=2,sequence=4``: the candidates of 1 process x 8 devices on
+    that mesh, in the same order, perplexities within 1e-6; process 0 alone writes and prints.
+    Stopped by a budget and resumed, the 2-process log is byte for byte the uninterrupted one's."""
+    from processes import free_port, two_processes
+
+    model, data, root = tiny
+    args = ["search", "--model", model, "--data", data, "--target-length", "64", "--samples", "2", "--seed", "1",
+            *SMOKE, "--mesh", "data=2,sequence=4"]
+    rc, _, err = _cli([*args, "--out", str(tmp_path / "one")], capsys)  # this process: 8 devices
+    assert rc == 0, err
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def two(out, *extra):
+        port = free_port()
+        res = two_processes(lambda i: [sys.executable, "-m", "longrope_jax", *args, "--out", str(out), *extra,
+                                       "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                       "--process-id", str(i)], repo, env={"PYTHONPATH": repo})
+        for rc, _, err in res:
+            assert rc == 0, err[-3000:]
+        assert res[1][1] == "" and not os.path.exists(f"{out}.1")  # process 1 prints and writes nothing
+        return json.loads(res[0][1].splitlines()[-1])
+
+    whole = two(tmp_path / "two")
+    assert whole["new_evaluations"] == 14
+    cut = two(tmp_path / "cut", "--max-evals", "8")
+    assert cut["stopped"] == "max_evals" and cut["new_evaluations"] == 8
+    rest = two(tmp_path / "cut")
+    assert rest["replayed_evaluations"] == 8 and rest["new_evaluations"] == 6
+
+    def records(out):
+        return [json.loads(x) for x in open(os.path.join(out, "log.jsonl")).read().splitlines()[1:]]
+
+    one, got = records(tmp_path / "one"), records(tmp_path / "two")
+    assert [(r["start_tokens"], r["factors"]) for r in got] == [(r["start_tokens"], r["factors"]) for r in one]
+    np.testing.assert_allclose([r["ppl"] for r in got], [r["ppl"] for r in one], rtol=1e-6)
+    assert open(tmp_path / "cut" / "log.jsonl").read() == open(tmp_path / "two" / "log.jsonl").read()
 
 
 def test_search_windows_from_two_sources_are_logged_and_resume(tiny, tmp_path, capsys):

@@ -1,39 +1,35 @@
-"""LongRoPE evolutionary search with the paper's settings (Ding et al. 2024, section 3.2 / REFERENCE.md 2).
+"""Every setting of ``longrope-jax search`` with its default: the LongRoPE paper's settings (Ding et
+al. 2024, section 3.2; ``docs/method.md``).
 
-    longrope-jax search --config configs/search/default.py --model smollm2 --data DOCS.jsonl \
-        --target-length 16384 --out runs/smollm2-16k [--config.population=32 ...]
+    longrope-jax search --model smollm2 --data DOCS.jsonl --target-length 16384 \
+        --out runs/smollm2-16k [--config.population=32 ...]
 
-These are also the built-in defaults of ``longrope-jax search`` (``longrope_jax.search.settings``;
-a test keeps the two equal).
+The search library's ``SearchSettings`` takes its defaults from here.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
+
+from .. import common
 
 
 def get_config():
     c = ml_collections.ConfigDict()
     # The job: set these here or with --model / --data / --target-length / --out.
-    c.model = None
-    c.data = None
-    c.target_length = None
-    c.out = None
+    common.add_model(c)
+    c.data = placeholder(list)  # required
+    c.field = "text"
+    c.target_length = placeholder(int)  # required
+    c.out = placeholder(str)  # required
     c.samples = 5  # the paper: 5 PG19 validation documents, one window each
     c.seed = 0
-    c.field = "text"
-    c.tokenizer = None
-    c.param_dtype = "float32"
-    c.no_sliding_window = False
     c.attention = "auto"
-    c.q_chunk = None
+    c.q_chunk = placeholder(int)  # unset: 512 beyond 512 tokens
     c.loss_chunk = 1024
-    c.memory_budget_gib = None
-    c.max_evals = None  # budgets: None = run all iterations
-    c.time_budget = None
-    # The device mesh (README: "On a mesh"): e.g. "data=2,sequence=4"; None: the local devices.
-    c.mesh = None
-    c.coordinator = None  # multi-process: HOST:PORT, with num_processes and process_id
-    c.num_processes = None
-    c.process_id = None
+    c.memory_budget_gib = placeholder(float)  # unset: 80% of free device memory, 4 GiB on CPU
+    c.max_evals = placeholder(int)  # budgets: unset = run all iterations
+    c.time_budget = placeholder(float)  # seconds
+    common.add_mesh(c)
     # The algorithm (the paper's table of settings).
     c.population = 64
     c.iterations = 40
@@ -50,8 +46,8 @@ def get_config():
     c.start_token_prob = 0.3
     c.seed_factors = []  # extra initial candidates: factors.json files
     # Progressive / short-context search (factors.json files; see the README).
-    c.base_factors = None  # search lambda_2 on a model fine-tuned with this file's lambda_1
-    c.readjust = None  # re-search this file's short factors / a per_length entry at target_length
+    c.base_factors = placeholder(str)  # search lambda_2 on a model fine-tuned with this file's lambda_1
+    c.readjust = placeholder(str)  # re-search this file's short factors / a per_length entry at target_length
     # LongRoPE2 (configs/search/longrope2.py sets these).
     c.mode = "longrope"  # or "longrope2": critical-dimension search
     c.critical_range = []  # longrope2: [lo, hi] of the critical-dimension gene; [] = automatic

@@ -22,12 +22,15 @@ from typing import Callable
 
 import numpy as np
 
-from longrope_jax import checkpoint, export, hf
+from longrope_jax import atomic, checkpoint, config_files, export, hf
 from longrope_jax import factors as factors_lib
-from longrope_jax import loading, atomic
+from longrope_jax import loading
 from longrope_jax.model import ModelConfig
 
 TARGETS = ("checkpoint", "hf")
+# What each setting of ``longrope-jax convert`` must hold (its defaults: configs/convert/default.py).
+KINDS = dict(model="str", out="str", factors="str?", to="|".join(TARGETS) + "?", overwrite="bool",
+             allow_drop_start_tokens="bool", shard_bytes="int")
 
 
 @dataclasses.dataclass
@@ -145,11 +148,14 @@ def run(model: str, out: str, *, factors: str | None = None, to: str | None = No
     return result
 
 
-def main(args, log) -> int:
-    """``longrope-jax convert`` with its parsed flags."""
-    import json
+def resolve(config: str | None = None, overrides=(), flags=None):
+    return config_files.resolve("convert", KINDS, config=config, overrides=overrides, flags=flags,
+                                required=("model", "out"))
 
-    rec = run(args.model, args.out, factors=args.factors, to=args.to, overwrite=args.overwrite,
-              allow_drop_start_tokens=args.allow_drop_start_tokens, shard_bytes=args.shard_bytes, log=log)
+
+def main(s, log) -> int:
+    """``longrope-jax convert`` with resolved settings ``s`` (:func:`resolve`)."""
+    rec = run(s.model, s.out, factors=s.factors, to=s.to, overwrite=s.overwrite,
+              allow_drop_start_tokens=s.allow_drop_start_tokens, shard_bytes=s.shard_bytes, log=log)
     print(json.dumps(rec), flush=True)
     return 0

@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 import sys
 
+from longrope_jax import config_files
 from longrope_jax.factors import parse_rope, resolve_rope
 from longrope_jax.generate import greedy
 from longrope_jax.loading import LoadedModel, model_from
+
+# What each setting of ``longrope-jax generate`` must hold (its defaults: configs/generate/default.py).
+KINDS = dict(**config_files.MODEL_KINDS, prompt="str", max_new_tokens="int", rope="str")
+
+
+def resolve(config: str | None = None, overrides=(), flags=None):
+    return config_files.resolve("generate", KINDS, config=config, overrides=overrides, flags=flags,
+                                required=("model", "prompt"))
 
 
 def run(model: str | LoadedModel, prompt: str, max_new_tokens: int, rope: str = "model", *,
@@ -32,10 +41,10 @@ def run(model: str | LoadedModel, prompt: str, max_new_tokens: int, rope: str = 
             "tokens": g.tokens, "completion": tok.decode(g.tokens), "reencoded_at": g.reencoded_at}
 
 
-def main(args, log) -> int:
-    """``longrope-jax generate`` with its parsed flags."""
-    rec = run(args.model, args.prompt, args.max_new_tokens, args.rope, param_dtype=args.param_dtype or "float32",
-              tokenizer=args.tokenizer, sliding_window=not args.no_sliding_window,
+def main(s, log) -> int:
+    """``longrope-jax generate`` with resolved settings ``s`` (:func:`resolve`)."""
+    rec = run(s.model, s.prompt, s.max_new_tokens, s.rope, param_dtype=s.param_dtype, tokenizer=s.tokenizer,
+              sliding_window=not s.no_sliding_window,
               stream=lambda piece: print(piece, end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     print(json.dumps(rec), flush=True)

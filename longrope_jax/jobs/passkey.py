@@ -8,9 +8,12 @@ import hashlib
 import json
 import os
 
-from longrope_jax import passkey, runlog
+from longrope_jax import config_files, passkey, runlog
 from longrope_jax.factors import parse_rope, resolve_rope
 from longrope_jax.loading import LoadedModel, model_from
+
+# What each setting of ``longrope-jax passkey`` must hold (its defaults: configs/passkey/default.py).
+KINDS = dict(**config_files.MODEL_KINDS, lengths="ints", trials="int", rope="str", seed="int0", out="str?")
 
 LOG_FORMAT = "longrope-passkey-log/1"
 LOG_FILE, HEATMAP_PNG = "trials.jsonl", "passkey.png"
@@ -79,11 +82,15 @@ def run(model: str | LoadedModel, lengths: list[int], trials: int, rope: str = "
     return result
 
 
-def main(args, log) -> int:
-    """``longrope-jax passkey`` with its parsed flags."""
-    res = run(args.model, args.lengths, args.trials, args.rope, seed=args.seed,
-              param_dtype=args.param_dtype or "float32", tokenizer=args.tokenizer,
-              sliding_window=not args.no_sliding_window, out_dir=args.out, log=log)
+def resolve(config: str | None = None, overrides=(), flags=None):
+    return config_files.resolve("passkey", KINDS, config=config, overrides=overrides, flags=flags,
+                                required=("model", "lengths"), listy=("lengths",))
+
+
+def main(s, log) -> int:
+    """``longrope-jax passkey`` with resolved settings ``s`` (:func:`resolve`)."""
+    res = run(s.model, list(s.lengths), s.trials, s.rope, seed=s.seed, param_dtype=s.param_dtype,
+              tokenizer=s.tokenizer, sliding_window=not s.no_sliding_window, out_dir=s.out, log=log)
     for row in res["by_depth"]:
         print(json.dumps(dict(row, model=res["model"], rope=res["rope"])), flush=True)
     print(json.dumps({k: v for k, v in res.items() if k != "by_depth"}), flush=True)

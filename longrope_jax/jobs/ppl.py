@@ -10,32 +10,26 @@ import os
 import time
 from typing import Iterator
 
-from longrope_jax import evaluate
+from longrope_jax import config_files, evaluate
 from longrope_jax import factors as factors_lib
 from longrope_jax import parallel
 from longrope_jax.attention import select
 from longrope_jax.data import read_sources, source_label, windows_from
+from longrope_jax.config_files import MODEL_KINDS
 from longrope_jax.loading import LoadedModel, model_from
 
-# The settings of ``longrope-jax ppl`` (flags, a --config file, --config.key=value overrides).
-DEFAULTS = dict(model=None, data=None, length=None, rope=["model"], samples=1, seed=0, field="text",
-                tokenizer=None, param_dtype="float32", no_sliding_window=False, attention="auto", needles=0,
-                q_chunk=None, loss_chunk=1024, memory_budget_gib=None, plot=False, out=None, **parallel.SETTINGS)
-KINDS = dict(**parallel.SETTINGS_KINDS, model="str", data="strs", length="ints", rope="strs", samples="int", seed="int0", field="str", needles="int0",
-             tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
-             attention="auto|dense|blockwise|fused|ring|ring_splash", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
-             plot="bool", out="str?")
+# What each setting of ``longrope-jax ppl`` must hold (its defaults: ``configs/ppl/default.py``).
+KINDS = dict(**parallel.SETTINGS_KINDS, **MODEL_KINDS, data="strs", length="ints", rope="strs", samples="int",
+             seed="int0", field="str", needles="int0", attention="auto|dense|blockwise|fused|ring|ring_splash",
+             q_chunk="int?", loss_chunk="int", memory_budget_gib="number?", plot="bool", out="str?")
 REQUIRED = ("model", "data", "length")
 
 
-def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
-    """The settings of one ``ppl`` run: flags over overrides over the config file over
-    ``DEFAULTS``, checked against ``KINDS`` (``config_files.merge``, shared with ``search``)."""
-    from longrope_jax import config_files
-
-    return config_files.merge(DEFAULTS, KINDS, config_path=config_path, overrides=overrides, flags=flags,
-                              required=REQUIRED, listy=("data", "length", "rope"),
-                              unset_if_falsy=("tokenizer", "q_chunk", "memory_budget_gib", "out", "mesh"))
+def resolve(config: str | None = None, overrides=(), flags=None):
+    """The settings of one ``ppl`` run: flags over overrides over the config over the defaults
+    (``config_files.resolve``, every command's one merge)."""
+    return config_files.resolve("ppl", KINDS, config=config, overrides=overrides, flags=flags, required=REQUIRED,
+                                listy=("data", "length", "rope"))
 
 
 def run(model: str | LoadedModel, data: str | list[str], lengths: list[int], ropes: list[str], *, samples: int = 1,

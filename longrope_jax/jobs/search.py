@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from longrope_jax import atomic
+from longrope_jax import atomic, config_files
 from longrope_jax import factors as factors_lib
 from longrope_jax import parallel
 from longrope_jax.loading import LoadedModel, model_from
@@ -26,7 +26,7 @@ from longrope_jax.search import evolve as evolve_lib
 from longrope_jax.search import setup as setup_lib
 from longrope_jax.search import run as run_lib
 from longrope_jax.search.genome import SearchError
-from longrope_jax.search.settings import JOB_DEFAULTS, SearchSettings
+from longrope_jax.search.settings import SearchSettings, resolve  # noqa: F401  (the command's settings)
 
 FACTORS_FILE, SUMMARY_FILE, LOG_FILE = setup_lib.FACTORS_FILE, "summary.json", "log.jsonl"
 BASELINES_FILE = "baselines.json"  # each baseline written as soon as it is scored, before generation 0
@@ -75,8 +75,9 @@ def canonical_command(model, data, target_length, out, *, settings: SearchSettin
     for d in ([data] if isinstance(data, str) else data):
         argv += ["--data", str(d)]
     argv += ["--target-length", str(target_length), "--out", str(out), "--samples", str(samples), "--seed", str(seed)]
+    defaults = config_files.defaults("search")
     for k, v in extra.items():
-        if v is not None and v is not False and v != JOB_DEFAULTS.get(k):
+        if v is not None and v is not False and v != defaults.get(k):
             argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
     ref = SearchSettings().to_dict()
     for k, v in settings.to_dict().items():
@@ -293,86 +294,91 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         parallel.check(mesh, cfg=m.cfg, length=target_length)
     fit = run_lib.make_fitness(m.params, m.cfg, tokens, setup, weights=weights, memory_budget=memory_budget,
                                attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk, mesh=mesh)
-    context = search_context(m, setup, fit, w, needle_info, target_length=target_length, samples=samples,
-                             param_dtype=param_dtype, sliding_window=sliding_window, loss_chunk=loss_chunk)
-    if command is None:
-        command = canonical_command(m.source, data, target_length, out_arg, settings=settings, samples=samples,
-                                    seed=seed, extra={"field": field, "tokenizer": tokenizer, "param_dtype": param_dtype,
-                                                      "no_sliding_window": not sliding_window, "attention": attention,
-                                                      "q_chunk": q_chunk, "loss_chunk": loss_chunk,
-                                                      "max_evals": max_evals, "time_budget": time_budget,
-                                                      "base_factors": base_factors if isinstance(base_factors, str)
-                                                      else None, "readjust": readjust})
-    os.makedirs(out, exist_ok=True)
-    paths = {k: os.path.join(out, f) for k, f in (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE),
-                                                  ("log", LOG_FILE), ("baselines_file", BASELINES_FILE))}
-    # A log of another search is refused now, before any scoring.
-    evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, setup["seeds"], context))
+    if not parallel.is_main():  # several processes: score what process 0 sends; it alone decides and writes
+        run_lib.follow(fit)
+        return None
+    with run_lib.leading(fit):
+        context = search_context(m, setup, fit, w, needle_info, target_length=target_length, samples=samples,
+                                 param_dtype=param_dtype, sliding_window=sliding_window, loss_chunk=loss_chunk)
+        if command is None:
+            extra = {"field": field, "tokenizer": tokenizer, "param_dtype": param_dtype,
+                     "no_sliding_window": not sliding_window, "attention": attention, "q_chunk": q_chunk,
+                     "loss_chunk": loss_chunk, "max_evals": max_evals, "time_budget": time_budget,
+                     "base_factors": base_factors if isinstance(base_factors, str) else None, "readjust": readjust}
+            command = canonical_command(m.source, data, target_length, out_arg, settings=settings, samples=samples,
+                                        seed=seed, extra=extra)
+        os.makedirs(out, exist_ok=True)
+        paths = {k: os.path.join(out, f) for k, f in (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE),
+                                                      ("log", LOG_FILE), ("baselines_file", BASELINES_FILE))}
+        # A log of another search is refused now, before any scoring.
+        evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, setup["seeds"], context))
 
-    names = list(setup["baselines"])
-    prev, prev_src = {}, None
-    for src in ("baselines_file", "summary"):
-        got = previous_baselines(paths[src], context, names)
-        if len(got) > len(prev):
-            prev, prev_src = got, os.path.basename(paths[src])
-    complete = len(prev) == len(names)
-    if complete:
-        log(f"baselines: {_ppls(prev)} (from {prev_src})")
-    elif prev:
-        log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ({_ppls(prev)}); scoring the rest")
-    t1, scored = time.time(), dict(prev)
+        names = list(setup["baselines"])
+        prev, prev_src = {}, None
+        for src in ("baselines_file", "summary"):
+            got = previous_baselines(paths[src], context, names)
+            if len(got) > len(prev):
+                prev, prev_src = got, os.path.basename(paths[src])
+        complete = len(prev) == len(names)
+        if complete:
+            log(f"baselines: {_ppls(prev)} (from {prev_src})")
+        elif prev:
+            log(f"baselines: {len(prev)} of {len(names)} from {prev_src} ({_ppls(prev)}); scoring the rest")
+        t1, scored = time.time(), dict(prev)
 
-    def on_baseline(name, rec, seconds):  # each baseline kept as soon as it is scored
-        scored[name] = rec
-        atomic.write_json(paths["baselines_file"],
-                          {"context": context, "baselines_detail": {n: scored[n] for n in names if n in scored}})
-        if fit.batch_size == 1:
-            log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
+        def on_baseline(name, rec, seconds):  # each baseline kept as soon as it is scored
+            scored[name] = rec
+            atomic.write_json(paths["baselines_file"],
+                              {"context": context, "baselines_detail": {n: scored[n] for n in names if n in scored}})
+            if fit.batch_size == 1:
+                log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
 
-    def write(baselines, res: evolve_lib.EvolveResult) -> dict:
-        line, summary = summarise(res, fit, setup, settings, baselines, m=m, data=data, w=w, context=context,
-                                  paths=paths, command=command, target_length=target_length, seed=seed,
-                                  samples=samples, param_dtype=param_dtype, out=out, t_start=t_start)
-        if res.best is not None:
-            info = search_info(res, setup, settings, baselines, target_length=target_length, samples=samples)
-            atomic.write_json(paths["factors"], setup_lib.factors_document(
-                fit, res.best, model=m.source, model_sha256=m.sha256, seed=seed, documents=w.documents,
-                command=command, search=info, parent=setup["parent"]))
-        atomic.write_json(paths["summary"], summary)
-        if on_generation is not None:
-            on_generation(summary)
+        def write(baselines, res: evolve_lib.EvolveResult) -> dict:
+            line, summary = summarise(res, fit, setup, settings, baselines, m=m, data=data, w=w, context=context,
+                                      paths=paths, command=command, target_length=target_length, seed=seed,
+                                      samples=samples, param_dtype=param_dtype, out=out, t_start=t_start)
+            if res.best is not None:
+                info = search_info(res, setup, settings, baselines, target_length=target_length, samples=samples)
+                atomic.write_json(paths["factors"], setup_lib.factors_document(
+                    fit, res.best, model=m.source, model_sha256=m.sha256, seed=seed, documents=w.documents,
+                    command=command, search=info, parent=setup["parent"]))
+            atomic.write_json(paths["summary"], summary)
+            if on_generation is not None:
+                on_generation(summary)
+            return line
+
+        def on_baselines(baselines):
+            if not complete:
+                log(f"baselines: {_ppls(baselines)} ({time.time() - t1:.1f}s)")
+
+        s = run_lib.search_factors(fit, setup, settings, seed=seed, log_path=paths["log"], context=context,
+                                   known_baselines=prev, on_baseline=on_baseline, on_baselines=on_baselines,
+                                   on_generation=write,
+                                   max_evals=max_evals,
+                                   time_budget=None if time_budget is None else time_budget - (time.time() - t_start),
+                                   progress=progress, log=log)
+        res, baselines = s.result, s.baselines
+        if res.best is None:
+            write(baselines, res)
+            raise SearchError(f"no candidate was evaluated ({res.stopped}): raise --max-evals / --time-budget")
+        line = write(baselines, res)
+        line["plots"] = draw(res, fit, setup, m.cfg, baselines, model_name=m.source, out=out,
+                             target_length=target_length)
+        base_ppl = {k: v["ppl"] for k, v in baselines.items()}
+        best = res.best.candidate
+        crit = "" if best.critical_dim is None else f", critical dim {best.critical_dim}"
+        log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {best.start_tokens}{crit}) after "
+            f"{res.evaluations} evaluation(s); baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base_ppl.items()))
+        log(f"wrote {paths['factors']}, {paths['summary']}, {paths['log']}, {line['plots'][0]}, {line['plots'][1]}")
         return line
-
-    def on_baselines(baselines):
-        if not complete:
-            log(f"baselines: {_ppls(baselines)} ({time.time() - t1:.1f}s)")
-
-    s = run_lib.search_factors(fit, setup, settings, seed=seed, log_path=paths["log"], context=context,
-                               known_baselines=prev, on_baseline=on_baseline, on_baselines=on_baselines,
-                               on_generation=write,
-                               max_evals=max_evals,
-                               time_budget=None if time_budget is None else time_budget - (time.time() - t_start),
-                               progress=progress, log=log)
-    res, baselines = s.result, s.baselines
-    if res.best is None:
-        write(baselines, res)
-        raise SearchError(f"no candidate was evaluated ({res.stopped}): raise --max-evals / --time-budget")
-    line = write(baselines, res)
-    line["plots"] = draw(res, fit, setup, m.cfg, baselines, model_name=m.source, out=out, target_length=target_length)
-    base_ppl = {k: v["ppl"] for k, v in baselines.items()}
-    crit = "" if res.best.candidate.critical_dim is None else f", critical dim {res.best.candidate.critical_dim}"
-    log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {res.best.candidate.start_tokens}{crit}) after "
-        f"{res.evaluations} evaluation(s); baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base_ppl.items()))
-    log(f"wrote {paths['factors']}, {paths['summary']}, {paths['log']}, {line['plots'][0]}, {line['plots'][1]}")
-    return line
 
 
 def main(job: dict, log) -> int:
-    """``longrope-jax search`` with resolved settings (``search.settings.resolve``)."""
+    """``longrope-jax search`` with resolved settings (``search.settings.resolve``). Over several
+    processes every process scores its share; process 0 runs the search, writes and prints."""
     job = dict(job)
     mesh = parallel.from_settings({k: job.pop(k) for k in parallel.SETTINGS})
-    if jax.process_count() > 1:  # every process would append to one log and write the same files
-        raise ValueError("search: runs over several processes are not supported yet; run one process with --mesh "
-                         "over its devices")
-    print(json.dumps(run(**job, mesh=mesh, log=log)), flush=True)
+    line = run(**job, mesh=mesh, log=log if parallel.is_main() else None)
+    if parallel.is_main():
+        print(json.dumps(line), flush=True)
     return 0

@@ -29,40 +29,44 @@ import signal
 import time
 from typing import Any
 
-from longrope_jax import atomic, parallel
+from longrope_jax import atomic, config_files, parallel
 from longrope_jax import factors as factors_lib
+from longrope_jax.config_files import MODEL_KINDS
 from longrope_jax.loading import LoadedModel
 from longrope_jax.train import trainer as trainer_lib
 from longrope_jax.train.trainer import TrainError
 
-DEFAULTS = dict(
-    model=None, model_config={}, init_seed=0, rope="model", data=["stdlib:"], field="text", tokenizer=None,
-    seq_len=256, min_document_tokens=0, batch=8, accum=1, steps=100,
-    lr=1e-3, warmup_steps=10, schedule="linear", end_lr_ratio=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-    clip_norm=1.0, seed=0, dtype="float32", param_dtype="float32", remat="none", attention="blockwise",
-    q_chunk=None, loss_chunk=1024, checkpoint_every=50, keep=3, eval_every=0, eval_data=None, eval_lengths=None,
-    eval_samples=1, out=None, **parallel.SETTINGS)
+# What each setting of ``longrope-jax train`` must hold (its defaults: ``configs/train/default.py``).
 KINDS = dict(
-    **parallel.SETTINGS_KINDS, model="str?", model_config="dict", init_seed="int0", rope="str", data="strs",
-    field="str", tokenizer="str?", seq_len="int", min_document_tokens="int0", batch="int", accum="int", steps="int",
+    **parallel.SETTINGS_KINDS, **dict(MODEL_KINDS, model="str?"), model_config="dict", init_seed="int0", rope="str",
+    data="strs", field="str", seq_len="int", min_document_tokens="int0", batch="int", accum="int", steps="int",
     lr="number", warmup_steps="int0", schedule="linear|cosine|constant", end_lr_ratio="number0", b1="number0",
-    b2="number0", eps="number", weight_decay="number0", clip_norm="number0", seed="int0",
-    dtype="float32|bfloat16", param_dtype="float32|bfloat16", remat="none|full|dots|attention",
-    attention="dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int", checkpoint_every="int",
-    keep="int", eval_every="int0", eval_data="strs?", eval_lengths="ints?", eval_samples="int", out="str")
-REQUIRED = ("out",)
+    b2="number0", eps="number", weight_decay="number0", clip_norm="number0", seed="int0", dtype="float32|bfloat16",
+    remat="none|full|dots|attention", attention="dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int",
+    checkpoint_every="int", keep="int", eval_every="int0", eval_data="strs?", eval_lengths="ints?", eval_samples="int",
+    out="str")
+REQUIRED = ("out", "seq_len")
+LISTY = ("data", "eval_data", "eval_lengths")
 # Settings that may change when a run is resumed: its length, and where it runs (the batch of a
 # step does not depend on the devices or processes).
 RESUMABLE = ("steps", "out", *parallel.SETTINGS)
 FORMAT = "longrope-train/1"
 
 
-def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
-    from longrope_jax import config_files
+def resolve(config: str | None = None, overrides=(), flags=None):
+    """The settings of one ``train`` run (``config_files.resolve``), checked as a whole."""
+    return check(config_files.resolve("train", KINDS, config=config, overrides=overrides, flags=flags,
+                                      required=REQUIRED, listy=LISTY))
 
-    s = config_files.merge(DEFAULTS, KINDS, config_path=config_path, overrides=overrides, flags=flags,
-                           required=REQUIRED, listy=("data", "eval_data", "eval_lengths"),
-                           unset_if_falsy=("model", "tokenizer", "q_chunk", "mesh", "eval_data", "eval_lengths"))
+
+def section(given, where: str):
+    """A ``train`` section in memory (a pipeline stage's) merged onto the defaults and checked."""
+    return check(config_files.section("train", KINDS, given, where, required=REQUIRED, listy=LISTY))
+
+
+def check(s):
+    """What no single setting says: held-out evaluation needs its data, the batch splits into
+    microbatches, a model comes from a path or from ``model_config``."""
     if s["eval_every"] and not (s["eval_data"] and s["eval_lengths"]):
         raise TrainError("eval_every: held-out perplexity needs eval_data and eval_lengths")
     trainer_lib.check(s)
@@ -71,19 +75,27 @@ def resolve(config_path: str | None = None, overrides=(), flags=None) -> dict:
     return s
 
 
-def _check_settings(path: str, settings: dict) -> None:
-    """``settings.json`` of a run being resumed against this one's (``RESUMABLE`` keys aside);
-    written by process 0 when the run is new."""
-    fixed = {k: v for k, v in settings.items() if k not in RESUMABLE}
+def _effective(settings: dict) -> dict:
+    """Settings as they act: JSON values, an unset ``q_chunk`` as the block it stands for, keys
+    a run directory written before they existed at their defaults."""
+    s = {**config_files.defaults("train").to_dict(), **json.loads(json.dumps(settings))}
+    if s.get("q_chunk") is None and s.get("seq_len"):
+        s["q_chunk"] = min(512, s["seq_len"])
+    return s
+
+
+def _check_settings(path: str, settings) -> None:
+    """``settings.json`` of a run being resumed against this one's by effective values
+    (``RESUMABLE`` keys aside); written by process 0 when the run is new."""
+    fixed = {k: v for k, v in settings.to_dict().items() if k not in RESUMABLE}
     if not os.path.exists(path):
         if parallel.is_main():
             atomic.write_json(path, {"format": FORMAT, "settings": fixed})
         return
     with open(path) as fh:
-        old = json.load(fh).get("settings", {})
-    old = json.loads(json.dumps(old))
-    new = json.loads(json.dumps(fixed))
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        recorded = json.load(fh).get("settings", {})
+    old, new = _effective(recorded), _effective(fixed)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUMABLE and old.get(k) != new.get(k))
     if diff:
         raise TrainError(f"{path}: this run was started with other settings ({', '.join(diff)}: "
                          + "; ".join(f"{k} was {json.dumps(old.get(k))[:40]}, now {json.dumps(new.get(k))[:40]}"
@@ -104,12 +116,12 @@ def initial_model(s: dict, run: str, log, model: LoadedModel | None = None):
     tok_path = os.path.join(run, "tokenizer.json")
     if model is not None or s["model"]:
         m = model_from(model if model is not None else s["model"], param_dtype=s["param_dtype"],
-                       tokenizer=s["tokenizer"])
+                       tokenizer=s["tokenizer"], sliding_window=not s["no_sliding_window"])
         tok = m.need_tokenizer()
         cfg, params, factors, source = m.cfg, m.params, m.factors, {"path": m.source, "sha256": m.sha256}
     else:
         try:
-            cfg = ModelConfig(**{**s["model_config"], "param_dtype": s["param_dtype"]})
+            cfg = ModelConfig(**{**s["model_config"].to_dict(), "param_dtype": s["param_dtype"]})
         except TypeError as e:
             raise TrainError(f"model_config: {e}") from None
         tok = Tokenizer.from_file(s["tokenizer"]) if s["tokenizer"] else Tokenizer.byte_level()
@@ -259,7 +271,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         log(f"resumed from {run_dir}/checkpoints step {start}")
-    meta = {"format": FORMAT, "settings": s, "model_config": cfg.to_dict(), "factors": stage_factors,
+    meta = {"format": FORMAT, "settings": s.to_dict(), "model_config": cfg.to_dict(), "factors": stage_factors,
             "rope": s["rope"], "source": source, "version": __version__}
 
     def save(done, state, rec, last):

@@ -179,8 +179,9 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-# The settings every command on a mesh takes (``ppl``, ``search``; flags, config keys).
-SETTINGS = dict(mesh=None, coordinator=None, num_processes=None, process_id=None)
+# The settings every command on a mesh takes (``ppl``, ``search``, ``train``; flags, config keys;
+# their defaults: ``configs/common.py``).
+SETTINGS = ("mesh", "coordinator", "num_processes", "process_id")
 SETTINGS_KINDS = dict(mesh="str?", coordinator="str?", num_processes="int?", process_id="int0?")
 
 

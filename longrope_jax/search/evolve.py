@@ -12,9 +12,9 @@ candidates, and its log is a prefix of that sequence:
 - so a search killed at any point (an exception, a budget, a signal) loses at most the batch in
   flight, and a resumed search ends exactly where an uninterrupted one does, with the same log.
 
-Each generation's new candidates go to ``fitness`` in one call (the evaluator scores them
-together), or ``fitness.batch_size`` at a time where it has one (on one CPU device: one candidate
-per call, each logged, and a progress line with the rate, as it finishes); a vector already
+Each generation's new candidates go to ``fitness`` in one call, or ``fitness.batch_size`` at a
+time where it has one (the search's fitness: one candidate per device, each call logged; on one
+device a progress line with the rate as each finishes); a vector already
 scored is never proposed again. ``fitness(candidates)`` returns, per
 candidate, a perplexity (lower is better) or a mapping with ``"ppl"`` and extra JSON-able fields
 that are logged with it. Non-finite perplexities rank last (logged as null).

@@ -5,9 +5,8 @@ candidate factors`` (``base_factors`` is 1 unless a progressive search multiplie
 factors), short factors 1, start tokens = the candidate's ``n_hat``, ``original_max`` = the model's
 window, ``max_position_embeddings`` = the target length and the default attention factor
 ``sqrt(1 + ln s / ln L_orig)``; exactly the spec ``factors.to_spec`` builds from the factors file
-the search writes. A generation's candidates are stacked and scored by ``evaluate.score`` in as
-few calls as the memory budget allows (on one CPU device, one candidate per call: see
-``batch_size``). A candidate whose spec is exactly one already scored by name (a baseline:
+the search writes. A generation's candidates are stacked and scored by ``evaluate.score``, one per
+device of the candidates' axis per call (see ``batch_size``). A candidate whose spec is exactly one already scored by name (a baseline:
 ``score_named``) takes that score instead of a forward pass, e.g. a progressive search's seed
 lambda_2 = 1 is its baseline ``base``; its log record says ``same_as``.
 """
@@ -19,6 +18,7 @@ import math
 import time
 from typing import Sequence
 
+import jax
 import numpy as np
 
 from longrope_jax import evaluate, factors as factors_lib, rope as rope_lib
@@ -58,8 +58,8 @@ class PerplexityFitness:
     - ``slot="short"``: the short factors (short-context readjust at or below the original window);
     - ``slot="per_length"``: a ``per_length[L]`` entry (readjust between the windows).
 
-    ``batch_size``: the most candidates per call the search should pass (1 on one CPU device,
-    where they are scored one after another anyway; None elsewhere: a generation per call).
+    ``batch_size``: candidates per call, one per device of the candidates' axis (1 on one
+    device); the search passes at most that many, and calls are padded to it.
 
     Args:
       params, cfg: the model (weights are shared by every call; never reloaded).
@@ -102,9 +102,12 @@ class PerplexityFitness:
         self.q_chunk = select.default_block(self.length, q_chunk)
         self.known: dict[tuple, tuple[str, dict]] = {}  # rope.value_key -> (name, score): see remember
         self.loss_chunk = loss_chunk
-        # On one CPU device candidates are scored one after another anyway: one per call, so the
-        # search logs (and reports) each as it finishes instead of a whole generation at once.
-        self.batch_size = 1 if mesh is None and evaluate.one_cpu() else None
+        # One candidate per device of the candidates' axis (the mesh's data axis; else the local
+        # devices) in every call, padded: a candidate's score then never depends on which others
+        # share its call (a resumed search ends exactly where an uninterrupted one does), and on
+        # one CPU device the search logs (and reports) each candidate as it finishes.
+        self.batch_size = int(mesh.shape["data"]) if mesh is not None else len(jax.local_devices())
+        self.channel = None  # process 0 of several: sends each call's specs first (search.run.leading)
 
     def long_factor(self, c: Candidate) -> np.ndarray:
         """The factors a candidate stands for: float64[P] (rounded as the file stores them)."""
@@ -133,10 +136,15 @@ class PerplexityFitness:
         return factors_lib.to_spec(self.document(c), self.length, "search candidate")
 
     def score_specs(self, specs: Sequence[rope_lib.RopeSpec]) -> np.ndarray:
-        """NLL of specs sharing one static structure: float64[K, S]."""
-        return evaluate.score(self.params, self.cfg, self.tokens, rope_lib.stack(list(specs)),
+        """NLL of specs sharing one static structure: float64[K, S], in calls of ``batch_size``
+        (the last padded with copies of the last spec)."""
+        specs = list(specs)
+        if self.channel is not None:
+            self.channel(specs)
+        padded = specs + specs[-1:] * (-len(specs) % self.batch_size)
+        return evaluate.score(self.params, self.cfg, self.tokens, rope_lib.stack(padded),
                               memory_budget=self.memory_budget, attention=self.attention, q_chunk=self.q_chunk,
-                              loss_chunk=self.loss_chunk, weights=self.weights, mesh=self.mesh)
+                              loss_chunk=self.loss_chunk, weights=self.weights, mesh=self.mesh)[:len(specs)]
 
     def remember(self, name: str, spec: rope_lib.RopeSpec, record: dict) -> None:
         """Keeps ``record`` (a ``score_named`` result on these windows) for candidates whose spec

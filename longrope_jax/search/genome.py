@@ -18,8 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
-# The paper's start-token search set (REFERENCE.md section 1).
-PAPER_START_TOKENS = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+from longrope_jax import config_files
+
+# The paper's settings (configs/search/default.py, where every default of the search is stated).
+PAPER = config_files.defaults("search")
 # Factor ranges by name: upper bound as a function of the scale s (lower bound 1.0).
 FACTOR_RANGES = {
     "paper": lambda s: 1.25 * s,  # the paper: [1, 1.25 s]
@@ -162,8 +164,8 @@ class Space:
         return int(min(max(round(float(value) / self.attention_step), lo), hi))
 
 
-def space_for(num_pairs: int, scale: float, *, step: float = 0.01, factor_range: str = "paper",
-              start_tokens: Sequence[int] = PAPER_START_TOKENS) -> Space:
+def space_for(num_pairs: int, scale: float, *, step: float = PAPER.step, factor_range: str = PAPER.factor_range,
+              start_tokens: Sequence[int] = tuple(PAPER.start_tokens)) -> Space:
     """The search space for ``num_pairs`` factors at scale ``s = target / original window``.
 
     ``factor_range``: ``"paper"`` ([1, 1.25 s]) or ``"official"`` ([1, 1 + s]), the same for every
@@ -186,7 +188,7 @@ def theoretical_critical_dim(rotary_dim: int, theta: float, train_length: int) -
     return int(math.ceil((rotary_dim / 2) * math.log(train_length / (2 * math.pi)) / math.log(theta)))
 
 
-def longrope2_space_for(num_pairs: int, scale: float, critical: tuple[int, int], *, step: float = 0.01,
+def longrope2_space_for(num_pairs: int, scale: float, critical: tuple[int, int], *, step: float = PAPER.step,
                         start_tokens: Sequence[int] = (0,)) -> Space:
     """LongRoPE2 mode: pairs at or above the critical dimension in ``[s, 2 s]``, the critical
     dimension itself a gene in ``critical`` (inclusive)."""

@@ -1,16 +1,25 @@
 """The search over loaded params: a search set up (``setup.setup_search``) on windows, its
 baselines scored, then the evolution (``evolve.evolve``). Weights fine-tuned in memory are searched
 as they are; the job (``jobs/search.py``) adds paths, files, plots and resumption.
+
+Over several processes process 0 runs the search (reads and writes the log, decides each
+generation) inside :func:`leading`; the others :func:`follow`, scoring their share of what it sends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Mapping
 
+import jax
+import numpy as np
+
+from longrope_jax import parallel
 from longrope_jax.search import evolve as evolve_lib
 from longrope_jax.search import fitness as fitness_lib
+from longrope_jax.search.genome import SearchError
 from longrope_jax.search.settings import SearchSettings
 
 
@@ -60,3 +69,37 @@ def search_factors(fit: fitness_lib.PerplexityFitness, setup: Mapping[str, Any],
                             on_generation=None if on_generation is None else (lambda r: on_generation(baselines, r)),
                             log=log)
     return Searched(fit, baselines, res)
+
+
+@contextlib.contextmanager
+def leading(fit: fitness_lib.PerplexityFitness):
+    """Process 0 of several: every scoring call of ``fit`` is first sent to the other processes
+    (:func:`follow`), which score their share with it; on leaving, they are told the search is
+    done, or the error that ended it (so every process fails with the same line). One process:
+    nothing changes."""
+    if jax.process_count() == 1:
+        yield fit
+        return
+    fit.channel = lambda specs: parallel.broadcast(("score", [jax.tree.map(np.asarray, sp) for sp in specs]))
+    try:
+        yield fit
+    except BaseException as e:
+        parallel.broadcast(("error", str(e) if isinstance(e, ValueError) else f"process 0: {type(e).__name__}: {e}"))
+        raise
+    else:
+        parallel.broadcast(("done", None))
+    finally:
+        fit.channel = None
+
+
+def follow(fit: fitness_lib.PerplexityFitness) -> None:
+    """The other processes of a search: score what process 0 sends (:func:`leading`) until it is
+    done; its error is raised here too."""
+    while True:
+        kind, value = parallel.broadcast()
+        if kind == "score":
+            fit.score_specs(value)
+        elif kind == "done":
+            return
+        else:
+            raise SearchError(value)

@@ -1,9 +1,9 @@
-"""The search's settings: the paper's defaults, validation, and config-file resolution.
+"""The search's settings: the algorithm's knobs, their validation, and the command's resolution.
 
-``SearchSettings`` holds the algorithm's knobs with the LongRoPE paper's values (REFERENCE.md
-section 2); ``configs/search/default.py`` writes the same values out (a test keeps the two
-equal). :func:`resolve` merges, in order of precedence: command-line flags, ``--config.key=value``
-overrides, a ``--config`` file, and these defaults.
+``SearchSettings`` holds the algorithm's knobs; their defaults, the LongRoPE paper's values, are
+stated once, in ``configs/search/default.py``, with the job's. :func:`resolve` merges, in order
+of precedence: command-line flags, ``--config.key=value`` overrides, a ``--config`` file, and
+those defaults.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-from longrope_jax import parallel
-from longrope_jax.search.genome import FACTOR_RANGES, PAPER_START_TOKENS, SearchError
+from longrope_jax import config_files, parallel
+from longrope_jax.config_files import MODEL_KINDS
+from longrope_jax.search.genome import FACTOR_RANGES, PAPER as _PAPER, SearchError
 
 
 MODES = ("longrope", "longrope2")
@@ -61,26 +62,26 @@ class SearchSettings:
     attention_factor_step: the grid step of that gene.
     """
 
-    population: int = 64
-    iterations: int = 40
-    mutations: int = 16
-    crossovers: int = 16
-    parents: int = 32
-    mutation_prob: float = 0.3
-    crossover_prob: float = 0.3
-    crossover_tries: int = 20
-    mutation_tries: int = 1000
-    step: float = 0.01
-    factor_range: str = "paper"
-    start_tokens: tuple[int, ...] = PAPER_START_TOKENS
-    start_token_prob: float = 0.3
-    seed_factors: tuple[str, ...] = ()
-    mode: str = "longrope"
-    critical_range: tuple[int, ...] = ()
-    fitness: str = "ppl"
-    needles: int = 4
-    attention_factor_range: tuple[float, ...] = ()
-    attention_factor_step: float = 0.01
+    population: int = _PAPER.population
+    iterations: int = _PAPER.iterations
+    mutations: int = _PAPER.mutations
+    crossovers: int = _PAPER.crossovers
+    parents: int = _PAPER.parents
+    mutation_prob: float = _PAPER.mutation_prob
+    crossover_prob: float = _PAPER.crossover_prob
+    crossover_tries: int = _PAPER.crossover_tries
+    mutation_tries: int = _PAPER.mutation_tries
+    step: float = _PAPER.step
+    factor_range: str = _PAPER.factor_range
+    start_tokens: tuple[int, ...] = tuple(_PAPER.start_tokens)
+    start_token_prob: float = _PAPER.start_token_prob
+    seed_factors: tuple[str, ...] = tuple(_PAPER.seed_factors)
+    mode: str = _PAPER.mode
+    critical_range: tuple[int, ...] = tuple(_PAPER.critical_range)
+    fitness: str = _PAPER.fitness
+    needles: int = _PAPER.needles
+    attention_factor_range: tuple[float, ...] = tuple(_PAPER.attention_factor_range)
+    attention_factor_step: float = _PAPER.attention_factor_step
 
     def __post_init__(self):
         for name in ("start_tokens", "seed_factors", "critical_range", "attention_factor_range"):
@@ -148,47 +149,36 @@ class SearchSettings:
         return cls(**{k: v for k, v in m.items() if k in names}).validate()
 
 
-# Job knobs (not the algorithm's): defaults of ``longrope-jax search``. samples = 5 is the paper's
-# number of validation documents.
-JOB_DEFAULTS: dict[str, Any] = dict(
-    model=None, data=None, target_length=None, out=None, samples=5, seed=0, field="text", tokenizer=None,
-    param_dtype="float32", no_sliding_window=False, attention="auto", q_chunk=None, loss_chunk=1024,
-    memory_budget_gib=None, max_evals=None, time_budget=None, base_factors=None, readjust=None,
-    **parallel.SETTINGS,
-)
+# What each job setting of ``longrope-jax search`` must hold (the algorithm's: ``validate``).
+JOB_KINDS = dict(**MODEL_KINDS, data="strs", target_length="int", out="str", samples="int", seed="int0",
+                 field="str", attention="auto|dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int",
+                 memory_budget_gib="number?", max_evals="int?", time_budget="number?", base_factors="str?",
+                 readjust="str?", **parallel.SETTINGS_KINDS)
 REQUIRED = ("model", "data", "target_length", "out")
-JOB_KINDS = dict(model="str", data="strs", target_length="int", out="str", samples="int", seed="int0", field="str",
-                 tokenizer="str?", param_dtype="float32|bfloat16", no_sliding_window="bool",
-                 attention="auto|dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int", memory_budget_gib="number?",
-                 max_evals="int?", time_budget="number?", base_factors="str?", readjust="str?",
-                 **parallel.SETTINGS_KINDS)
-# Values that mean "unset" in a config file (ml_collections fields keep one type).
-_UNSET_IF_FALSY = ("tokenizer", "q_chunk", "memory_budget_gib", "max_evals", "time_budget", "base_factors",
-                   "readjust", "mesh")
+ALGORITHM = tuple(f.name for f in dataclasses.fields(SearchSettings))
 
 
-def defaults() -> dict:
-    """Every key ``longrope-jax search`` knows, with its default."""
-    return {**JOB_DEFAULTS, **SearchSettings().to_dict()}
-
-
-def resolve(config_path: str | None = None, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
-            ) -> dict:
-    """Settings of one search: ``flags`` (None / False: not given) over ``--config.key=value``
-    ``overrides`` over the ``config_path`` file over :func:`defaults` (``config_files.merge``,
-    shared with every command).
-
-    Returns the keyword arguments of :func:`longrope_jax.jobs.search.run` (the algorithm's knobs
-    gathered into ``settings``). Unknown config keys and missing required values are errors.
-    """
-    from longrope_jax import config_files
-
-    s = config_files.merge(defaults(), JOB_KINDS, config_path=config_path, overrides=overrides, flags=flags,
-                           required=REQUIRED, listy=("data",), unset_if_falsy=_UNSET_IF_FALSY)
-    algo = SearchSettings.from_mapping(s)
-    job = {k: s[k] for k in JOB_DEFAULTS}
-    job["settings"] = algo
+def job_settings(s: Mapping[str, Any]) -> dict:
+    """Resolved settings ``s`` as the keyword arguments of :func:`longrope_jax.jobs.search.run`
+    (the algorithm's knobs gathered into ``settings``)."""
+    job = {k: s[k] for k in s if k not in ALGORITHM}
+    job["settings"] = SearchSettings.from_mapping(s)
     job["sliding_window"] = not job.pop("no_sliding_window")
     gib = job.pop("memory_budget_gib")
     job["memory_budget"] = int(gib * 2**30) if gib else None
     return job
+
+
+def resolve(config: str | None = None, overrides: Sequence[str] = (), flags: Mapping[str, Any] | None = None
+            ) -> dict:
+    """Settings of one search: ``flags`` (None / False: not given) over ``--config.key=value``
+    ``overrides`` over the ``config`` file over the defaults (``config_files.resolve``, shared
+    with every command), as :func:`job_settings`. Unknown config keys and missing required values
+    are errors."""
+    return job_settings(config_files.resolve("search", JOB_KINDS, config=config, overrides=overrides, flags=flags,
+                                             required=REQUIRED, listy=("data",)))
+
+
+def section(given: Mapping[str, Any], where: str) -> dict:
+    """A ``search`` section in memory (a pipeline stage's), merged onto the defaults and checked."""
+    return job_settings(config_files.section("search", JOB_KINDS, given, where, listy=("data",)))

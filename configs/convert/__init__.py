@@ -1,0 +1,1 @@
+"""``longrope-jax convert`` configs."""

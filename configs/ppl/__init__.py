@@ -1,0 +1,1 @@
+"""``longrope-jax ppl`` configs."""
