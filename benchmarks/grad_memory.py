@@ -12,7 +12,7 @@ never fit still compile):
 
 Both use the model's layer scan without remat (``--remat`` to change), float32. The report gives
 temporary bytes per length, their ratio, and the log-log slope of each (1: linear in L, 2:
-quadratic). ``--topology`` compiles for a TPU topology instead (REFERENCE.md section 10; needs
+quadratic). ``--topology`` compiles for a TPU topology instead (docs/parallel.md; needs
 ``libtpu``), with ``--shapes llama2-7b`` and ``--dtype bfloat16`` for the pod-planning table.
 
     python benchmarks/grad_memory.py --lengths 2048 4096 8192 16384 32768 --json out/grad_memory.json

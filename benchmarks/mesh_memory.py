@@ -12,7 +12,7 @@ this shows: the token-proportional part of the temporaries falls with the axis, 
 gathered k/v (O(L) per device, which the ring removes) does not.
 
 On CPU (8 virtual devices, set here before jax is imported) or, with ``--topology``, for a TPU
-topology (REFERENCE.md section 10; needs ``libtpu``):
+topology (docs/parallel.md; needs ``libtpu``):
 
     python benchmarks/mesh_memory.py --length 32768 --json out/mesh_memory_cpu.json
     python benchmarks/mesh_memory.py --topology v5p:2x2x2 --shapes llama2-7b --dtype bfloat16 --remat full \\

@@ -26,7 +26,7 @@ import _bench  # noqa: E402
 
 TARGET = 1.0  # ours / transformers steps per second
 ADAMW = dict(lr=2e-5, warmup_steps=0, schedule="constant", steps=1000, end_lr_ratio=1.0, b1=0.9, b2=0.999, eps=1e-8,
-             weight_decay=0.0, clip_norm=1.0)  # REFERENCE.md section 3's internal recipe
+             weight_decay=0.0, clip_norm=1.0)  # docs/method.md: the official code's recipe
 
 
 def parse_args(argv=None):

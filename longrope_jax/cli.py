@@ -1,6 +1,6 @@
 """``longrope-jax``: argparse subcommands, each parsing flags and calling one job (``longrope_jax.jobs``).
 
-JSON lines go to stdout, the human table and progress to stderr (REFERENCE.md section 8).
+JSON lines go to stdout, the human table and progress to stderr (docs/formats.md).
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ KINDS = {
                and math.isfinite(v) and v > 0),
     "number0": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
                 and math.isfinite(v) and v >= 0),
-    "dict": ("a mapping", lambda v: isinstance(v, Mapping)),
+    "dict": ("a mapping", lambda v: isinstance(v, (Mapping, ml_collections.ConfigDict))),
     "str": ("a non-empty string", lambda v: isinstance(v, str) and bool(v)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "ints": ("a non-empty list of integers >= 1", lambda v: isinstance(v, (list, tuple)) and bool(v) and all(

@@ -1,4 +1,4 @@
-"""HF export with LongRoPE factors (REFERENCE.md section 5).
+"""HF export with LongRoPE factors (docs/formats.md).
 
 Given a model and optionally a ``longrope-factors/1`` dict, writes an HF directory that the
 installed transformers loads: ``config.json`` with ``rope_scaling`` and ``rope_parameters``

@@ -1,4 +1,4 @@
-"""The factors file (``factors.json``, format ``longrope-factors/1``; REFERENCE.md section 8).
+"""The factors file (``factors.json``, format ``longrope-factors/1``; docs/formats.md).
 
 Loading checks the format, the length, finiteness and positivity of every factor list; range and
 monotonicity are the search's rules, not the loader's (published factors exceed any search range).
@@ -143,7 +143,7 @@ class Rope:
 
 
 def parse_rope(value: str) -> Rope:
-    """A ``--rope`` value -> :class:`Rope` (REFERENCE.md section 8), or a one-line FactorsError."""
+    """A ``--rope`` value -> :class:`Rope` (docs/formats.md), or a one-line FactorsError."""
     if value in MODEL_ROPE:
         return Rope(value, "model")
     if value == "none":

@@ -2,7 +2,7 @@
 
 One place for HF key names. Reads ``config.json`` in the transformers 4.x schema
 (``rope_scaling`` + ``rope_theta``) and the 5.x schema (``rope_parameters``) with transformers
-5.x's precedence (REFERENCE.md section 5), and safetensors weights single or sharded, shard by
+5.x's precedence (docs/formats.md), and safetensors weights single or sharded, shard by
 shard, in float32 / bfloat16 / float16.
 """
 
@@ -64,8 +64,9 @@ def _typed(d: Mapping[str, Any], key: str, source: str, kind: str, prefix: str =
 
 
 def check_fields(d: Mapping[str, Any], source: str = CONFIG) -> None:
-    """Type checks of the optional fields of an HF config dict and its rope block (REFERENCE.md
-    section 7): a wrong type fails here, naming the file and field, not later in a jitted call."""
+    """Type checks of the optional fields of an HF config dict and its rope block
+    (docs/formats.md): a wrong type fails here, naming the file and field, not later in a jitted
+    call."""
     for key, kind in _TOP_FIELDS.items():
         if d.get(key) is not None:
             _typed(d, key, source, kind)

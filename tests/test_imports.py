@@ -153,3 +153,22 @@ def test_the_checks_see_what_they_check():
     assert _cycle({"a": {"b"}, "b": set()}) is None
     inside = [(m, a) for _, m, a in _imports(f"{PACKAGE}.jobs.train", MODULES[f"{PACKAGE}.jobs.train"])]
     assert (f"{PACKAGE}.loading", "model_from") in inside  # imported inside initial_model()
+
+
+def test_the_repository_stands_alone():
+    """Every document a tracked file points to is in the repository (or public): no citation of
+    the project's unpublished notes, and every ``docs/*.md`` a file names exists."""
+    import re
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    outside, missing = [], []
+    for f in files:
+        if not f.endswith((".py", ".md", ".sh", ".ipynb", ".txt", ".toml", ".cfg")) or f == "tests/test_imports.py":
+            continue
+        with open(os.path.join(ROOT, f), errors="replace") as fh:
+            text = fh.read()
+        outside += [f"{f}: {m}" for m in re.findall(r"REFERENCE\.md|DESIGN\.md|\.\./shared\b", text)]
+        missing += [f"{f}: {m}" for m in set(re.findall(r"docs/[\w-]+\.md", text))
+                    if not os.path.exists(os.path.join(ROOT, m))]
+    assert not outside and not missing, "\n".join(outside + missing)

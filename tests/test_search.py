@@ -628,7 +628,7 @@ def test_a_finished_search_can_be_extended(tmp_path):
 def test_theoretical_critical_dim():
     from longrope_jax.search.genome import theoretical_critical_dim
 
-    assert theoretical_critical_dim(128, 500000.0, 8192) == 35  # LLaMA3-8B (REFERENCE.md section 2)
+    assert theoretical_critical_dim(128, 500000.0, 8192) == 35  # LLaMA3-8B (docs/method.md)
     assert theoretical_critical_dim(64, 100000.0, 8192) == 20  # SmolLM2
 
 

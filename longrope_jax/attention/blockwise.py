@@ -15,7 +15,7 @@ Over whole chunks of blocks (what the kernel does once and a ring once per visit
 Both per-block functions skip a block (``lax.switch``) when no pair in it can be visible: every key position after
 every query position (above the causal diagonal), or every pair outside the sliding window, or
 (segments) no shared document; a block where every pair is visible is computed without a mask
-or infinity guards, which on CPU saves passes over the score tile (REFERENCE.md section 7). The
+or infinity guards, which on CPU saves passes over the score tile (docs/cpu.md). The
 tests use positions, not indices, so reordered (zigzag) positions still skip correctly.
 
 Block layout (GQA folds the query group into the rows, so k and v are never expanded):

@@ -1,4 +1,4 @@
-"""Documents for evaluation, following the perplexity protocol (REFERENCE.md section 8).
+"""Documents for evaluation, following the perplexity protocol (docs/formats.md).
 
 A text file is one document, a JSONL line is one document (field ``text``), an ArrayRecord file
 (``*.array_record``, or TFDS-style shards ``*.array_record-00000-of-00004``) holds one document per

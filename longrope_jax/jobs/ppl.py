@@ -1,5 +1,5 @@
-"""The ``ppl`` job: perplexity of a model under RoPE scalings at given lengths (REFERENCE.md
-section 8's protocol). JSON lines on stdout, the table and progress on stderr, a plot on request.
+"""The ``ppl`` job: perplexity of a model under RoPE scalings at given lengths (the protocol of
+docs/formats.md). JSON lines on stdout, the table and progress on stderr, a plot on request.
 """
 
 from __future__ import annotations

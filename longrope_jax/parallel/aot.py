@@ -1,5 +1,5 @@
 """Ahead-of-time compilation: programs for a TPU topology on a machine without a TPU
-(REFERENCE.md section 10).
+(docs/parallel.md).
 
 ``libtpu`` (``pip install "jax[tpu]"`` at the pinned jax version) compiles TPU programs for
 compile-only devices from ``get_topology_desc``; nothing runs. What the compiled program needs

@@ -106,7 +106,8 @@ class PerplexityFitness:
         # devices) in every call, padded: a candidate's score then never depends on which others
         # share its call (a resumed search ends exactly where an uninterrupted one does), and on
         # one CPU device the search logs (and reports) each candidate as it finishes.
-        self.batch_size = int(mesh.shape["data"]) if mesh is not None else len(jax.local_devices())
+        self.batch_size = (int(mesh.shape["data"]) if mesh is not None else 1 if evaluate.one_cpu()
+                           else len(jax.local_devices()))
         self.channel = None  # process 0 of several: sends each call's specs first (search.run.leading)
 
     def long_factor(self, c: Candidate) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Pure functions of ``(candidates, space, rng, seen)``; ``seen`` is the set of history keys (every
 vector already scored or already proposed this generation), so an operator only ever returns a
-new vector. The operators follow the official LongRoPE search code (REFERENCE.md section 2):
+new vector. The operators follow the official LongRoPE search code (docs/method.md):
 
 - mutation: each pair with probability ``prob`` is redrawn uniformly on the grid between its
   neighbours' current values (the first pair down to its lower bound, the last up to its upper

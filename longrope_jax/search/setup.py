@@ -2,7 +2,7 @@
 the baselines, where a candidate goes in the factors document; and that document.
 
 Plain, progressive (``lambda_2`` over a fine-tuned model's ``lambda_1``), readjust (short factors
-or a ``per_length`` entry of an extended model) and LongRoPE2 mode (REFERENCE.md sections 2-4).
+or a ``per_length`` entry of an extended model) and LongRoPE2 mode (docs/method.md).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
 
 def factors_document(fitness, best, *, model: str, model_sha256: str | None, seed: int, documents: list[str],
                      command: str, search: Mapping[str, Any], parent: Mapping[str, Any] | None = None) -> dict:
-    """The ``longrope-factors/1`` dict of the best candidate (REFERENCE.md section 8): the
+    """The ``longrope-factors/1`` dict of the best candidate (docs/formats.md): the
     fitness's document with the candidate in its slot, and provenance (``parent``: the provenance
     of the file a progressive search or a readjust started from)."""
     from longrope_jax import __version__
