@@ -1,4 +1,4 @@
-"""notebooks/search.ipynb, executed headless on a tiny model (the install cell switched off)."""
+"""notebooks/search.ipynb, executed headless on a tiny model (its install cell finds this install)."""
 
 import json
 import os
@@ -30,8 +30,9 @@ def test_search_notebook_runs_headless(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (i,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert "INSTALL = True" in nb.cells[i].source  # the defaults a Colab user gets
+    # INSTALL stays True: the install cell must keep this (editable) install, not replace it.
     nb.cells.insert(i + 1, nbformat.v4.new_code_cell(
-        f"INSTALL = False\nMODEL = {model!r}\nDATA = {str(data)!r}\nTARGET_LENGTH = 64\nSAMPLES = 2\n"
+        f"MODEL = {model!r}\nDATA = {str(data)!r}\nTARGET_LENGTH = 64\nSAMPLES = 2\n"
         f"OUT = {str(tmp_path / 'search')!r}\nEXPORT = {str(tmp_path / 'hf')!r}"))
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -42,6 +43,8 @@ def test_search_notebook_runs_headless(tmp_path):
     summary = json.load(open(tmp_path / "search" / "summary.json"))
     assert summary["stopped"] == "completed" and summary["evaluations"] == 6 + 2 * 4
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "is installed (" in text and "not reinstalling" in text
+    assert sorted(os.listdir(tmp_path)) == ["docs.jsonl", "hf", "search", "tiny", "tokenizer.json"]  # no leftovers
     (ppl,) = re.findall(r"factors\.json  ppl ([0-9.]+)", text)
     np.testing.assert_allclose(float(ppl), summary["ppl"], rtol=1e-4)  # `ppl` reproduces the search
     d = factors.load(str(tmp_path / "search" / "factors.json"))
