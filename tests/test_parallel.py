@@ -316,13 +316,13 @@ out = {"kind": devices[0].device_kind}
 for mesh in ("sequence=1", "sequence=4", "fsdp=2,sequence=2"):
     m = parallel.build(mesh, devices[:1] if mesh == "sequence=1" else devices)
     b = 2 if mesh.startswith("fsdp") else 1
-    out[mesh] = {"forward": loss_report(cfg, m, length=4096, batch=b, block=512),
-                 "grad": loss_report(cfg, m, length=4096, batch=b, block=512, grad=True)}
+    out[mesh] = {"forward": loss_report(cfg, m, length=1024, batch=b, block=512),
+                 "grad": loss_report(cfg, m, length=1024, batch=b, block=512, grad=True)}
 # The ring with splash kernels per step (no sliding window: splash's masks are static).
 import dataclasses
 m, splash = parallel.build("sequence=4", devices), dataclasses.replace(cfg, sliding_window=None)
-out["ring_splash"] = {"forward": loss_report(splash, m, length=4096, block=512, attention="ring_splash"),
-                      "grad": loss_report(splash, m, length=4096, block=512, grad=True, attention="ring_splash")}
+out["ring_splash"] = {"forward": loss_report(splash, m, length=1024, block=512, attention="ring_splash"),
+                      "grad": loss_report(splash, m, length=1024, block=512, grad=True, attention="ring_splash")}
 two = aot.topology_devices("v5p:2x2x1", num_slices=2)  # 2 slices of 4 chips
 out["slices"] = sorted({d.slice_index for d in two})
 out["across_slices"] = parallel.axis_sizes(parallel.build("data=2,sequence=4", two))

@@ -243,17 +243,28 @@ def _exports_to_transformers(final, hf_dir):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_resume_on_another_device_count_sees_the_same_examples(tmp_path, corpus):
+# A constant rate after the warmup: the schedule then does not depend on the run's total steps, so
+# the first steps of one uninterrupted run are the reference of shorter runs too.
+CONSTANT = ("--config.checkpoint_every=2", "--config.schedule=constant")
+
+
+@pytest.fixture(scope="module")
+def constant8(tmp_path_factory, corpus):
+    """The reference: 8 uninterrupted steps at a constant rate, one process, one device."""
+    out = tmp_path_factory.mktemp("constant") / "run"
+    r = _train(out, corpus, "--config.steps=8", *CONSTANT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_resume_on_another_device_count_sees_the_same_examples(tmp_path, corpus, constant8):
     """3 steps on 8 devices (data=2, sequence=4), resumed on one: the losses of an uninterrupted
     one-device run, to float32 rounding (the mesh sums in another order)."""
-    # A constant rate after the warmup: the schedule then does not depend on the run's total steps.
-    every = ("--config.checkpoint_every=2", "--config.schedule=constant")
-    assert _train(tmp_path / "whole", corpus, "--config.steps=6", *every).returncode == 0
-    first = _train(tmp_path / "moved", corpus, "--config.steps=3", *every, "--mesh", "data=2,sequence=-1")
+    first = _train(tmp_path / "moved", corpus, "--config.steps=3", *CONSTANT, "--mesh", "data=2,sequence=-1")
     assert first.returncode == 0, first.stderr[-2000:]
-    rest = _train(tmp_path / "moved", corpus, "--config.steps=6", *every)
+    rest = _train(tmp_path / "moved", corpus, "--config.steps=6", *CONSTANT)
     assert rest.returncode == 0 and "resumed from" in rest.stderr and "step 3" in rest.stderr
-    got, ref = _losses(tmp_path / "moved"), _losses(tmp_path / "whole")
+    got, ref = _losses(tmp_path / "moved"), _losses(constant8)[:6]
     assert [s for s, _ in got] == [s for s, _ in ref] == list(range(6))
     np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
 
@@ -365,11 +376,11 @@ def test_a_sigterm_during_the_stop_agreement_stops_the_next_step(tmp_path, corpu
     assert [st for st, _ in _losses(tmp_path / "run")] == [0, 1, 2]
 
 
-def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_path, corpus):
+def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_path, corpus, constant8):
     """What a kill in the middle of an Orbax save leaves (an uncommitted temporary directory of the
     next step) is not restored: the run resumes from the last complete checkpoint."""
     out = tmp_path / "run"
-    every = ("--config.checkpoint_every=2", "--config.schedule=constant")
+    every = CONSTANT
     assert _train(out, corpus, "--config.steps=4", *every).returncode == 0
     torn = out / "checkpoints" / "6.orbax-checkpoint-tmp-1764000000000000"
     (torn / "state").mkdir(parents=True)
@@ -377,18 +388,26 @@ def test_a_save_cut_short_is_ignored_and_the_previous_checkpoint_restored(tmp_pa
     r = _train(out, corpus, "--config.steps=8", *every)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr and "step 4" in r.stderr
-    whole = tmp_path / "whole"
-    assert _train(whole, corpus, "--config.steps=8", *every).returncode == 0
-    assert _losses(out) == _losses(whole)
+    assert _losses(out) == _losses(constant8)
+
+
+TWELVE = ["--config.steps=12", "--config.checkpoint_every=3"]
+
+
+@pytest.fixture(scope="module")
+def whole12(tmp_path_factory, corpus):
+    """The reference: 12 uninterrupted steps on the config's decaying schedule."""
+    out = tmp_path_factory.mktemp("whole12") / "run"
+    r = _train(out, corpus, *TWELVE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_killed_run_resumes_to_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus, sig):
+def test_killed_run_resumes_to_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus, whole12, sig):
     """SIGKILL: the run resumes from the last checkpoint; SIGTERM: it saves the step it is at and
     exits 0. Either way the same command then ends with every loss of an uninterrupted run."""
-    steps = ["--config.steps=12", "--config.checkpoint_every=3"]
-    whole = tmp_path / "whole"
-    assert _train(whole, corpus, *steps).returncode == 0
+    steps, whole = TWELVE, whole12
     cut = tmp_path / "cut"
     p = _train(cut, corpus, *steps, wait=False)
     deadline = time.time() + 300
