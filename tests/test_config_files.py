@@ -82,7 +82,7 @@ def _two_stages():
     c.data = FieldReference(["stdlib:"])
     c.model = FieldReference("smollm2")
     c.stages = [ml_collections.ConfigDict({"search": {"model": c.get_ref("model"), "data": c.get_ref("data"),
-                                                      "target_length": 16384, "out": "s1", "population": 8}}),
+                                                      "target_length": 16384, "out": "s1", "population": 8, "parents": 4}}),
                 ml_collections.ConfigDict({"train": {"model": c.get_ref("model"), "data": c.get_ref("data"),
                                                      "seq_len": 16384, "steps": 10, "out": "t1"}})]
     return c

@@ -441,6 +441,38 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path, corpus):
     assert more.returncode == 0 and [s for s, _ in _losses(out)] == [0, 1, 2, 3]
 
 
+# settings.json as the train job wrote it until 2026-12-06 (defaults in the code, "unset" as null,
+# no no_sliding_window), for ``--config configs/train/tiny.py`` with SMALL and 2 steps.
+OLD_SETTINGS = {
+    "accum": 1, "attention": "blockwise", "b1": 0.9, "b2": 0.95, "batch": 4, "checkpoint_every": 3, "clip_norm": 1.0,
+    "data": None, "dtype": "float32", "end_lr_ratio": 0.1, "eps": 1e-08, "eval_data": ["pydoc:"], "eval_every": 0,
+    "eval_lengths": [512, 1024], "eval_samples": 1, "field": "text", "init_seed": 0, "keep": 3, "loss_chunk": 64,
+    "lr": 0.003, "min_document_tokens": 0, "model": None,
+    "model_config": {"bos_token_id": 256, "eos_token_id": 257, "head_dim": 32, "hidden_size": 64,
+                     "intermediate_size": 128, "max_position_embeddings": 512, "num_attention_heads": 4,
+                     "num_hidden_layers": 1, "num_key_value_heads": 2, "rope_parameters": {"rope_type": "default"},
+                     "rope_theta": 10000.0, "tie_word_embeddings": True, "vocab_size": 258},
+    "param_dtype": "float32", "q_chunk": None, "remat": "none", "rope": "model", "schedule": "cosine", "seed": 0,
+    "seq_len": 64, "tokenizer": None, "warmup_steps": 2, "weight_decay": 0.01}
+
+
+def test_a_run_directory_of_the_old_settings_resumes_by_effective_values(tmp_path, corpus):
+    """A run started before the settings moved into configs/ resumes: its ``settings.json`` is
+    compared by effective values (a key it predates at its default; ``q_chunk`` unset or the block
+    it stands for), and a real change is still refused."""
+    from longrope_jax.jobs import train
+
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({"format": "longrope-train/1", "settings": dict(OLD_SETTINGS, data=[corpus])}))
+    args = [*SMALL, "--config.checkpoint_every=3", "--config.steps=2"]
+    train._check_settings(str(path), train.resolve(TINY, args, {"out": str(tmp_path), "data": [corpus]}))
+    train._check_settings(str(path), train.resolve(TINY, [*args, "--config.q_chunk=64"],
+                                                   {"out": str(tmp_path), "data": [corpus]}))
+    with pytest.raises(train.TrainError, match=r"this run was started with other settings \(no_sliding_window: "):
+        train._check_settings(str(path), train.resolve(TINY, [*args, "--config.no_sliding_window=true"],
+                                                       {"out": str(tmp_path), "data": [corpus]}))
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, corpus):
     out = tmp_path / "run"
     r = _train(out, corpus, "--config.steps=6", "--config.checkpoint_every=1", "--config.lr=1e30",
