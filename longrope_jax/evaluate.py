@@ -16,15 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import memory, parallel
+from longrope_jax import progress as progress_lib
 from longrope_jax.attention import select
 from longrope_jax.loss import mean_nll, window_nll
 from longrope_jax.model import ModelConfig
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "sequential", "layout"))
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "sequential", "layout",
+                                             "progress"))
 def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = "blockwise",
                    q_chunk: int | None = None, loss_chunk: int = 1024, weights=None, sequential: bool = False,
-                   layout=None):
+                   layout=None, progress: bool = False):
     """Mean NLL of K candidate RoPE specs on S windows in one call: float32[K, S].
 
     ``specs`` carries a leading candidate axis (``rope.stack``); the weights are shared by every
@@ -35,10 +37,11 @@ def candidates_nll(params, tokens, specs, *, cfg: ModelConfig, attention: str = 
     ``vmap``: on a CPU one window already fills the cores, and K windows' activations at once
     only spill the caches; accelerators want the batch. ``layout``: on a mesh, the candidates go
     over ``data`` (``vmap(spmd_axis_name="data")``) and the windows over ``layout.batch_axes``.
+    ``progress``: each layer reports to the active ``progress`` tracker (a host callback).
     """
     def one(sp):
         return mean_nll(params, tokens, sp, cfg=cfg, attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk,
-                        weights=weights, layout=layout)
+                        weights=weights, layout=layout, layer_hook=progress_lib.layer_done if progress else None)
 
     if sequential:
         return jax.lax.map(one, specs)
@@ -56,7 +59,8 @@ def one_cpu(devices=None) -> bool:
 
 def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
           attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
-          mesh=None, devices=None, weights=None, sequential: bool | None = None) -> np.ndarray:
+          mesh=None, devices=None, weights=None, sequential: bool | None = None, label: str | None = None
+          ) -> np.ndarray:
     """NLL of K candidates on S windows: float64[K, S], split into as few calls as fit the budget.
 
     ``mesh`` (``parallel.build``): candidates over its ``data`` axis, windows over ``fsdp``,
@@ -72,6 +76,9 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     Candidates go through in their given order, ``kc`` at a time (the last call padded by
     repeating the last candidate, so every call has one shape and one compilation); results do
     not depend on the split.
+
+    On CPU devices a call that runs longer than 10 s reports its progress per layer on stderr
+    (process 0; ``label`` names the work), from inside the compiled call (``progress``).
     """
     tokens = np.asarray(tokens, np.int32)
     k = specs.long_factor.shape[0]
@@ -115,19 +122,23 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     from jax.sharding import PartitionSpec as P
 
     out = np.zeros((k, s), np.float64)
-    for c in range(n_calls):
-        chunk = jax.tree.map(lambda a: place(a[c * kc:(c + 1) * kc], P("data" if nd > 1 else None)), padded)
-        rows = []
-        for w in range(0, s, sc):
-            res = candidates_nll(params, place(tokens[w:w + sc], layout and layout.rows()), chunk, cfg=cfg,
-                                 attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk,
-                                 weights=None if weights is None else place(weights[w:w + sc],
-                                                                            layout and P(layout.batch, None)),
-                                 sequential=sequential, layout=layout)
-            rows.append(np.asarray(parallel.fetch(res) if layout is not None else res, np.float64))
-        res = np.concatenate(rows, axis=1)[:, :s]
-        take = min(kc, k - c * kc)
-        out[c * kc:c * kc + take] = res[:take]
+    windows = range(0, s, sc)
+    progress = progress_lib.enabled(mesh.devices.flat if mesh is not None else devices)
+    label = label or f"{k} candidate(s) on {s} window(s) of {length} tokens"
+    with progress_lib.tracking(n_calls * len(windows), kc if sequential else 1, cfg.num_hidden_layers, label):
+        for c in range(n_calls):
+            chunk = jax.tree.map(lambda a: place(a[c * kc:(c + 1) * kc], P("data" if nd > 1 else None)), padded)
+            rows = []
+            for i, w in enumerate(windows):
+                progress_lib.call_started(c * len(windows) + i)
+                wts = None if weights is None else place(weights[w:w + sc], layout and P(layout.batch, None))
+                res = candidates_nll(params, place(tokens[w:w + sc], layout and layout.rows()), chunk, cfg=cfg,
+                                     attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk, weights=wts,
+                                     sequential=sequential, layout=layout, progress=progress)
+                rows.append(np.asarray(parallel.fetch(res) if layout is not None else res, np.float64))
+            res = np.concatenate(rows, axis=1)[:, :s]
+            take = min(kc, k - c * kc)
+            out[c * kc:c * kc + take] = res[:take]
     return out
 
 
@@ -163,8 +174,11 @@ def score_named(params, cfg: ModelConfig, tokens, specs: Mapping[str, Any], *, l
 
     out = {}
     for names in rope_lib.stackable(specs):
+        if log is not None:
+            log(f"length {tokens.shape[1]}: scoring {', '.join(names)} on {tokens.shape[0]} window(s) ...")
         t = time.time()
-        res = score(params, cfg, tokens, rope_lib.stack([specs[n] for n in names]), **score_kw)
+        res = score(params, cfg, tokens, rope_lib.stack([specs[n] for n in names]),
+                    label=f"length {tokens.shape[1]}: {', '.join(names)}", **score_kw)
         dt = time.time() - t
         if log is not None:
             log(f"length {tokens.shape[1]}: scored {', '.join(names)} on {tokens.shape[0]} window(s) in {dt:.1f}s "

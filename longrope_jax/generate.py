@@ -18,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from longrope_jax import attention as attention_lib
+from longrope_jax import progress as progress_lib
 from longrope_jax import rope as rope_lib
 from longrope_jax.model import ModelConfig, Transformer, init_cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
-def _prefill(params, tokens, spec, cache, *, cfg: ModelConfig, attention: str = "dense"):
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "progress"))
+def _prefill(params, tokens, spec, cache, *, cfg: ModelConfig, attention: str = "dense", progress: bool = False):
     b, l = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    model = Transformer(cfg, attention_lib.get(attention))
+    model = Transformer(cfg, attention_lib.get(attention), layer_hook=progress_lib.layer_done if progress else None)
     hidden, cache = model.apply({"params": params}, tokens, positions, rope=spec, cache=cache, return_hidden=True)
     logits = model.apply({"params": params}, hidden[:, -1], method=Transformer.project)
     return logits.astype(jnp.float32), cache
@@ -68,7 +69,15 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
     max_len = len(prompt) + max_new_tokens
     cache = init_cache(cfg, 1, max_len)
     attn = "dense" if attention == "auto" and max_len <= 512 else ("blockwise" if attention == "auto" else attention)
-    logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn)
+    heartbeat = progress_lib.enabled(jax.devices()[:1])
+
+    def encode(seq, cache):
+        """The prompt (or the whole sequence, re-encoded) in one call, reporting per layer."""
+        with progress_lib.tracking(1, 1, cfg.num_hidden_layers, f"encoding {len(seq)} tokens"):
+            return _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn,
+                            progress=heartbeat)
+
+    logits, cache = encode(seq, cache)
     long_mode = _needs_long(spec, len(seq))
     out, reenc, kept = [], [], []
     for _ in range(max_new_tokens):
@@ -83,8 +92,7 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
             break
         p = len(seq) - 1  # position of the token just produced
         if not long_mode and _needs_long(spec, p + 1):
-            cache = init_cache(cfg, 1, max_len)
-            logits, cache = _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn)
+            logits, cache = encode(seq, init_cache(cfg, 1, max_len))
             long_mode = True
             reenc.append(p)
         else:

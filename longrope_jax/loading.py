@@ -111,6 +111,11 @@ def load_model(
 
     if checkpoint.is_checkpoint(path):
         return _from_checkpoint(path, given, param_dtype, dtype, tokenizer, sliding_window, to_device)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "settings.json")) \
+            and os.path.isdir(os.path.join(path, "checkpoints")):
+        final = os.path.join(path, "final")
+        hint = f"did you mean {final}?" if os.path.isdir(final) else "its final/ checkpoint is not written yet"
+        raise FileNotFoundError(f"{given}: a train run directory, not a model; {hint}")
     if os.path.isfile(path) and path.endswith(".gguf"):
         path, sha = gguf_to_cache(path)
     elif not os.path.exists(path):

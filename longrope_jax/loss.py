@@ -66,7 +66,7 @@ def _sharded_nll(model, params, hidden, targets, loss_chunk, weights, layout):
 
 
 def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockwise", q_chunk: int | None = None,
-             loss_chunk: int = 1024, weights=None, layout=None):
+             loss_chunk: int = 1024, weights=None, layout=None, layer_hook=None):
     """Mean next-token NLL of each row over its ``L - 1`` predictions: float32[B]. Pure and
     differentiable (the flash backward, the chunked loss): the loss of a gradient step.
 
@@ -75,11 +75,12 @@ def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockw
     sharded on its mesh, attention by all-gather over ``sequence`` (``attention="ring"``: the
     ring), the loss on each device's tokens; with ``layout.zigzag`` tokens, targets, positions
     and weights are put in zigzag order first (the loss is a sum: no inverse needed). None: one
-    device.
+    device. ``layer_hook``: the model's per-layer host callback (``progress.layer_done``), or None.
     """
     b, l = tokens.shape
     fn = select.function(attention, q_chunk, layout)
-    model = Transformer(cfg, fn) if layout is None else Transformer(cfg, fn, layout.constrain)
+    model = Transformer(cfg, fn, layer_hook=layer_hook) if layout is None else Transformer(
+        cfg, fn, layout.constrain, layer_hook)
     # Position i predicts token i + 1; the last position predicts nothing (weight 0), so hidden
     # states and targets keep the row's length and its sharding.
     targets = jnp.roll(tokens, -1, axis=1)

@@ -206,14 +206,16 @@ def _same(x):
 
 class Block(nn.Module):
     """Pre-norm decoder block; returns ``(x, cache)`` so it can be scanned. ``constrain`` holds
-    its output (the residual stream ``[B, L, D]``) to a sharding (``parallel.Layout.constrain``)."""
+    its output (the residual stream ``[B, L, D]``) to a sharding (``parallel.Layout.constrain``);
+    ``layer_hook(layer)``, when given, is called on the host after the block (progress)."""
 
     cfg: ModelConfig
     attention_fn: Callable = dense_attention
     constrain: Callable = _same
+    layer_hook: Callable | None = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, positions, segment_ids, cache=None):
+    def __call__(self, x, cos, sin, positions, segment_ids, cache=None, layer=None):
         cfg = self.cfg
         pd = _dt(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, pd, name="input_layernorm")(x)
@@ -223,6 +225,8 @@ class Block(nn.Module):
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         x = x + MLP(cfg, name="mlp")(h)
+        if self.layer_hook is not None:
+            jax.debug.callback(self.layer_hook, layer, ordered=False)
         return self.constrain(x), cache
 
 
@@ -240,12 +244,15 @@ class Transformer(nn.Module):
     """Decoder-only LM. ``__call__`` returns logits ``[B, L, V]`` or final hidden states.
 
     ``attention_fn``: the attention contract (:mod:`longrope_jax.attention`); ``constrain``: the
-    residual stream's sharding at every block boundary (identity on one device).
+    residual stream's sharding at every block boundary (identity on one device); ``layer_hook``:
+    a host function called with each layer's index as it finishes (``progress.layer_done``;
+    None: no callback in the program).
     """
 
     cfg: ModelConfig
     attention_fn: Callable = dense_attention
     constrain: Callable = _same
+    layer_hook: Callable | None = None
 
     def setup(self):
         cfg = self.cfg
@@ -260,9 +267,9 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 4 + (0,),
+            in_axes=(nn.broadcast,) * 4 + (0, 0),
             length=cfg.num_hidden_layers,
-        )(cfg, self.attention_fn, self.constrain)
+        )(cfg, self.attention_fn, self.constrain, self.layer_hook)
         self.norm = RMSNorm(cfg.rms_norm_eps, pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, cfg, "lm_head")
@@ -292,7 +299,8 @@ class Transformer(nn.Module):
             )
         cos, sin = rope_lib.cos_sin(positions, spec, seq_len, precise=self.cfg.precise_rope)
         x = self.constrain(self.embed_tokens(tokens))
-        x, new_cache = self.layers(x, cos, sin, positions, segment_ids, cache)
+        layers = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32) if self.layer_hook is not None else None
+        x, new_cache = self.layers(x, cos, sin, positions, segment_ids, cache, layers)
         x = self.norm(x)
         out = x if return_hidden else self.project(x)
         return out if cache is None else (out, new_cache)

@@ -24,14 +24,17 @@ import numpy as np
 
 _ACTIVE: "Tracker | None" = None
 _LOCK = threading.Lock()
+EVERY = 10.0  # seconds between lines (and before the first)
+ENABLED = True  # False: no callback in any program (benchmarks/progress_overhead.py measures both)
 
 
 class Tracker:
     """``calls`` calls of ``passes`` forwards each (a call's candidates one after another) of
     ``layers`` layers."""
 
-    def __init__(self, calls: int, passes: int, layers: int, label: str, every: float = 10.0, write=None):
-        self.calls, self.passes, self.layers, self.label, self.every = calls, passes, layers, label, every
+    def __init__(self, calls: int, passes: int, layers: int, label: str, every: float | None = None, write=None):
+        self.calls, self.passes, self.layers, self.label = calls, passes, layers, label
+        self.every = EVERY if every is None else every
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self.start = self.last = time.monotonic()
         self.call, self.pass_, self.layer = 0, 0, -1
@@ -51,8 +54,9 @@ class Tracker:
             self.calls * self.passes * self.layers)
         spent = now - self.start
         left = spent * (1 - done) / done if done > 0 else float("nan")
-        what = f"call {self.call + 1}/{self.calls}" + (f", forward {self.pass_ + 1}/{self.passes}" if self.passes > 1
-                                                        else "")
+        what = f"call {self.call + 1}/{self.calls}"
+        if self.passes > 1:
+            what += f", forward {self.pass_ + 1}/{self.passes}"
         self.write(f"{self.label}: {what}, layer {self.layer + 1}/{self.layers} ({100 * done:.0f}%), "
                    f"{spent:.0f}s so far, about {left:.0f}s left")
 
@@ -74,11 +78,11 @@ def enabled(devices) -> bool:
     """Whether calls on ``devices`` carry the heartbeat: CPU devices (every process alike, so
     all run one program; only process 0's tracker writes)."""
     devices = list(devices)
-    return bool(devices) and all(d.platform == "cpu" for d in devices)
+    return ENABLED and bool(devices) and all(d.platform == "cpu" for d in devices)
 
 
 @contextlib.contextmanager
-def tracking(calls: int, passes: int, layers: int, label: str, every: float = 10.0, write=None):
+def tracking(calls: int, passes: int, layers: int, label: str, every: float | None = None, write=None):
     """Makes a :class:`Tracker` the active one for the calls inside (nested: the inner one)."""
     import jax
 

@@ -201,6 +201,13 @@ def _bad_inputs(root, model, data):
             fh.write(text)
         return f
 
+    def run_dir(d):
+        for sub in ("checkpoints", "final"):
+            os.makedirs(os.path.join(d, sub), exist_ok=True)
+        with open(os.path.join(d, "settings.json"), "w") as fh:
+            fh.write('{"format": "longrope-train/1", "settings": {}}')
+        return d
+
     ppl = ["ppl", "--data", data, "--length", "32"]
     cfg = os.path.join(root, "config")
     return [
@@ -259,6 +266,10 @@ def _bad_inputs(root, model, data):
         ("mesh axis", ppl + ["--model", model, "--mesh", "pipeline=2"], "--mesh: unknown axis 'pipeline'"),
         ("half a multi-process start", ppl + ["--model", model, "--coordinator", "localhost:1"],
          "--coordinator, --num-processes and --process-id: give all three or none"),
+        ("a train run directory as the model", ppl + ["--model", run_dir(os.path.join(root, "run"))],
+         f"{root}/run: a train run directory, not a model; did you mean {root}/run/final?"),
+        ("an unknown built-in config", ["train", "--config", "tinny"],
+         "--config tinny: no such file, and no built-in config of that name (built-in: default, smollm2_16k, tiny)"),
     ]
 
 
@@ -290,3 +301,60 @@ def test_bad_inputs_are_one_line_errors(tiny, tmp_path, capsys):
         assert rc == 2 and not out.strip(), name
         assert len(lines) == 1 and lines[0].startswith(f"longrope-jax {argv[0]}: error: "), (name, lines)
         assert expected in lines[0], (name, lines[0])
+
+
+def test_help_says_what_each_flag_takes_and_the_version():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    helps = {name: {a.dest: a.help or "" for a in p._actions} for name, p in sub.items()}
+    for command in ("ppl", "search", "generate", "passkey", "train"):
+        assert "checkpoint" in helps[command]["model"] and "RUN/final" in helps[command]["model"], command
+    for command in ("ppl", "search", "train"):
+        assert "stdlib:" in helps[command]["data"], command
+    for command, flag in (("generate", "prompt"), ("generate", "max_new_tokens"), ("passkey", "lengths"),
+                          ("passkey", "seed"), ("ppl", "seed"), ("ppl", "param_dtype"), ("search", "time_budget")):
+        assert len(helps[command][flag]) > 10, (command, flag)
+    assert "before each evaluator call" in helps["search"]["time_budget"]
+    assert not parser.description.startswith("``")  # for users, not a developer docstring
+    from longrope_jax import __version__
+
+    p = subprocess.run([sys.executable, "-m", "longrope_jax", "--version"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == f"longrope-jax {__version__}"
+
+
+def test_ctrl_c_stops_a_command_with_one_line(tiny):
+    """SIGINT (Ctrl-C, restored in the child: a non-interactive shell ignores it in background
+    jobs) during a long generation: exit 130, one line, no traceback."""
+    import signal
+    import time
+
+    d, _ = tiny
+    p = subprocess.Popen([sys.executable, "-m", "longrope_jax", "generate", "--model", d, "--prompt", "The quick",
+                          "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    first = p.stderr.read(20)  # generated text (nothing else goes to stderr first): decoding
+    assert len(first) == 20, first + p.communicate()[1]
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and not out, err[-2000:]
+    assert err.rstrip().splitlines()[-1] == "longrope-jax generate: interrupted" and "Traceback" not in err
+
+
+def test_commands_on_a_machine_without_a_tpu_leave_libtpu_alone(tiny):
+    """With libtpu installed (the test extra) and no TPU chip, a command runs on the CPU without
+    starting the TPU backend: no discovery warnings, no lock file taken."""
+    from longrope_jax import platforms
+
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None or platforms.has_tpu_chip():
+        pytest.skip("needs libtpu installed on a machine without a TPU chip")
+    d, data = tiny
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    p = subprocess.run([sys.executable, "-m", "longrope_jax", "ppl", "--model", d, "--data", data, "--length", "32"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "TPU" not in p.stderr and "libtpu" not in p.stderr, p.stderr[-2000:]

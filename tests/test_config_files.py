@@ -36,8 +36,8 @@ def test_every_command_has_its_defaults_and_every_kind_names_a_setting(command):
 
 def test_built_in_configs_by_name_and_path_build_on_the_defaults():
     tiny = config_files.load("tiny", "train")
-    assert tiny == config_files.load("train/tiny") == config_files.load(os.path.join(ROOT, "configs", "train",
-                                                                                      "tiny.py"))
+    path = os.path.join(ROOT, "configs", "train", "tiny.py")
+    assert tiny == config_files.load("train/tiny") == config_files.load(path)
     defaults = config_files.defaults("train")
     differ = {k for k in defaults.keys() if defaults[k] != tiny[k]}
     assert differ == {"model_config", "seq_len", "batch", "steps", "lr", "warmup_steps", "schedule", "end_lr_ratio",
@@ -82,7 +82,8 @@ def _two_stages():
     c.data = FieldReference(["stdlib:"])
     c.model = FieldReference("smollm2")
     c.stages = [ml_collections.ConfigDict({"search": {"model": c.get_ref("model"), "data": c.get_ref("data"),
-                                                      "target_length": 16384, "out": "s1", "population": 8, "parents": 4}}),
+                                                      "target_length": 16384, "out": "s1", "population": 8,
+                                                      "parents": 4}}),
                 ml_collections.ConfigDict({"train": {"model": c.get_ref("model"), "data": c.get_ref("data"),
                                                      "seq_len": 16384, "steps": 10, "out": "t1"}})]
     return c

@@ -457,9 +457,8 @@ def test_one_candidate_per_call_keeps_each_baseline_and_reports_progress(tiny, c
 
     with monkeypatch.context() as m:
         m.setattr(fitness_lib.PerplexityFitness, "score_specs", killed_on_third)
-        with pytest.raises(KeyboardInterrupt):
-            cli.main(["search", *common, "--out", out])
-    capsys.readouterr()
+        assert cli.main(["search", *common, "--out", out]) == 130  # Ctrl-C: one line, exit 130
+    assert capsys.readouterr().err.rstrip().endswith("longrope-jax search: interrupted")
     assert calls == [1, 1, 1]
     saved = json.load(open(os.path.join(out, "baselines.json")))["baselines_detail"]
     assert list(saved) == ["none", "pi:2"]
@@ -1026,3 +1025,36 @@ def test_weights_in_memory_are_searched_step_by_step(tiny, capsys):
     rc, (orig,), _ = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--out",
                            str(root / "orig_run"), "--samples", "2", "--seed", "1", *SMOKE], capsys)
     assert abs(orig["baselines"]["none"] - line["baselines"]["none"]) > 1e-3  # the weights really differ
+
+
+def test_a_search_not_below_a_baseline_says_so_and_names_its_seeds():
+    """The PI seed is not the ``pi`` baseline (grid-rounded factors, LongRoPE's attention factor):
+    the summary and messages say what a seed is, and a best that does not beat every baseline ends
+    with a warning naming the baseline and both numbers."""
+    import types
+
+    from longrope_jax.jobs.search import not_below_baselines
+    from longrope_jax.search.setup import describe_origin
+
+    best = types.SimpleNamespace(ppl=25.2675)
+    got = not_below_baselines(best, {"none": 99.0, "pi:2": 25.2519, "ntk:2": 30.0, "yarn:2": 25.26})
+    assert got.startswith("the best candidate (25.2675) is not below the pi:2 baseline (25.2519) nor 1 other(s)")
+    assert not_below_baselines(types.SimpleNamespace(ppl=20.0), {"pi:2": 25.2519, "none": None}) is None
+    assert describe_origin("seed:pi", 0.01) == ("the PI seed: PI's factors rounded onto the 0.01 grid, with "
+                                                "LongRoPE's attention factor (not the pi baseline)")
+    assert describe_origin("mutation", 0.01) == "mutation"
+
+
+def test_the_search_command_warns_when_a_baseline_wins(tiny, capsys):
+    """One evaluation (the first seed) against five baselines: the line, the summary and stderr
+    agree with the numbers: a warning exactly when some baseline is at least as good."""
+    model, data, root = tiny
+    out = str(root / "one_eval")
+    rc, (res,), err = _cli(["search", "--model", model, "--data", data, "--target-length", "64", "--samples", "1",
+                            "--out", out, "--max-evals", "1", *SMOKE], capsys)
+    assert rc == 0, err
+    beaten = [k for k, v in res["baselines"].items() if not res["ppl"] < v]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert bool(beaten) == ("warning" in res) == (summary["warning"] is not None) == ("WARNING: " in err)
+    assert summary["result"]["origin"] == "seed:pi" and "the PI seed" in summary["result"]["origin_described"]
+    assert "the PI seed: PI's factors rounded onto the 0.01 grid" in err

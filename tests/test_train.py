@@ -181,12 +181,19 @@ SMALL = ["--config.seq_len=64", "--config.batch=4", "--config.model_config.hidde
          "--config.loss_chunk=64", "--config.warmup_steps=2"]
 
 
+def _interruptible():
+    """In the child: Ctrl-C as an interactive shell delivers it (a non-interactive shell starts
+    background jobs with SIGINT ignored, and the child would inherit that)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _train(out, corpus, *extra, wait=True):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     argv = [sys.executable, "-m", "longrope_jax", "train", "--config", TINY, "--out", str(out), "--data", corpus,
             *SMALL, *extra]
     if not wait:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=_interruptible)
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -403,10 +410,11 @@ def whole12(tmp_path_factory, corpus):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_killed_run_resumes_to_the_uninterrupted_losses_bit_for_bit(tmp_path, corpus, whole12, sig):
-    """SIGKILL: the run resumes from the last checkpoint; SIGTERM: it saves the step it is at and
-    exits 0. Either way the same command then ends with every loss of an uninterrupted run."""
+    """SIGKILL: the run resumes from the last checkpoint; SIGTERM and Ctrl-C (SIGINT): it saves the
+    step it is at and exits 0. Either way the same command then ends with every loss of an
+    uninterrupted run."""
     steps, whole = TWELVE, whole12
     cut = tmp_path / "cut"
     p = _train(cut, corpus, *steps, wait=False)
@@ -419,14 +427,49 @@ def test_killed_run_resumes_to_the_uninterrupted_losses_bit_for_bit(tmp_path, co
     _, err = p.communicate(timeout=120)
     done = len(_losses(cut))
     assert done < 12
-    if sig == signal.SIGTERM:
-        assert p.returncode == 0, err[-2000:]
-        assert f"SIGTERM: saved step {done} in {cut}/checkpoints; the same command resumes" in err
+    if sig != signal.SIGKILL:
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+        assert f"{sig.name}: saved step {done} in {cut}/checkpoints; the same command resumes" in err
         assert max(int(s) for s in os.listdir(cut / "checkpoints") if s.isdigit()) == done
     r = _train(cut, corpus, *steps)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stderr
     assert _losses(cut) == _losses(whole)  # every step, every float as computed
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, corpus):
+    """Ctrl-C, and again while the step runs: no waiting for the save, no traceback; the run
+    resumes from its last checkpoint. (Slow steps: the second signal must land inside one.)"""
+    import threading
+
+    out = tmp_path / "run"
+    slow = ["--config.model_config.num_hidden_layers=6", "--config.batch=16", "--config.checkpoint_every=2"]
+    p = _train(out, corpus, "--config.steps=1000", *slow, wait=False)
+    lines, saving = [], threading.Event()
+
+    def read():
+        for line in p.stderr:
+            lines.append(line)
+            if "SIGINT: saving at the end of this step" in line:
+                saving.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while not (os.path.exists(out / "metrics.jsonl") and len(_losses(out)) >= 3):
+        assert time.time() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    assert saving.wait(60)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=120)
+    reader.join(10)
+    err = "".join(lines)
+    assert p.returncode == 130 and err.rstrip().splitlines()[-1] == "longrope-jax train: interrupted", err[-2000:]
+    assert "Traceback" not in err and "SIGINT: saved step" not in err
+    done = len(_losses(out))
+    r = _train(out, corpus, f"--config.steps={done + 2}", *slow)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
 
 
 def test_resume_with_other_settings_is_refused_naming_them(tmp_path, corpus):

@@ -43,9 +43,11 @@ def run(model: str | LoadedModel, prompt: str, max_new_tokens: int, rope: str = 
 
 def main(s, log) -> int:
     """``longrope-jax generate`` with resolved settings ``s`` (:func:`resolve`)."""
-    rec = run(s.model, s.prompt, s.max_new_tokens, s.rope, param_dtype=s.param_dtype, tokenizer=s.tokenizer,
-              sliding_window=not s.no_sliding_window,
-              stream=lambda piece: print(piece, end="", file=sys.stderr, flush=True))
-    print(file=sys.stderr)
+    try:
+        rec = run(s.model, s.prompt, s.max_new_tokens, s.rope, param_dtype=s.param_dtype, tokenizer=s.tokenizer,
+                  sliding_window=not s.no_sliding_window,
+                  stream=lambda piece: print(piece, end="", file=sys.stderr, flush=True))
+    finally:
+        print(file=sys.stderr)  # the streamed text's line ends, whatever ends the generation
     print(json.dumps(rec), flush=True)
     return 0

@@ -15,7 +15,6 @@ import shlex
 import time
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
 from longrope_jax import atomic, config_files
@@ -177,7 +176,9 @@ def summarise(res: evolve_lib.EvolveResult, fit, setup: dict, settings: SearchSe
             "ppl": line["ppl"], "nll": best.record.get("nll"), "nll_per_window": best.record.get("nll_per_window"),
             "start_tokens": best.candidate.start_tokens, "long_factor": fit.long_factor(best.candidate).tolist(),
             "searched_factors": space.factors(best.candidate).tolist(), "eval": best.record.get("eval"),
-            "generation": best.record.get("generation"), "origin": best.record.get("origin")},
+            "generation": best.record.get("generation"), "origin": best.record.get("origin"),
+            "origin_described": setup_lib.describe_origin(best.record.get("origin"), settings.step)},
+        "warning": not_below_baselines(best, base_ppl),
         "baselines_detail": baselines,
         "context": context,
         "best_per_generation": res.generations,
@@ -190,6 +191,19 @@ def summarise(res: evolve_lib.EvolveResult, fit, setup: dict, settings: SearchSe
         "seconds": round(time.time() - t_start, 2),
     })
     return line, summary
+
+
+def not_below_baselines(best, baselines: Mapping[str, float]) -> str | None:
+    """The warning of a search whose best candidate is not below every baseline (None when it is)."""
+    if best is None:
+        return None
+    worse = {k: v for k, v in baselines.items() if v is not None and not best.ppl < v}
+    if not worse:
+        return None
+    name = min(worse, key=worse.get)
+    return (f"the best candidate ({best.ppl:.4f}) is not below the {name} baseline ({worse[name]:.4f})"
+            + (f" nor {len(worse) - 1} other(s)" if len(worse) > 1 else "") + ": more iterations, a larger population "
+            "or other seeds may find better factors; the baseline itself may be the better choice")
 
 
 def search_info(res: evolve_lib.EvolveResult, setup: dict, settings: SearchSettings, baselines: dict, *,
@@ -216,7 +230,7 @@ def draw(res: evolve_lib.EvolveResult, fit, setup: dict, cfg, baselines: dict, *
 
     scale, window = setup["scale"], setup["window"]
     base = np.ones(setup["space"].num_pairs) if setup["base"] is None else setup["base"]
-    refs = {f"{label} {scale:g}": base * v for label, v in
+    refs = {f"{label} factors at {scale:g}": base * v for label, v in
             zip(("PI", "NTK", "YaRN"), setup_lib.reference_factors(cfg, scale, window).values())}
     if setup["base"] is not None:
         refs = {"base " + k: v for k, v in refs.items()}
@@ -367,8 +381,14 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         base_ppl = {k: v["ppl"] for k, v in baselines.items()}
         best = res.best.candidate
         crit = "" if best.critical_dim is None else f", critical dim {best.critical_dim}"
-        log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {best.start_tokens}{crit}) after "
-            f"{res.evaluations} evaluation(s); baselines " + ", ".join(f"{k} {v:.4f}" for k, v in base_ppl.items()))
+        origin = setup_lib.describe_origin(res.best.record.get("origin"), settings.step)
+        log(f"search {res.stopped}: best ppl {res.best.ppl:.4f} (start tokens {best.start_tokens}{crit}; {origin}) "
+            f"after {res.evaluations} evaluation(s); baselines "
+            + ", ".join(f"{k} {v:.4f}" for k, v in base_ppl.items()))
+        warning = not_below_baselines(res.best, base_ppl)
+        if warning:
+            line["warning"] = warning
+            log(f"WARNING: {warning}")
         log(f"wrote {paths['factors']}, {paths['summary']}, {paths['log']}, {line['plots'][0]}, {line['plots'][1]}")
         return line
 

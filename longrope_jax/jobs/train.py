@@ -12,7 +12,8 @@ the last ``keep`` plus the final), ``metrics.jsonl`` (one object per step: ``ste
 The same command after a kill resumes from the last checkpoint (``steps`` may change: a decaying
 schedule then follows the new total; so may the mesh); the batch of step t depends only
 on ``(seed, t)`` (:mod:`longrope_jax.train.data`), so the resumed losses equal an uninterrupted
-run's. SIGTERM saves and exits. A non-finite loss stops the run; the last checkpoint stays.
+run's. SIGTERM and a first Ctrl-C (SIGINT) save the step and exit 0; a second Ctrl-C stops at
+once (the last checkpoint stays). A non-finite loss stops the run; the last checkpoint stays.
 
 The stage itself is the library's trainer (:mod:`longrope_jax.train.trainer`) with this job's
 hooks (metrics, checkpoints); :func:`run` also starts from a model in memory (a pipeline's
@@ -283,7 +284,17 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         evaluate_fn = trainer_lib.held_out(cfg, spec, _eval_windows(s, tok, log), mesh=mesh,
                                            loss_chunk=s["loss_chunk"], q_chunk=trainer.q_chunk)
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal="SIGTERM"))
+
+    def on_signal(signum, frame):
+        """SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now."""
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = name
+        if name == "SIGINT":
+            log("SIGINT: saving at the end of this step (Ctrl-C again to stop at once)")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics = _Metrics(run_dir, start)
     try:
         result = trainer.fit(state, trainer.batches(chunks, start), start=start, hooks=[metrics, save],
@@ -293,7 +304,8 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         raise TrainError(f"{e} (the last checkpoint, step {mngr.latest_step() or 0} in {run_dir}/checkpoints, "
                          "is intact)") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         metrics.close()
         mngr.wait_until_finished()
     if result.stopped:

@@ -29,6 +29,22 @@ def reference_factors(cfg, scale: float, window: int) -> dict[str, np.ndarray]:
             "yarn": rope_lib.yarn_factors(cfg.rope_theta, rd, scale, window)}
 
 
+SEED_NAMES = {"pi": "PI", "ntk": "NTK", "yarn": "YaRN"}
+
+
+def describe_origin(origin: str | None, step: float) -> str | None:
+    """What a log record's ``origin`` is, for people: a seed is not the baseline of the same
+    name (its factors are rounded onto the search grid, and it carries LongRoPE's attention
+    factor where the baseline has its own)."""
+    if not origin or not origin.startswith("seed:"):
+        return origin
+    name = origin[len("seed:"):]
+    if name in SEED_NAMES:
+        return (f"the {SEED_NAMES[name]} seed: {SEED_NAMES[name]}'s factors rounded onto the {step:g} grid, with "
+                f"LongRoPE's attention factor (not the {name} baseline)")
+    return f"the seed {name}"
+
+
 def seed_candidates(space: genome.Space, cfg, scale: float, original_max: int,
                     seed_factors: Sequence[tuple[str, Mapping]] = ()) -> list[tuple[str, genome.Candidate]]:
     """The initial seeds: PI, NTK and YaRN factors at ``scale`` rounded onto the grid, then the
