@@ -7,6 +7,7 @@ The loss itself is :func:`longrope_jax.loss.mean_nll`; attention is chosen by
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Mapping
@@ -125,7 +126,8 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     windows = range(0, s, sc)
     progress = progress_lib.enabled(mesh.devices.flat if mesh is not None else devices)
     label = label or f"{k} candidate(s) on {s} window(s) of {length} tokens"
-    with progress_lib.tracking(n_calls * len(windows), kc if sequential else 1, cfg.num_hidden_layers, label):
+    with (progress_lib.tracking(n_calls * len(windows), kc if sequential else 1, cfg.num_hidden_layers, label)
+          if progress else contextlib.nullcontext()):
         for c in range(n_calls):
             chunk = jax.tree.map(lambda a: place(a[c * kc:(c + 1) * kc], P("data" if nd > 1 else None)), padded)
             rows = []

@@ -10,6 +10,7 @@ transformers, cached keys are not re-encoded for it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -73,7 +74,8 @@ def greedy(params, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, spe
 
     def encode(seq, cache):
         """The prompt (or the whole sequence, re-encoded) in one call, reporting per layer."""
-        with progress_lib.tracking(1, 1, cfg.num_hidden_layers, f"encoding {len(seq)} tokens"):
+        with (progress_lib.tracking(1, 1, cfg.num_hidden_layers, f"encoding {len(seq)} tokens") if heartbeat
+              else contextlib.nullcontext()):
             return _prefill(params, jnp.asarray([seq], jnp.int32), spec, cache, cfg=cfg, attention=attn,
                             progress=heartbeat)
 

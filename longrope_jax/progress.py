@@ -5,7 +5,9 @@ calls :func:`layer_done` (through ``jax.debug.callback``) after each layer when 
 its ``layer_hook``; whoever runs the calls opens a :func:`Tracker` saying how many calls and
 passes make up the work, and the tracker prints what is done and an estimate of what is left,
 at most every ``every`` seconds and only once the work has run that long (short calls print
-nothing). Only on CPU (a TPU program is not slowed by host callbacks); only process 0 writes.
+nothing); while no layer reports (compiling, or a layer longer than ``every``), a thread says
+so at the same pace. Only on CPU (a TPU program is not slowed by host callbacks); only process 0
+writes.
 
     with progress.tracking(calls=3, passes=1, layers=30, label="length 16384: none, yarn:2"):
         for c in range(3):
@@ -46,17 +48,25 @@ class Tracker:
         if self.passes > 1 and layer < self.layer:  # the next candidate of a sequential call
             self.pass_ = min(self.pass_ + 1, self.passes - 1)
         self.layer = max(self.layer, layer) if self.passes == 1 else layer
+        self.report()
+
+    def report(self) -> None:
+        """A line, if none was written for ``every`` seconds: what is done and what is left, or,
+        before a call's first layer, that it is compiling or starting."""
         now = time.monotonic()
         if now - self.last < self.every:
             return
         self.last = now
-        done = ((self.call * self.passes + self.pass_) * self.layers + self.layer + 1) / (
-            self.calls * self.passes * self.layers)
         spent = now - self.start
-        left = spent * (1 - done) / done if done > 0 else float("nan")
         what = f"call {self.call + 1}/{self.calls}"
         if self.passes > 1:
             what += f", forward {self.pass_ + 1}/{self.passes}"
+        if self.layer < 0:
+            self.write(f"{self.label}: {what}: compiling or starting, {spent:.0f}s so far")
+            return
+        done = ((self.call * self.passes + self.pass_) * self.layers + self.layer + 1) / (
+            self.calls * self.passes * self.layers)
+        left = spent * (1 - done) / done
         self.write(f"{self.label}: {what}, layer {self.layer + 1}/{self.layers} ({100 * done:.0f}%), "
                    f"{spent:.0f}s so far, about {left:.0f}s left")
 
@@ -89,8 +99,20 @@ def tracking(calls: int, passes: int, layers: int, label: str, every: float | No
     global _ACTIVE
     if jax.process_index() != 0:
         write = lambda line: None  # noqa: E731  (one writer)
-    previous, _ACTIVE = _ACTIVE, Tracker(calls, passes, layers, label, every, write)
+    tracker = Tracker(calls, passes, layers, label, every, write)
+    stop = threading.Event()
+
+    def heartbeat():  # lines while no layer reports: compiling, or one layer longer than `every`
+        while not stop.wait(tracker.every):
+            with _LOCK:
+                tracker.report()
+
+    beat = threading.Thread(target=heartbeat, daemon=True) if tracker.every > 0 else None
+    previous, _ACTIVE = _ACTIVE, tracker
+    if beat is not None:
+        beat.start()
     try:
-        yield _ACTIVE
+        yield tracker
     finally:
+        stop.set()
         _ACTIVE = previous

@@ -24,3 +24,14 @@ def two_processes(argv_of, cwd, timeout=300, env=None):
         for p in procs:
             p.kill()
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+def command_argv(*args):
+    """``python -m longrope_jax ARGS`` with Ctrl-C as an interactive shell delivers it: a
+    non-interactive shell starts background jobs with SIGINT ignored, and a child inherits that
+    (restored here in the child's own code, not in a fork-time hook of a threaded parent)."""
+    import sys
+
+    code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('longrope_jax', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code, *args]

@@ -329,11 +329,12 @@ def test_ctrl_c_stops_a_command_with_one_line(tiny):
     import signal
     import time
 
+    from processes import command_argv
+
     d, _ = tiny
-    p = subprocess.Popen([sys.executable, "-m", "longrope_jax", "generate", "--model", d, "--prompt", "The quick",
-                          "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    p = subprocess.Popen(command_argv("generate", "--model", d, "--prompt", "The quick", "--max-new-tokens", "100000"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     first = p.stderr.read(20)  # generated text (nothing else goes to stderr first): decoding
     assert len(first) == 20, first + p.communicate()[1]
     time.sleep(0.5)

@@ -102,3 +102,17 @@ def test_ppl_shows_progress_within_its_call(tmp_path, capsys, monkeypatch):
 def test_no_callback_for_devices_that_are_not_cpus():
     cpu, tpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="tpu")
     assert progress.enabled([cpu, cpu]) and not progress.enabled([tpu]) and not progress.enabled([cpu, tpu])
+
+
+def test_a_thread_says_so_while_no_layer_reports(monkeypatch):
+    """Compiling, or a layer longer than the interval: lines keep coming."""
+    import time
+
+    lines = []
+    monkeypatch.setattr(progress, "EVERY", 0.05)
+    with progress.tracking(2, 1, 4, "slow", write=lines.append) as t:
+        time.sleep(0.3)
+        assert lines and lines[0].startswith("slow: call 1/2: compiling or starting, ")
+        t.layer_done(0)
+        time.sleep(0.3)
+    assert any(x.startswith("slow: call 1/2, layer 1/4 (12%), ") for x in lines)

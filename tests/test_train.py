@@ -181,19 +181,13 @@ SMALL = ["--config.seq_len=64", "--config.batch=4", "--config.model_config.hidde
          "--config.loss_chunk=64", "--config.warmup_steps=2"]
 
 
-def _interruptible():
-    """In the child: Ctrl-C as an interactive shell delivers it (a non-interactive shell starts
-    background jobs with SIGINT ignored, and the child would inherit that)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _train(out, corpus, *extra, wait=True):
+    from processes import command_argv
+
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    argv = [sys.executable, "-m", "longrope_jax", "train", "--config", TINY, "--out", str(out), "--data", corpus,
-            *SMALL, *extra]
+    argv = command_argv("train", "--config", TINY, "--out", str(out), "--data", corpus, *SMALL, *extra)
     if not wait:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                preexec_fn=_interruptible)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -443,7 +437,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, corpus):
     import threading
 
     out = tmp_path / "run"
-    slow = ["--config.model_config.num_hidden_layers=6", "--config.batch=16", "--config.checkpoint_every=2"]
+    slow = ["--config.model_config.num_hidden_layers=8", "--config.batch=64", "--config.checkpoint_every=2"]
     p = _train(out, corpus, "--config.steps=1000", *slow, wait=False)
     lines, saving = [], threading.Event()
 
