@@ -21,7 +21,9 @@ def has_tpu_chip() -> bool:
 
 
 def has_gpu() -> bool:
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
+    """An NVIDIA device and JAX's CUDA plugin to drive it."""
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin")
+    return bool(glob.glob("/dev/nvidia[0-9]*")) and any(importlib.util.find_spec(p) is not None for p in plugins)
 
 
 def choose() -> str | None:
