@@ -66,16 +66,23 @@ def _sharded_nll(model, params, hidden, targets, loss_chunk, weights, layout):
 
 
 def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockwise", q_chunk: int | None = None,
-             loss_chunk: int = 1024, weights=None, layout=None, layer_hook=None):
-    """Mean next-token NLL of each row over its ``L - 1`` predictions: float32[B]. Pure and
-    differentiable (the flash backward, the chunked loss): the loss of a gradient step.
+             loss_chunk: int = 1024, weights=None, positions=None, segment_ids=None, seq_len: int | None = None,
+             layout=None, layer_hook=None):
+    """Mean next-token NLL of each row over its predictions: float32[B]. Pure and differentiable
+    (the flash backward, the chunked loss): the loss of a gradient step.
 
     tokens: int32[B, L]; spec: a RopeSpec without candidate axis; weights: float32[B, L - 1] per
-    prediction (the mean is weighted) or None. ``layout`` (``parallel.Layout``): rows and tokens
-    sharded on its mesh, attention by all-gather over ``sequence`` (``attention="ring"``: the
-    ring), the loss on each device's tokens; with ``layout.zigzag`` tokens, targets, positions
-    and weights are put in zigzag order first (the loss is a sum: no inverse needed). None: one
-    device. ``layer_hook``: the model's per-layer host callback (``progress.layer_done``), or None.
+    prediction (the mean is weighted) or None. ``positions`` (int32[B, L]; None: ``0 .. L - 1``):
+    each token's position, e.g. per document in a packed row or with positional skips;
+    ``segment_ids`` (int32[B, L]; None: one document per row): the document of each token in a
+    packed row, 0 for padding: a document attends only to itself, and its last token and the
+    padding predict nothing. ``seq_len``: the call's length for the short/long choice (None: L;
+    a skipped row gives the span its positions cover). ``layout`` (``parallel.Layout``): rows and
+    tokens sharded on its mesh, attention by all-gather over ``sequence`` (``attention="ring"``:
+    the ring), the loss on each device's tokens; with ``layout.zigzag`` tokens, targets,
+    positions, segment ids and weights are put in zigzag order first (the loss is a sum: no
+    inverse needed). None: one device. ``layer_hook``: the model's per-layer host callback
+    (``progress.layer_done``), or None.
     """
     b, l = tokens.shape
     fn = select.function(attention, q_chunk, layout)
@@ -86,18 +93,25 @@ def mean_nll(params, tokens, spec, *, cfg: ModelConfig, attention: str = "blockw
     targets = jnp.roll(tokens, -1, axis=1)
     w = jnp.ones((b, l - 1), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
     w = jnp.pad(w, [(0, 0), (0, 1)])
-    positions = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    if segment_ids is not None:  # a document's last token, and padding, predict nothing
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        w = w * ((segment_ids == jnp.roll(segment_ids, -1, axis=1)) & (segment_ids != 0)).astype(jnp.float32)
+    positions = (jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l)) if positions is None
+                 else jnp.asarray(positions, jnp.int32))
     if layout is not None and layout.zigzag:
         from longrope_jax.parallel import zigzag
 
         n = layout.mesh.shape["sequence"]
         tokens, targets, w, positions = (zigzag.apply(x, n) for x in (tokens, targets, w, positions))
-    hidden = model.apply({"params": params}, tokens, positions, rope=spec, return_hidden=True, seq_len=l)
+        segment_ids = None if segment_ids is None else zigzag.apply(segment_ids, n)
+    hidden = model.apply({"params": params}, tokens, positions, segment_ids, rope=spec, return_hidden=True,
+                         seq_len=l if seq_len is None else seq_len)
     if layout is None:
         total = chunked_nll(model, params, hidden, targets, loss_chunk, w)
     else:
         total = _sharded_nll(model, params, hidden, targets, loss_chunk, w, layout)
-    return total / jnp.sum(w, axis=-1)
+    count = jnp.sum(w, axis=-1)
+    return total / (count if segment_ids is None else jnp.maximum(count, 1.0))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "q_chunk", "loss_chunk", "layout"))

@@ -84,7 +84,7 @@ def test_grain_batches_are_the_rows_of_each_step():
     got = list(data_lib.batches(chunks, batch=4, seed=1, start=3, stop=9))
     assert len(got) == 6
     for t, b in zip(range(3, 9), got):
-        np.testing.assert_array_equal(b, chunks[data_lib.step_rows(20, 1, t, 4)])
+        np.testing.assert_array_equal(b["tokens"], chunks[data_lib.step_rows(20, 1, t, 4)])
 
 
 # --------------------------------------------------------------------------------------------

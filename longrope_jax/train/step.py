@@ -48,25 +48,44 @@ def init_state(params, tx) -> dict:
 
 
 def make_step(loss_fn, tx, lr_schedule):
-    """``step(state, tokens) -> (state, metrics)``: ``tokens int32[A, b, L]`` is A microbatches of
-    b rows; their gradients (float32) are averaged, then one update. ``loss_fn(params, tokens)``
-    is a scalar mean over rows. metrics: ``loss`` (the mean over microbatches), ``grad_norm``
-    (before clipping), ``lr`` (the rate this update used). Jit it with the state donated."""
+    """``step(state, batch) -> (state, metrics)``. ``loss_fn(params, micro)`` is a scalar mean
+    over a microbatch's rows; ``batch`` stacks A microbatches on a leading axis (``int32[A, b,
+    L]`` tokens, or a mapping of such arrays: tokens, positions, segment ids). Mixed microbatches
+    (LongRoPE2's short and long windows): ``loss_fn`` and ``batch`` are mappings by kind, each
+    kind's microbatches scanned with its own loss. The gradients (float32) of all microbatches are
+    averaged, then one update. metrics: ``loss`` (the mean over microbatches; per kind as
+    ``loss_KIND`` too), ``grad_norm`` (before clipping), ``lr`` (the rate this update used). Jit it
+    with the state donated."""
+    kinds = loss_fn if isinstance(loss_fn, Mapping) else None
 
-    def step(state, tokens):
+    def step(state, batch):
         params = state["params"]
 
-        def micro(acc, t):
-            loss, g = jax.value_and_grad(loss_fn)(params, t)
-            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, (loss, g)), None
+        def accumulate(fn, acc, microbatches):
+            def micro(acc, t):
+                loss, g = jax.value_and_grad(fn)(params, t)
+                return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, (loss, g)), None
+
+            return jax.lax.scan(micro, acc, microbatches)[0]
+
+        def count(microbatches):
+            return jax.tree.leaves(microbatches)[0].shape[0]
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (loss, grads), _ = jax.lax.scan(micro, zeros, tokens)
-        a = tokens.shape[0]
+        extra = {}
+        if kinds is None:
+            loss, grads = accumulate(loss_fn, zeros, batch)
+            a = count(batch)
+        else:
+            loss, grads, a = zeros[0], zeros[1], 0
+            for k in sorted(kinds):
+                loss_k, grads = accumulate(kinds[k], (jnp.zeros((), jnp.float32), grads), batch[k])
+                extra[f"loss_{k}"] = loss_k / count(batch[k])
+                loss, a = loss + loss_k, a + count(batch[k])
         loss, grads = loss / a, jax.tree.map(lambda g: g / a, grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"])}
+        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_schedule(state["step"]), **extra}
 
     return step

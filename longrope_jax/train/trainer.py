@@ -70,43 +70,90 @@ class Result:
 
 
 def check(settings: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``settings`` unless the batch cannot be split: a one-line :class:`TrainError`."""
-    if settings["batch"] % settings["accum"]:
-        raise TrainError(f"batch: expected a multiple of accum ({settings['accum']}), got {settings['batch']}")
+    """``settings`` unless the batch cannot be split as they say: a one-line :class:`TrainError`."""
+    accum, short = settings["accum"], settings.get("short_microbatches") or 0
+    if settings["batch"] % accum:
+        raise TrainError(f"batch: expected a multiple of accum ({accum}), got {settings['batch']}")
+    if not 0 <= short < accum:
+        raise TrainError(f"short_microbatches: expected 0 to accum - 1 ({accum - 1}): every step keeps a long "
+                         f"microbatch, got {short}")
+    skip_to = settings.get("skip_to")
+    if skip_to is not None and skip_to < settings["seq_len"]:
+        raise TrainError(f"skip_to: expected at least seq_len ({settings['seq_len']}), got {skip_to}")
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of microbatch in a step: rows of ``length`` tokens trained under ``spec`` (fixed),
+    ``microbatches`` of each step's ``accum``; ``seq_len``: the span the short/long choice sees
+    (PoSE: the span the skipped positions cover); ``skip_to``/``skip_chunks``: positional skips."""
+
+    spec: rope_lib.RopeSpec
+    length: int
+    microbatches: int
+    seq_len: int | None = None
+    skip_to: int | None = None
+    skip_chunks: int = 2
+    seed: int = 0  # the order of this kind's rows
 
 
 class Trainer:
     """The jitted train step of one stage on ``mesh`` (None: one device) and its data layout.
 
-    ``spec``: the stage's RopeSpec (no candidate axis), a constant of the compiled step.
+    ``spec``: the stage's RopeSpec (no candidate axis), a constant of the compiled step. With
+    ``settings["skip_to"]`` (positional skips: rows of ``seq_len`` tokens whose positions span
+    ``skip_to``) the stage trains with ``spec``'s long set, fixed for that span, whatever the
+    row's length. ``short``: ``(spec, length)`` of LongRoPE2's short microbatches
+    (``settings["short_microbatches"]`` of each step's ``accum``: rows of the original window
+    under the original RoPE); the others are the stage's long rows.
     """
 
-    def __init__(self, cfg, spec: rope_lib.RopeSpec, settings: Mapping[str, Any], *, mesh=None):
+    def __init__(self, cfg, spec: rope_lib.RopeSpec, settings: Mapping[str, Any], *, mesh=None,
+                 short: tuple[rope_lib.RopeSpec, int] | None = None):
         s = check(settings)
-        self.cfg, self.spec, self.mesh = cfg, spec, mesh
+        self.cfg, self.mesh = cfg, mesh
         self.seq_len, self.batch, self.accum = int(s["seq_len"]), int(s["batch"]), int(s["accum"])
         self.steps, self.seed = int(s["steps"]), int(s["seed"])
+        n_short = int(s.get("short_microbatches") or 0)
+        skip_to = s.get("skip_to")
+        self.kinds = {"long": Kind(rope_lib.fixed(spec, "long") if skip_to else spec, self.seq_len,
+                                   self.accum - n_short, skip_to, skip_to, int(s.get("skip_chunks") or 2), self.seed)}
+        if n_short:
+            if short is None:
+                raise TrainError("short_microbatches: mixed windows need the original RoPE and window (short=...)")
+            self.kinds["short"] = Kind(short[0], int(short[1]), n_short, seed=_derived_seed(self.seed, 1))
+        self.spec = self.kinds["long"].spec
         micro = self.batch // self.accum
         if mesh is not None:
-            parallel.check(mesh, cfg=cfg, length=self.seq_len, batch=micro)
+            for kind in self.kinds.values():
+                parallel.check(mesh, cfg=cfg, length=kind.length, batch=micro)
         self.layout = select.layout_for(mesh, s["attention"])
         attention, loss_chunk = s["attention"], int(s["loss_chunk"])
         self.q_chunk = s.get("q_chunk") or min(512, self.seq_len)
         layout, q_chunk = self.layout, self.q_chunk
 
-        def loss_fn(p, tokens):
-            return jnp.mean(mean_nll(p, tokens, spec, cfg=cfg, attention=attention, q_chunk=q_chunk,
-                                     loss_chunk=loss_chunk, layout=layout))
+        def loss_of(kind: Kind):
+            def loss_fn(p, rows):
+                return jnp.mean(mean_nll(p, rows["tokens"], kind.spec, cfg=cfg, attention=attention, q_chunk=q_chunk,
+                                         loss_chunk=loss_chunk, positions=rows.get("positions"),
+                                         segment_ids=rows.get("segment_ids"), seq_len=kind.seq_len, layout=layout))
+            return loss_fn
 
+        losses = {k: loss_of(kind) for k, kind in self.kinds.items()}
         self.tx = step_lib.optimizer(s)
-        self.train_step = jax.jit(step_lib.make_step(loss_fn, self.tx, step_lib.schedule(s)), donate_argnums=0)
-        # Step t's tokens [accum, micro, L]; this process reads only the micro rows its devices hold.
-        self.shape = (self.accum, micro, self.seq_len)
+        self.train_step = jax.jit(step_lib.make_step(losses if n_short else losses["long"], self.tx,
+                                                     step_lib.schedule(s)), donate_argnums=0)
+        # A kind's rows of step t: [microbatches, micro, length]; this process reads only the micro
+        # rows its devices hold, the same for every kind.
+        self.micro = micro
         self.rows = None if layout is None else layout.sharding(P(None, *layout.rows()))
-        self.mine = np.arange(micro) if self.rows is None else parallel.local_rows(self.rows, self.shape, 1)
-        # ... which are these positions of the step's global batch (microbatch a holds rows a*micro..).
-        self.positions = (np.arange(self.accum)[:, None] * micro + self.mine).ravel()
+        self.mine = (np.arange(micro) if self.rows is None
+                     else parallel.local_rows(self.rows, (self.accum, micro, self.seq_len), 1))
+        # ... which are these positions of the kind's batch (microbatch a holds rows a*micro..).
+        self.positions = {k: (np.arange(kind.microbatches)[:, None] * micro + self.mine).ravel()
+                          for k, kind in self.kinds.items()}
+        self.tokens_per_step = sum(kind.microbatches * micro * kind.length for kind in self.kinds.values())
 
     def init_state(self, params) -> dict:
         """The train state of ``params`` (host or device arrays) placed on the mesh by the
@@ -122,19 +169,57 @@ class Trainer:
                                  state)
         return state
 
-    def batches(self, chunks, start: int, stop: int | None = None) -> Iterator[np.ndarray]:
-        """This process's rows of steps ``start..stop-1`` (default ``steps``) from the chunk index
-        ``chunks: int32[N, seq_len]``: ``int32[accum x len(mine), seq_len]`` per step, in the
-        order fixed by ``(seed, step)`` (:mod:`longrope_jax.train.data`)."""
-        return data_lib.batches(chunks, batch=self.batch, seed=self.seed, start=start,
-                                stop=self.steps if stop is None else stop, positions=self.positions)
+    def batches(self, rows, start: int, stop: int | None = None) -> Iterator[dict]:
+        """This process's rows of steps ``start..stop-1`` (default ``steps``), in the order fixed
+        by ``(seed, step)`` (:mod:`longrope_jax.train.data`): from the stage's index (a
+        :func:`~longrope_jax.train.data.chunk_index` array or a
+        :func:`~longrope_jax.train.data.pack_index` mapping), or a mapping of such indexes by kind
+        (``long``, ``short``). Each step: ``{kind: {name: int32[microbatches x len(mine), length]}}``
+        (one kind: its mapping alone), skipped positions included."""
+        pools = rows if isinstance(rows, Mapping) and set(rows) <= set(self.kinds) and "long" in rows else \
+            {"long": rows}
+        stop = self.steps if stop is None else stop
+        its = {k: data_lib.batches(pools[k], batch=kind.microbatches * self.micro, seed=kind.seed, start=start,
+                                   stop=stop, positions=self.positions[k], transform=self._skips(kind, k))
+               for k, kind in self.kinds.items()}
+        while True:
+            try:
+                step = {k: next(it) for k, it in its.items()}
+            except StopIteration:
+                return
+            yield step if len(step) > 1 else step["long"]
 
-    def place(self, local: np.ndarray):
-        """``int32[accum, micro, L]`` global tokens of one step from this process's rows."""
-        local = np.asarray(local).reshape(self.accum, len(self.mine), self.seq_len)
-        if self.rows is None:
-            return jnp.asarray(local)
-        return parallel.put_rows(local, self.mine, self.rows, self.shape, 1)
+    def _skips(self, kind: Kind, name: str):
+        """The transform that gives a kind's rows their skipped positions (None: no skips)."""
+        if kind.skip_to is None:
+            return None
+        where = self.positions[name]
+
+        def skip(t, rows):
+            base = rows.get("positions")
+            if base is None:
+                base = np.broadcast_to(np.arange(kind.length, dtype=np.int32), rows["tokens"].shape)
+            return {**rows, "positions": data_lib.skip_positions(base, kind.skip_to, kind.skip_chunks, kind.seed, t,
+                                                                 where)}
+
+        return skip
+
+    def place(self, local):
+        """Global arrays ``[microbatches, micro, length]`` of one step from this process's rows
+        (:meth:`batches`' form; a bare array: tokens)."""
+        if not isinstance(local, Mapping):
+            local = {"tokens": local}
+        if set(local) <= set(self.kinds) and "long" in local:
+            return {k: self._place(self.kinds[k], v) for k, v in local.items()}
+        return self._place(self.kinds["long"], local)
+
+    def _place(self, kind: Kind, local: Mapping[str, np.ndarray]) -> dict:
+        shape = (kind.microbatches, self.micro, kind.length)
+        out = {}
+        for name, x in local.items():
+            x = np.asarray(x).reshape(kind.microbatches, len(self.mine), kind.length)
+            out[name] = jnp.asarray(x) if self.rows is None else parallel.put_rows(x, self.mine, self.rows, shape, 1)
+        return out
 
     def fit(self, state: dict, batches: Iterator[np.ndarray], *, start: int = 0, stop: int | None = None,
             hooks: Sequence[Hook] = (), should_stop: Callable[[], str | None] | None = None,
@@ -150,7 +235,7 @@ class Trainer:
         from tqdm import tqdm
 
         stop = self.steps if stop is None else stop
-        tokens_per_step = self.batch * self.seq_len
+        tokens_per_step = self.tokens_per_step
         per_token = model_flops_per_token(self.cfg, self.seq_len)
         peak = peak_flops(jax.devices()[0]) * (self.mesh.devices.size if self.mesh is not None else 1)
         bar = tqdm(total=stop, initial=start, desc="train", unit="step", disable=not (progress and parallel.is_main()))
@@ -166,7 +251,7 @@ class Trainer:
                 rate = tokens_per_step / (now - t_prev)
                 t_prev = now
                 rec = {"step": t, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                       "tokens_per_s": round(rate, 1)}
+                       "tokens_per_s": round(rate, 1), **{k: float(v) for k, v in m.items() if k.startswith("loss_")}}
                 if peak:
                     rec["mfu"] = round(rate * per_token / peak, 4)
                 if evaluate_fn is not None and eval_every and (t + 1) % eval_every == 0:
@@ -184,6 +269,11 @@ class Trainer:
         finally:
             bar.close()
         return Result(state, max(start, stop), None, rec)
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """An independent seed for another stream of the same run (the short rows' order)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 def agreed_stop(signal_name: str | None) -> str | None:
@@ -215,12 +305,13 @@ def held_out(cfg, spec: rope_lib.RopeSpec, windows: Mapping[int, np.ndarray], *,
     return run
 
 
-def train(params, cfg, spec: rope_lib.RopeSpec, settings: Mapping[str, Any], chunks, *, mesh=None,
-          hooks: Sequence[Hook] = (), should_stop: Callable[[], str | None] | None = None,
-          evaluate_fn: Callable[[Any], dict] | None = None, eval_every: int = 0, progress: bool = True) -> Result:
-    """``settings["steps"]`` steps from ``params`` on the chunk index ``chunks: int32[N, seq_len]``
-    (:func:`longrope_jax.train.data.chunk_index`): a fresh optimizer state, step 0's batch first.
-    ``result.params`` are the trained params (on the mesh); ``params`` are left as they were."""
-    trainer = Trainer(cfg, spec, settings, mesh=mesh)
-    return trainer.fit(trainer.init_state(params), trainer.batches(chunks, 0), hooks=hooks, should_stop=should_stop,
+def train(params, cfg, spec: rope_lib.RopeSpec, settings: Mapping[str, Any], rows, *, mesh=None,
+          short: tuple[rope_lib.RopeSpec, int] | None = None, hooks: Sequence[Hook] = (),
+          should_stop: Callable[[], str | None] | None = None, evaluate_fn: Callable[[Any], dict] | None = None,
+          eval_every: int = 0, progress: bool = True) -> Result:
+    """``settings["steps"]`` steps from ``params`` on the stage's rows (:meth:`Trainer.batches`'
+    index or indexes by kind): a fresh optimizer state, step 0's batch first. ``result.params``
+    are the trained params (on the mesh); ``params`` are left as they were."""
+    trainer = Trainer(cfg, spec, settings, mesh=mesh, short=short)
+    return trainer.fit(trainer.init_state(params), trainer.batches(rows, 0), hooks=hooks, should_stop=should_stop,
                        evaluate_fn=evaluate_fn, eval_every=eval_every, progress=progress)
