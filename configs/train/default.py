@@ -23,6 +23,16 @@ def get_config():
     c.field = "text"
     c.seq_len = placeholder(int)  # tokens per row: the stage's length; required
     c.min_document_tokens = 0  # shorter documents are left out (long stages want long documents)
+    c.packing = False  # rows hold whole documents (segment ids, positions from 0) instead of a cut stream
+    # LongRoPE2's mixed context windows: this many of each step's accum microbatches are short:
+    # documents within the model's own window, packed into rows of it, under its original RoPE;
+    # the others hold the longer documents under the stage's RoPE.
+    c.short_microbatches = 0
+    # Positional skips (PoSE): rows of seq_len tokens whose positions span skip_to (unset: no
+    # skips), cut into skip_chunks chunks moved by sorted random skips; the stage trains with its
+    # factors' long set, fixed for that span.
+    c.skip_to = placeholder(int)
+    c.skip_chunks = 2
     c.batch = 32  # rows per step
     c.accum = 1  # microbatches per step (batch / accum rows each)
     c.steps = 400

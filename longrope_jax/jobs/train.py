@@ -40,7 +40,8 @@ from longrope_jax.train.trainer import TrainError
 # What each setting of ``longrope-jax train`` must hold (its defaults: ``configs/train/default.py``).
 KINDS = dict(
     **parallel.SETTINGS_KINDS, **dict(MODEL_KINDS, model="str?"), model_config="dict", init_seed="int0", rope="str",
-    data="strs", field="str", seq_len="int", min_document_tokens="int0", batch="int", accum="int", steps="int",
+    data="strs", field="str", seq_len="int", min_document_tokens="int0", packing="bool", short_microbatches="int0",
+    skip_to="int?", skip_chunks="int", batch="int", accum="int", steps="int",
     lr="number", warmup_steps="int0", schedule="linear|cosine|constant", end_lr_ratio="number0", b1="number0",
     b2="number0", eps="number", weight_decay="number0", clip_norm="number0", seed="int0", dtype="float32|bfloat16",
     remat="none|full|dots|attention", attention="dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int",
@@ -135,8 +136,6 @@ def initial_model(s: dict, run: str, log, model: LoadedModel | None = None):
         tmp = tok_path + ".tmp"
         tok.save(tmp)
         os.replace(tmp, tok_path)
-    cfg = dataclasses.replace(cfg, dtype=s["dtype"], remat=s["remat"],
-                              max_position_embeddings=max(cfg.max_position_embeddings, s["seq_len"]))
     return cfg, params, tok, tok_path, factors, source
 
 
@@ -147,31 +146,65 @@ def _special_ids(tok, cfg):
     return bos, eos if eos is not None else tok.token_id("</s>")
 
 
-def _chunks(s: dict, run: str, tok, cfg, log):
-    """The chunk index ``int32[N, seq_len]``, built once under ``RUN/data`` and memory-mapped.
-    Every process builds it alike when the file is not there yet; process 0 writes it."""
+INDEX_FILES = {"tokens": "chunks.npy", "segment_ids": "segment_ids.npy", "positions": "positions.npy"}
+
+
+def _rows(s, run: str, tok, cfg, window: int, log):
+    """The stage's rows, built once under ``RUN/data`` and memory-mapped: the chunk index
+    ``int32[N, seq_len]`` (``chunks.npy``), or with ``packing`` its tokens, segment ids and
+    positions; with ``short_microbatches`` also the short rows (documents within the original
+    ``window``, packed into rows of it: ``short_*.npy``), the long rows then holding only the
+    longer documents. Every process builds them alike when the files are not there; process 0
+    writes them (the tokens last: their file marks the index as complete)."""
     import numpy as np
 
     from longrope_jax.data import read_sources
-    from longrope_jax.train.data import chunk_index
+    from longrope_jax.train.data import chunk_index, pack_index
 
-    path = os.path.join(run, "data", "chunks.npy")
-    if not os.path.exists(path):
+    mixed = bool(s["short_microbatches"])
+    kinds = {"long": ""} | ({"short": "short_"} if mixed else {})
+    packed = {"long": s["packing"], "short": True}  # short rows are always packed
+    paths = {k: {n: os.path.join(run, "data", prefix + INDEX_FILES[n])
+                 for n in (["segment_ids", "positions", "tokens"] if packed[k] else ["tokens"])}
+             for k, prefix in kinds.items()}
+    if not all(os.path.exists(p["tokens"]) for p in paths.values()):
         t = time.time()
         docs = [d for _, ds in read_sources(s["data"], s["field"], log=log) for d in ds]
         bos, eos = _special_ids(tok, cfg)
-        chunks = chunk_index((tok.encode_plain(d.text) for d in docs), s["seq_len"], bos=bos, eos=eos,
-                             min_document_tokens=s["min_document_tokens"])
-        if len(chunks) < s["batch"]:
-            raise TrainError(f"data: {len(chunks)} chunks of {s['seq_len']} tokens from {len(docs)} documents, "
-                             f"fewer than one batch ({s['batch']}); give more data or a shorter seq_len")
-        log(f"data: {len(docs)} documents -> {len(chunks)} chunks of {s['seq_len']} tokens ({time.time() - t:.1f}s)")
+        ids = [tok.encode_plain(d.text) for d in docs]
+        specials = (bos is not None) + (eos is not None)
+        short_docs = [x for x in ids if mixed and len(x) + specials <= window]
+        long_docs = [x for x in ids if not (mixed and len(x) + specials <= window)]
+        kw = dict(bos=bos, eos=eos, min_document_tokens=s["min_document_tokens"])
+        built = {"long": (pack_index(long_docs, s["seq_len"], **kw) if s["packing"]
+                          else {"tokens": chunk_index(long_docs, s["seq_len"], **kw)})}
+        if mixed:
+            built["short"] = pack_index(short_docs, window, **kw)
+        micro = s["batch"] // s["accum"]
+        need = {"long": (s["accum"] - s["short_microbatches"]) * micro, "short": s["short_microbatches"] * micro}
+        for k, rows in built.items():
+            n, length = rows["tokens"].shape[0], rows["tokens"].shape[1]
+            if n < need[k]:
+                which = "" if not mixed else f" ({k} documents: {'at most' if k == 'short' else 'over'} {window} tokens)"
+                raise TrainError(f"data: {n} rows of {length} tokens from {len(docs)} documents{which}, fewer than one "
+                                 f"step's {need[k]}; give more data or a shorter seq_len")
+            log(f"data: {len(docs)} documents -> {n} {k + ' ' if mixed else ''}rows of {length} tokens"
+                + (" (packed)" if "segment_ids" in rows else "") + f" ({time.time() - t:.1f}s)")
         if not parallel.is_main():
-            return chunks
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic.file(path, "wb") as fh:
-            np.save(fh, chunks)
-    return np.load(path, mmap_mode="r")
+            return _by_kind(built)
+        os.makedirs(os.path.join(run, "data"), exist_ok=True)
+        for k, rows in built.items():
+            for n, path in paths[k].items():  # the tokens last
+                with atomic.file(path, "wb") as fh:
+                    np.save(fh, rows[n])
+    return _by_kind({k: {n: np.load(p, mmap_mode="r") for n, p in ps.items()} for k, ps in paths.items()})
+
+
+def _by_kind(pools: dict):
+    """What the trainer reads: one kind's index alone (a bare array when only tokens), or the
+    indexes by kind."""
+    pools = {k: v["tokens"] if set(v) == {"tokens"} else v for k, v in pools.items()}
+    return pools["long"] if set(pools) == {"long"} else pools
 
 
 def _eval_windows(s: dict, tok, log) -> dict:
@@ -248,6 +281,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     import orbax.checkpoint as ocp
 
     from longrope_jax import __version__, checkpoint
+    from longrope_jax.model import rope_spec
 
     run_dir = os.path.abspath(s["out"])
     os.makedirs(run_dir, exist_ok=True)
@@ -256,12 +290,18 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     if mesh is not None:
         parallel.check(mesh, length=s["seq_len"], batch=s["batch"] // s["accum"])
     cfg, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log, model)
+    window = cfg.max_position_embeddings  # the model's own (the short rows' length under mixing)
+    # The stage's window: its rows' length, or the span their skipped positions cover.
+    span = max(s["seq_len"], s["skip_to"] or 0)
+    cfg = dataclasses.replace(cfg, dtype=s["dtype"], remat=s["remat"],
+                              max_position_embeddings=max(cfg.max_position_embeddings, span))
     rope = factors_lib.parse_rope(s["rope"])
-    spec = factors_lib.resolve_rope(rope, cfg, length=s["seq_len"], model_factors=model_factors)
+    spec = factors_lib.resolve_rope(rope, cfg, length=span, model_factors=model_factors)
     stage_factors = rope.factors if rope.kind == "file" else (model_factors if rope.kind == "model" else None)
-    chunks = _chunks(s, run_dir, tok, cfg, log)
+    rows = _rows(s, run_dir, tok, cfg, window, log)
 
-    trainer = trainer_lib.Trainer(cfg, spec, s, mesh=mesh)
+    short = (rope_spec(dataclasses.replace(cfg, max_position_embeddings=window)), window)
+    trainer = trainer_lib.Trainer(cfg, spec, s, mesh=mesh, short=short if s["short_microbatches"] else None)
     state = trainer.init_state(params)
     del params
     options = ocp.CheckpointManagerOptions(max_to_keep=s["keep"], save_interval_steps=s["checkpoint_every"],
@@ -297,7 +337,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics = _Metrics(run_dir, start)
     try:
-        result = trainer.fit(state, trainer.batches(chunks, start), start=start, hooks=[metrics, save],
+        result = trainer.fit(state, trainer.batches(rows, start), start=start, hooks=[metrics, save],
                              should_stop=lambda: stop["signal"], evaluate_fn=evaluate_fn,
                              eval_every=s["eval_every"])
     except trainer_lib.NonFiniteLoss as e:
