@@ -269,7 +269,7 @@ def _bad_inputs(root, model, data):
         ("a train run directory as the model", ppl + ["--model", run_dir(os.path.join(root, "run"))],
          f"{root}/run: a train run directory, not a model; did you mean {root}/run/final?"),
         ("an unknown built-in config", ["train", "--config", "tinny"],
-         "--config tinny: no such file, and no built-in config of that name (built-in: default, smollm2_16k, tiny)"),
+         "--config tinny: no such file, and no built-in config of that name (built-in: default, smollm2_16k, "),
     ]
 
 

@@ -43,8 +43,10 @@ def test_built_in_configs_by_name_and_path_build_on_the_defaults():
     assert differ == {"model_config", "seq_len", "batch", "steps", "lr", "warmup_steps", "schedule", "end_lr_ratio",
                       "b2", "weight_decay", "loss_chunk", "checkpoint_every", "eval_data", "eval_lengths"}
     assert config_files.builtin_names("search") == ["default", "longrope2", "official"]
-    with pytest.raises(config_files.ConfigError, match=r"^--config tin: no such file, and no built-in config of that "
-                                                       r"name \(built-in: default, smollm2_16k, tiny\)$"):
+    names = ", ".join(config_files.builtin_names("train"))
+    assert names.startswith("default, ") and "tiny" in names
+    with pytest.raises(config_files.ConfigError, match=rf"^--config tin: no such file, and no built-in config of that "
+                                                       rf"name \(built-in: {names}\)$"):
         config_files.load("tin", "train")
 
 
@@ -134,3 +136,17 @@ def test_an_installed_package_finds_its_configs(tmp_path):
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0].startswith(str(target)) and out[1] == str(target / "longrope_jax" / "configs")
     assert out[2:] == ["0.003", "official"]
+
+
+@pytest.mark.parametrize("name", config_files.builtin_names("train")[1:])  # default: seq_len is the user's
+def test_every_built_in_train_config_resolves(name):
+    s = train.resolve(name, [], {"out": "run"})
+    assert s.seq_len >= 2 and (s.model or s.model_config)
+
+
+def test_the_training_data_configs_say_what_their_stages_do():
+    pose = train.resolve("smollm2_32k_pose", [], {"out": "run"})
+    assert (pose.seq_len, pose.skip_to, pose.skip_chunks) == (2048, 32768, 2) and pose.rope.endswith(
+        os.path.join("smollm2_32k", "search_gen1", "factors.json")) and os.path.exists(pose.rope)
+    mixed = train.resolve("smollm2_16k_longrope2", [], {"out": "run"})
+    assert mixed.packing and 0 < mixed.short_microbatches < mixed.accum and mixed.seq_len == 16384
