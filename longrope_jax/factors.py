@@ -208,6 +208,26 @@ def resolve_rope(value: Rope | str, cfg, length: int | None = None,
             }[rope.kind]()
 
 
+def as_config(rope: Rope, cfg) -> dict:
+    """The model-config fields that make a built-in method the model's own RoPE (``--rope model``
+    then gives what ``rope`` gives on ``cfg``, whatever window the model is given next): the HF
+    block of PI (``linear``), YaRN and Llama 3 over ``cfg``'s window, static NTK as its base.
+    ``{}`` for what the config cannot state (``model``, ``none``, a factors file: attached
+    instead; dynamic NTK, which recomputes from the window)."""
+    s, window = rope.scale, cfg.max_position_embeddings
+    if rope.kind == "pi":
+        return {"rope_parameters": {"rope_type": "linear", "factor": s}}
+    if rope.kind == "yarn":
+        return {"rope_parameters": {"rope_type": "yarn", "factor": s, "original_max_position_embeddings": window}}
+    if rope.kind == "llama3":
+        return {"rope_parameters": {"rope_type": "llama3", "factor": s, "original_max_position_embeddings": window,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+    if rope.kind == "ntk":  # NTK-aware scaling is a larger base: theta s^(d / (d - 2))
+        return {"rope_parameters": {"rope_type": "default"},
+                "rope_theta": cfg.rope_theta * s ** (cfg.rotary_dim / (cfg.rotary_dim - 2))}
+    return {}
+
+
 def load_for(path: str, cfg, flag: str | None = None) -> dict:
     """Reads a factors file and checks it against the model (``flag``: the option that named it)."""
     return dict(check_model(load(path), cfg, path if flag is None else f"{path} (--{flag})"))

@@ -71,3 +71,29 @@ def test_rope_values():
     for bad in ("pi:x", "pi:-1", "bogus", "yarn:0"):
         with pytest.raises(factors.FactorsError, match=r"--rope"):
             factors.resolve_rope(bad, cfg)
+
+
+@pytest.mark.parametrize("value", ["pi:4", "yarn:4", "ntk:4", "llama3:4"])
+def test_a_built_in_method_as_the_model_s_own_rope(value):
+    """What a stage trained with a built-in method writes into its model's config: the model's
+    own RoPE (``--rope model``) is then that method on the original window, whatever window the
+    trained model states (a 32k stage of an 8k model: 4x of 8k, not of 32k)."""
+    import dataclasses
+
+    from longrope_jax.factors import as_config, parse_rope, resolve_rope
+    from longrope_jax.model import ModelConfig, rope_spec
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
+                      rope_theta=10000.0, rope_parameters={"rope_type": "default"})
+    method = parse_rope(value)
+    want = resolve_rope(method, cfg, 32768)
+    trained = dataclasses.replace(cfg, max_position_embeddings=32768, **as_config(method, cfg))
+    def inverse_frequencies(spec):  # in float64: what a spec means (NTK as a base or as factors alike)
+        i = np.arange(spec.rotary_dim // 2, dtype=np.float64)
+        return 1.0 / (np.asarray(spec.long_factor, np.float64) * float(spec.theta) ** (2 * i / spec.rotary_dim))
+
+    got = rope_spec(trained)
+    np.testing.assert_allclose(inverse_frequencies(got), inverse_frequencies(want), rtol=1e-6)
+    np.testing.assert_allclose(float(got.attention_factor), float(want.attention_factor), rtol=1e-6)
+    assert as_config(parse_rope("model"), cfg) == {} and as_config(parse_rope("dynamic:4"), cfg) == {}

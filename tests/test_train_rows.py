@@ -240,3 +240,24 @@ def test_a_packed_mixed_skipped_run_resumes_after_sigkill_to_the_bit(tmp_path, m
     r = _train(cut, mixed_corpus, "--config.steps=9")
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-2000:]
     assert _losses(cut) == _losses(whole)
+
+
+def test_a_stage_of_a_built_in_method_leaves_it_as_the_model_s_own_rope(tmp_path, mixed_corpus):
+    """``--rope yarn:2`` on a 64-token model, rows skipped to span 256: YaRN over the model's own
+    window is what the stage trains, and what ``final/`` states (its window the span), so
+    ``--rope model`` on the result is the trained RoPE."""
+    from longrope_jax import checkpoint
+    from longrope_jax import factors as factors_lib
+    from longrope_jax.model import ModelConfig
+
+    out = tmp_path / "yarn"
+    r = _train(out, mixed_corpus, "--config.steps=1", "--config.short_microbatches=0", "--config.packing=false",
+               "--config.accum=1", "--rope", "yarn:2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg, _, _ = checkpoint.restore(str(out / "final"))
+    assert cfg.max_position_embeddings == 256
+    assert cfg.rope_parameters == {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+    base = ModelConfig(**{**json.loads(json.dumps(cfg.to_dict())), "max_position_embeddings": 64,
+                          "rope_parameters": {"rope_type": "default"}})
+    want = factors_lib.resolve_rope("yarn:2", base)
+    np.testing.assert_allclose(rope_spec(cfg).long_factor, want.long_factor, rtol=1e-7)

@@ -289,18 +289,18 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     _check_settings(os.path.join(run_dir, "settings.json"), s)
     if mesh is not None:
         parallel.check(mesh, length=s["seq_len"], batch=s["batch"] // s["accum"])
-    cfg, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log, model)
-    window = cfg.max_position_embeddings  # the model's own (the short rows' length under mixing)
-    # The stage's window: its rows' length, or the span their skipped positions cover.
-    span = max(s["seq_len"], s["skip_to"] or 0)
-    cfg = dataclasses.replace(cfg, dtype=s["dtype"], remat=s["remat"],
-                              max_position_embeddings=max(cfg.max_position_embeddings, span))
+    base, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log, model)
+    # The stage's RoPE, on the model as it comes (``yarn:4`` is 4x its own window).
     rope = factors_lib.parse_rope(s["rope"])
-    spec = factors_lib.resolve_rope(rope, cfg, length=span, model_factors=model_factors)
+    span = max(s["seq_len"], s["skip_to"] or 0)  # the stage's window: its rows, or what skips span
+    spec = factors_lib.resolve_rope(rope, base, length=span, model_factors=model_factors)
     stage_factors = rope.factors if rope.kind == "file" else (model_factors if rope.kind == "model" else None)
+    window = base.max_position_embeddings  # the model's own (the short rows' length under mixing)
+    cfg = dataclasses.replace(base, dtype=s["dtype"], remat=s["remat"],
+                              max_position_embeddings=max(window, span))
     rows = _rows(s, run_dir, tok, cfg, window, log)
 
-    short = (rope_spec(dataclasses.replace(cfg, max_position_embeddings=window)), window)
+    short = (rope_spec(base), window)
     trainer = trainer_lib.Trainer(cfg, spec, s, mesh=mesh, short=short if s["short_microbatches"] else None)
     state = trainer.init_state(params)
     del params
@@ -356,13 +356,15 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     summary = {"steps": s["steps"], "final_loss": result.record["loss"] if result.record else None,
                "final": final, "checkpoints": mngr.all_steps()}
     host = jax.tree.map(parallel.fetch, result.params)
+    # final/'s own RoPE is the stage's: a built-in method in its config, factors attached.
+    final_cfg = dataclasses.replace(cfg, remat="none", **factors_lib.as_config(rope, base))
     if parallel.is_main():  # process 0 writes final/ and summary.json
-        checkpoint.save(final, dataclasses.replace(cfg, remat="none"), host, tokenizer_file=tok_path,
+        checkpoint.save(final, final_cfg, host, tokenizer_file=tok_path,
                         factors=stage_factors, source={"trained_by": "longrope-jax train", "run": run_dir, **source},
                         overwrite=True)
         atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
     mngr.close()
-    return Trained(summary, result.params, cfg, stage_factors)
+    return Trained(summary, result.params, final_cfg, stage_factors)
 
 
 def main(s: dict, log) -> int:
