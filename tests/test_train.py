@@ -459,7 +459,9 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, corpus):
     p.wait(timeout=120)
     reader.join(10)
     err = "".join(lines)
-    assert p.returncode == 130 and err.rstrip().splitlines()[-1] == "longrope-jax train: interrupted", err[-2000:]
+    assert p.returncode == 130 and err.rstrip().splitlines()[-1] == (
+        f"SIGINT again: stopped at once; the same command resumes from the last checkpoint in {out}/checkpoints"), \
+        err[-2000:]
     assert "Traceback" not in err and "SIGINT: saved step" not in err
     done = len(_losses(out))
     r = _train(out, corpus, f"--config.steps={done + 2}", *slow)

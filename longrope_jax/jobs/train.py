@@ -326,10 +326,13 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     stop = {"signal": None}
 
     def on_signal(signum, frame):
-        """SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now."""
+        """SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now,
+        leaving the files as they are (checkpoints are committed whole, metrics line by line)."""
         name = signal.Signals(signum).name
         if name == "SIGINT" and stop["signal"] is not None:
-            raise KeyboardInterrupt
+            log(f"SIGINT again: stopped at once; the same command resumes from the last checkpoint in "
+                f"{run_dir}/checkpoints")
+            os._exit(130)  # not an exception: it could land inside a checkpoint's asynchronous save
         stop["signal"] = name
         if name == "SIGINT":
             log("SIGINT: saving at the end of this step (Ctrl-C again to stop at once)")

@@ -19,6 +19,9 @@ Files (JSONL, field ``text``; ``source`` names the file a document was cut from)
   heldout_domains_32k.jsonl
                        the 32k held-out text of those two domains (one Vim help file, one Node.js
                        API file), for the 4x result; never searched on.
+  heldout_ft_32k.jsonl the fine-tuning study's held-out text (results/smollm2_32k_ft): two Vim help
+                       files and two Node.js API files, 32k tokens each; never searched or trained on
+                       (the study trains on the Python standard library, stdlib:).
 """
 
 import json
@@ -35,6 +38,8 @@ SOURCES = {  # file -> (sources, the least number of tokens each document holds)
     "heldout_vim.jsonl": ([f"{VIM}/{f}" for f in ("eval.txt", "options.txt")], 16_400),
     "heldout_nodejs.jsonl": ([f"{NODEJS}/{f}" for f in ("crypto.md", "fs.md")], 16_400),
     "heldout_domains_32k.jsonl": ([f"{VIM}/eval.txt", f"{NODEJS}/fs.md"], 32_800),
+    "heldout_ft_32k.jsonl": ([f"{VIM}/eval.txt", f"{VIM}/options.txt", f"{NODEJS}/crypto.md", f"{NODEJS}/fs.md"],
+                             32_800),
 }
 
 
