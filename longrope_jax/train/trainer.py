@@ -117,12 +117,15 @@ class Trainer:
         self.steps, self.seed = int(s["steps"]), int(s["seed"])
         n_short = int(s.get("short_microbatches") or 0)
         skip_to = s.get("skip_to")
-        self.kinds = {"long": Kind(rope_lib.fixed(spec, "long") if skip_to else spec, self.seq_len,
-                                   self.accum - n_short, skip_to, skip_to, int(s.get("skip_chunks") or 2), self.seed)}
+        # Skipped rows: the long set, fixed for the span the positions cover, whatever the rows' length.
+        self.kinds = {"long": Kind(spec=rope_lib.fixed(spec, "long") if skip_to else spec, length=self.seq_len,
+                                   microbatches=self.accum - n_short, seq_len=skip_to, skip_to=skip_to,
+                                   skip_chunks=int(s.get("skip_chunks") or 2), seed=self.seed)}
         if n_short:
             if short is None:
                 raise TrainError("short_microbatches: mixed windows need the original RoPE and window (short=...)")
-            self.kinds["short"] = Kind(short[0], int(short[1]), n_short, seed=_derived_seed(self.seed, 1))
+            self.kinds["short"] = Kind(spec=short[0], length=int(short[1]), microbatches=n_short,
+                                       seed=_derived_seed(self.seed, 1))
         self.spec = self.kinds["long"].spec
         micro = self.batch // self.accum
         if mesh is not None:
