@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["dense", "blockwise", "ring", "ring_splash"])
     _add_mesh_flags(p)
     p.set_defaults(func=_job)
+    p = sub.add_parser("extend", help="the progressive extension: search, fine-tune, search again, readjust, export, "
+                                      "as one resumable pipeline (configs/extend/)")
+    _add_config_flag(p)
+    p.add_argument("--out", help="run directory: a folder per stage, pipeline.json (an existing run resumes)")
+    p.add_argument("--redo", help="a stage to discard, with the stages after it, and run again")
+    _add_mesh_flags(p)
+    p.set_defaults(func=_job)
     return parser
 
 

@@ -253,11 +253,17 @@ def resolve(command: str, kinds: Mapping[str, str], *, config: str | None = None
     s = defaults(command)
     origin = {k: "the defaults" for k in s.keys()}
     source = f"the {command} defaults"
+    overrides = list(overrides)
     if config:
         given = load(config, command)
         source = config
+        # Overrides of the config's own fields go to it first, so values it derives from them (a
+        # FieldReference: one length every stage scales) follow; the rest to the merged settings.
+        mine = [o for o in overrides if _has(given, o[len("--config."):].split("=", 1)[0])]
+        apply_overrides(given, mine, source, listy=listy, kinds=kinds, origin=origin)
+        overrides = [o for o in overrides if o not in mine]
         merge(s, given, config, listy=listy, kinds=kinds, origin=origin)
-    apply_overrides(s, list(overrides), source, listy=listy, kinds=kinds, origin=origin)
+    apply_overrides(s, overrides, source, listy=listy, kinds=kinds, origin=origin)
     for k, v in (flags or {}).items():
         if k in s and v is not None and v is not False:
             flag = f"--{k.replace('_', '-')}"
@@ -266,6 +272,15 @@ def resolve(command: str, kinds: Mapping[str, str], *, config: str | None = None
     check(s, kinds, required=required, origin=origin)
     s.lock()
     return s
+
+
+def _has(cfg: ml_collections.ConfigDict, dotted: str) -> bool:
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def section(command: str, kinds: Mapping[str, str], given: Mapping[str, Any], where: str, *,

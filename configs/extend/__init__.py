@@ -1,0 +1,1 @@
+"""``longrope-jax extend`` configs: progressive extension pipelines (and the demo's)."""
