@@ -78,12 +78,26 @@ def _changed(old: Mapping, new: Mapping) -> list[str]:
     return keys + [f"inputs.{k}" for k in ("weights", "factors") if old["inputs"].get(k) != new["inputs"].get(k)]
 
 
+def _mesh_check(mesh):
+    """Every length a stage runs at against the mesh (one-line errors naming the stage's key)."""
+    def check(where, kind, settings):
+        lengths = {"train": lambda: {"seq_len": [settings["seq_len"]]},
+                   "search": lambda: {"target_length": [settings["target_length"]]},
+                   "readjust": lambda: {"target_length": [settings["target_length"]]},
+                   "evaluate": lambda: {"lengths": list(settings["lengths"])},
+                   "export": dict}[kind]()
+        for key, values in lengths.items():
+            for n in values:
+                parallel.check(mesh, length=n, source=f"{where}.{key}")
+    return check
+
+
 class Pipeline:
     """One run of a pipeline config in ``run_dir``: its stages checked, its manifest read."""
 
     def __init__(self, s, run_dir: str, *, redo: str | None = None, mesh=None, log=print):
         self.s, self.run_dir, self.mesh, self.log = s, os.path.abspath(run_dir), mesh, log
-        self.stages = stages_lib.read(s)
+        self.stages = stages_lib.read(s, None if mesh is None else _mesh_check(mesh))
         names = [st.name for st in self.stages]
         if redo is not None and redo not in names:
             raise ConfigError(f"--redo {redo}: not a stage (stages: {', '.join(names)})")

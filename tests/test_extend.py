@@ -1,0 +1,172 @@
+"""The progressive extension as one command (``extend``) on the demo's pipeline shrunk by overrides:
+every stage kind runs and the weights pass between stages; a SIGKILL in a training stage and one in
+a search stage each resume to the uninterrupted pipeline's results; finished stages are skipped,
+changed ones refused unless redone; bad pipelines are one-line errors before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from longrope_jax import config_files
+from longrope_jax.jobs import extend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo's pipeline at a 64-token window: every stage kind, a few seconds each. One CPU device, so
+# a search scores (and logs) one candidate per call; checkpoints every step, so a kill lands between.
+SHRINK = ["--config.shared.window=64", "--config.shared.ft_steps=3", "--config.shared.pretrain_steps=6",
+          "--config.shared.population=4", "--config.shared.iterations=1", "--config.shared.lengths=[64,256,1024]",
+          "--config.stages.pretrain.batch=4", *[f"--config.stages.{s}.checkpoint_every=1"
+                                                for s in ("ft_longrope", "ft_pi", "ft_yarn")]]
+
+
+def _extend(out, *extra, wait=True):
+    from processes import command_argv
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    argv = command_argv("extend", "--config", "tiny", "--out", str(out), *SHRINK, *extra)
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted pipeline: the reference of the resumed ones."""
+    out = tmp_path_factory.mktemp("extend") / "whole"
+    r = _extend(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, json.loads(r.stdout.splitlines()[-1])
+
+
+def _results(out):
+    """What a pipeline's stages leave: losses, factors, perplexities, the exported weights."""
+    got = {}
+    for d in sorted(os.listdir(out)):
+        path = os.path.join(out, d)
+        if os.path.exists(os.path.join(path, "metrics.jsonl")):
+            with open(os.path.join(path, "metrics.jsonl")) as fh:
+                got[d] = [r["loss"] for r in map(json.loads, fh)]
+        if os.path.exists(os.path.join(path, "factors.json")):
+            with open(os.path.join(path, "factors.json")) as fh:
+                f = json.load(fh)
+            got[d] = (f["long_factor"], f["short_factor"], f.get("per_length"))
+        if os.path.exists(os.path.join(path, "ppl.jsonl")):
+            with open(os.path.join(path, "ppl.jsonl")) as fh:
+                got[d] = [(r["rope"].replace(str(out), ""), r["length"], r["ppl"]) for r in map(json.loads, fh)]
+    return got
+
+
+def test_every_stage_kind_runs_and_the_export_loads_in_transformers(whole):
+    out, printed = whole
+    with open(out / "pipeline.json") as fh:
+        manifest = json.load(fh)
+    order = config_files.load("tiny", "extend").order
+    assert list(manifest["stages"]) == list(order) and all(s["state"] == "done" for s in manifest["stages"].values())
+    assert sorted(printed["stages"]) == sorted(order)
+    # The fine-tuned LongRoPE arm trained with the searched factors; the secondary search ran on its
+    # weights on top of them (progressive); the readjust amended that file's short factors.
+    ft = json.load(open(out / "03-ft_longrope" / "settings.json"))["settings"]
+    assert ft["rope"] == str(out / "02-search8x" / "factors.json") and ft["seq_len"] == 512
+    sec = json.load(open(out / "06-search16x" / "factors.json"))
+    assert sec["max_position_embeddings"] == 1024 and sec["provenance"]["search"]["base_factors_file"] == str(
+        out / "02-search8x" / "factors.json")
+    readjusted = json.load(open(out / "07-readjust" / "factors.json"))
+    assert readjusted["long_factor"] == sec["long_factor"] and readjusted["max_position_embeddings"] == 1024
+    # The export: transformers loads it and gives this project's logits (short factors at 64 tokens).
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from longrope_jax import factors as factors_lib
+    from longrope_jax.loading import load_model
+    from longrope_jax.model import Transformer
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out / "12-export" / "hf").eval()
+    m = load_model(str(out / "03-ft_longrope" / "final"))
+    tokens = np.random.default_rng(0).integers(0, m.cfg.vocab_size, (1, 64))
+    spec = factors_lib.to_spec(readjusted, 64)
+    got = np.asarray(Transformer(m.cfg).apply({"params": m.params}, tokens, rope=spec, seq_len=64))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(tokens)).logits.numpy()
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("stage, marker, count", [("03-ft_longrope", "metrics.jsonl", 2),
+                                                   ("06-search16x", "log.jsonl", 3)], ids=["train", "search"])
+def test_a_killed_pipeline_resumes_to_the_uninterrupted_results(tmp_path, whole, stage, marker, count):
+    ref, _ = whole
+    out = tmp_path / "cut"
+    p = _extend(out, wait=False)
+    path, deadline = out / stage / marker, time.time() + 600
+    while not (path.exists() and len(path.read_text().splitlines()) >= count):
+        assert time.time() < deadline and p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=120)
+    with open(out / "pipeline.json") as fh:
+        assert stage[3:] not in json.load(fh)["stages"]  # killed inside it
+    r = _extend(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "done, skipped" in r.stderr
+    assert _results(out) == _results(ref)
+
+
+def test_finished_stages_are_skipped_and_changed_ones_refused_unless_redone(tmp_path, whole):
+    import shutil
+
+    ref, _ = whole
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    with open(out / "pipeline.json") as fh:  # the copy's manifest names the copy's files
+        text = fh.read().replace(str(ref), str(out))
+    with open(out / "pipeline.json", "w") as fh:
+        fh.write(text)
+    r = _extend(out, "--config.stages.ft_pi.lr=0.5")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "longrope-jax extend: error: stages.ft_pi: finished with other settings or inputs (settings.lr); give --redo "
+        "ft_pi to discard it and the stages after it")
+    r = _extend(out, "--config.stages.eval_yarn.weights=ft_pi", "--redo", "eval_yarn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done, skipped") == 10 and "stage 11-eval_yarn (evaluate) ..." in r.stderr
+
+
+def _config(tmp_path, body: str) -> str:
+    f = tmp_path / "pipeline.py"
+    f.write_text("import ml_collections\nfrom longrope_jax.configs.extend import default\n\n"
+                 "def get_config():\n    c = default.get_config()\n    c.model = 'smollm2'\n" + body + "    return c\n")
+    return str(f)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("    c.stages = ml_collections.ConfigDict({'a': {'kind': 'bake'}})\n    c.order = ['a']\n",
+     "stages.a.kind: expected one of ['train', 'search', 'readjust', 'evaluate', 'export'], got 'bake'"),
+    ("    c.stages = ml_collections.ConfigDict({'ft': {'kind': 'train', 'seq_len': 64, 'factors': 's'}, "
+     "'s': {'kind': 'search', 'target_length': 128}})\n    c.order = ['ft', 's']\n",
+     "stages.ft.factors: stage 's' writes no factors before this stage"),
+    ("    c.stages = ml_collections.ConfigDict({'s': {'kind': 'search', 'target_length': 128, 'populaton': 4}})\n"
+     "    c.order = ['s']\n", "stages.s: unknown setting 'populaton'"),
+    ("    c.stages = ml_collections.ConfigDict({'e': {'kind': 'evaluate', 'lengths': [100]}})\n    c.order = ['e']\n"
+     "    c.mesh = 'sequence=8'\n", "stages.e.lengths: sequence=8 needs a length divisible by 16 (2 x sequence), got 100"),
+    ("    c.stages = ml_collections.ConfigDict({'ft': {'kind': 'train', 'seq_len': 64, 'batch': 6, 'accum': 4}})\n"
+     "    c.order = ['ft']\n", "batch: expected a multiple of accum (4), got 6"),
+    ("    c.stages = ml_collections.ConfigDict({'a': {'kind': 'search', 'target_length': 64}})\n    c.order = ['a', 'b']\n",
+     "order: 'b' is not a stage (stages: a)"),
+], ids=["kind", "factors before", "unknown setting", "mesh", "batch", "order"])
+def test_bad_pipelines_are_one_line_errors_before_any_work(tmp_path, body, message):
+    from longrope_jax import cli
+
+    import io
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["extend", "--config", _config(tmp_path, body), "--out", str(tmp_path / "run")])
+    lines = [x for x in err.getvalue().splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "run").exists()
