@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's pipeline at a 64-token window: every stage kind, a few seconds each. One CPU device, so
 # a search scores (and logs) one candidate per call; checkpoints every step, so a kill lands between.
 SHRINK = ["--config.shared.window=64", "--config.shared.ft_steps=3", "--config.shared.pretrain_steps=6",
-          "--config.shared.population=4", "--config.shared.iterations=1", "--config.shared.lengths=[64,256,1024]",
+          "--config.shared.population=4", "--config.shared.iterations=1", "--config.shared.lengths=[64,512,1024]",
           "--config.stages.pretrain.batch=4", *[f"--config.stages.{s}.checkpoint_every=1"
                                                 for s in ("ft_longrope", "ft_pi", "ft_yarn")]]
 
@@ -170,3 +170,22 @@ def test_bad_pipelines_are_one_line_errors_before_any_work(tmp_path, body, messa
     lines = [x for x in err.getvalue().splitlines() if x.strip()]
     assert rc == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_reports_every_stage_and_the_paper_s_claims(whole):
+    """``demo``'s report on the shrunk pipeline: a row per stage, the perplexity table, each claim
+    with both numbers and whether it holds (computed from the evaluation files), and the PNGs."""
+    from longrope_jax.jobs import demo
+
+    out, printed = whole
+    s = demo.resolve(None, SHRINK, {"out": str(out)})
+    claims = demo.report(s, str(out), printed["stages"])
+    text = (out / "report.md").read_text()
+    assert all(f"| {name} |" in text for name in printed["stages"])
+    assert len(claims) == 4 and all(v["holds"] == (v["ours"] <= v["against"] * (1.02 if "2%" in k else 1.0))
+                                    for k, v in claims.items())
+    rows = [json.loads(x) for x in open(out / "08-eval_base" / "ppl.jsonl")]
+    searched = [r["ppl"] for r in rows if r["length"] == 512 and r["rope"].endswith("factors.json")]
+    first = claims["search beats PI and YaRN without fine-tuning (at 8x)"]
+    assert first["ours"] == searched[0]  # at 8x the window: 512 tokens here
+    assert (out / "ppl_vs_length.png").stat().st_size > 0 and (out / "factors.png").stat().st_size > 0

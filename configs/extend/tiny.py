@@ -52,7 +52,9 @@ def get_config():
         "readjust": {"kind": "readjust", "weights": "ft_longrope", "factors": "search16x", **search(target_length=w)},
         "eval_base": {"kind": "evaluate", "weights": "pretrain", "factors": "search8x", "lengths": lengths,
                       "ropes": ["none", "pi:8", "yarn:8"]},
-        "eval_longrope": {"kind": "evaluate", "weights": "ft_longrope", "factors": "readjust", "lengths": lengths},
+        # The LongRoPE arm with its readjusted factors, and with the 8x factors it was fine-tuned with.
+        "eval_longrope": {"kind": "evaluate", "weights": "ft_longrope", "factors": "readjust", "lengths": lengths,
+                          "ropes": ["model"]},
         "eval_pi": {"kind": "evaluate", "weights": "ft_pi", "lengths": lengths},
         "eval_yarn": {"kind": "evaluate", "weights": "ft_yarn", "lengths": lengths},
         "export": {"kind": "export", "weights": "ft_longrope", "factors": "readjust"},

@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 from longrope_jax import atomic, config_files, parallel
 from longrope_jax.config_files import ConfigError
