@@ -22,8 +22,8 @@ from ..train import tiny as tiny_train
 
 def get_config():
     c = default.get_config()
-    c.shared = ml_collections.ConfigDict({"window": 512, "ft_steps": 30, "pretrain_steps": 100, "population": 8,
-                                          "iterations": 2, "lengths": [512, 1024, 2048, 4096, 8192]})
+    c.shared = ml_collections.ConfigDict({"window": 512, "ft_steps": 120, "pretrain_steps": 400, "population": 16,
+                                          "iterations": 3, "lengths": [512, 1024, 2048, 4096, 8192]})
     w = c.shared.get_ref("window")
     pretrain = tiny_train.get_config()
     model_config = ml_collections.ConfigDict(pretrain.model_config.to_dict())
