@@ -151,7 +151,9 @@ def merge(base: ml_collections.ConfigDict, given: Mapping[str, Any], source: str
 
 
 def _parse(raw: str, kind, key: str):
-    """A ``--config.KEY=VALUE`` string as a value of the field's type ``kind``."""
+    """A ``--config.KEY=VALUE`` string as a value of the field's type ``kind`` (``None``: unset)."""
+    if raw == "None":
+        return None
     if kind is bool:
         if raw.lower() in ("true", "1", "yes"):
             return True

@@ -1,0 +1,1 @@
+"""Meshes for the slices users have: the mesh each pipeline stage runs on."""
