@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from longrope_jax import config_files
-from longrope_jax.jobs import extend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The demo's pipeline at a 64-token window: every stage kind, a few seconds each. One CPU device, so
