@@ -89,6 +89,8 @@ def _mesh_check(mesh):
         for key, values in lengths.items():
             for n in values:
                 parallel.check(mesh, length=n, source=f"{where}.{key}")
+        if kind == "train":  # each microbatch's rows split over data x fsdp
+            parallel.check(mesh, batch=settings["batch"] // settings["accum"], source=f"{where}.batch")
     return check
 
 
