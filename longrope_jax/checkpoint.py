@@ -291,11 +291,16 @@ def restore(path: str, *, verify: bool = True) -> tuple[ModelConfig, dict, dict]
 
 
 def _orbax_restore(pdir: str, expected: Mapping[str, tuple], recorded: Mapping[str, dict]) -> dict:
+    import jax
     import orbax.checkpoint as ocp
 
     restore_args = _unflatten({n: ocp.RestoreArgs(restore_type=np.ndarray) for n in expected})
+    # Host arrays, read whole by each process on its own: no barrier with the other processes, so
+    # one process may read a checkpoint alone (an export on the main process).
+    me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
     try:
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=me),
+                              multiprocessing_options=me) as ckptr:
             out = ckptr.restore(pdir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     except Exception as e:  # orbax / tensorstore raise many kinds on missing or damaged files
         _quiet_orbax_aftermath()

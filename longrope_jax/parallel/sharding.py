@@ -73,12 +73,14 @@ def param_shardings(params, mesh: Mesh):
 
 
 def put(x, sharding: NamedSharding):
-    """A host array (the same on every process) as a global array with ``sharding``; each process
-    supplies only its own devices' pieces, so this works across hosts."""
+    """A host array (the same on every process) or a global array as a global array with
+    ``sharding``; each process supplies only its own devices' pieces, so this works across hosts."""
     if isinstance(x, jax.Array) and getattr(x, "sharding", None) == sharding:
         return x
     if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
         return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # a global array: resharded on device
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 

@@ -88,8 +88,8 @@ def read(config, window_check=None) -> list[Stage]:
                 raise ConfigError(f"{where}.factors: stage {factors!r} writes no factors before this stage "
                                   f"(it must be an earlier search, readjust or train stage)")
             factors_from = factors
-        elif kind in ("readjust", "export") and factors is None:
-            raise ConfigError(f"{where}.factors: a {kind} stage needs the factors it works on (an earlier stage)")
+        elif kind == "readjust" and factors is None:
+            raise ConfigError(f"{where}.factors: a readjust stage needs the factors it works on (an earlier stage)")
         if kind == "train":
             model = (config["model"] or None) if weights == "base" else f"(stage {weights})"
             given = {**shared, **section, "out": "(the pipeline's)", "model": model}
