@@ -253,7 +253,8 @@ def test_two_processes_run_the_pipeline_of_one(tmp_path):
         "    c.order = ['pretrain', 'search8x', 'ft_yarn', 'eval_yarn', 'export']\n"
         "    for name in set(c.stages.keys()) - set(c.order):\n        del c.stages[name]\n"
         "    c.stages.ft_yarn.batch = 2\n    c.stages.ft_yarn.checkpoint_every = 2\n"
-        "    c.stages.eval_yarn.lengths = [64, 512]\n    c.stages.export.weights = 'ft_yarn'\n"
+        "    c.stages.eval_yarn.lengths = [64, 512]\n    c.stages.eval_yarn.passkey_lengths = [256]\n"
+        "    c.stages.eval_yarn.passkey_trials = 2\n    c.stages.export.weights = 'ft_yarn'\n"
         "    c.stages.export.factors = None\n    return c\n")
     kw = {"config": str(config), "shrink": [a for a in SHRINK if "checkpoint_every" not in a]}
     mesh = "--config.mesh=data=2,sequence=4"
@@ -286,3 +287,9 @@ def test_two_processes_run_the_pipeline_of_one(tmp_path):
     for u, v in zip(*map(jax.tree.leaves, (x, y))):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two" / "05-export" / "hf" / "config.json").exists()
+    # Passkey in the evaluate stage: the trials of the passkey command on the stage's weights on disk.
+    from longrope_jax.jobs import passkey
+
+    want = passkey.run(str(tmp_path / "two" / "03-ft_yarn" / "final"), [256], 2)["trials"]
+    got = [json.loads(x) for x in open(tmp_path / "two" / "04-eval_yarn" / "passkey" / "00" / "trials.jsonl")][1:]
+    assert [{k: r[k] for k in want[0]} for r in got] == want

@@ -16,7 +16,8 @@ command's settings (``train``'s, ``search``'s, ...; validated by that command's 
 
 Kinds: ``train`` (a fine-tuning stage), ``search`` (factors at ``target_length``), ``readjust``
 (short factors at a length within the original window), ``evaluate`` (perplexity at ``lengths``
-on ``heldout``, against ``ropes``), ``export`` (an HF directory).
+on ``heldout``, against ``ropes``; needle perplexity with ``needles``; passkey accuracy,
+``passkey_trials`` at each of ``passkey_lengths``), ``export`` (an HF directory).
 """
 
 import ml_collections

@@ -15,12 +15,15 @@ STAGE`` discards it and the stages after it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
 from typing import Mapping
+
+import jax
 
 from longrope_jax import atomic, config_files, parallel
 from longrope_jax.config_files import ConfigError
@@ -232,7 +235,26 @@ def _evaluate(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedMo
 
         ppl_vs_length(rows, os.path.join(directory, "ppl_vs_length.png"))
         p.log(ppl_job.table(rows))
-    return {"ppl": path, "results": {f"{r['rope']}@{r['length']}": r["ppl"] for r in rows}}, None
+    out = {"ppl": path, "results": {f"{r['rope']}@{r['length']}": r["ppl"] for r in rows}}
+    if s["passkey_lengths"]:
+        out["passkey"] = _passkey(p, s, directory, model, ropes)
+    return out, None
+
+
+def _passkey(p: Pipeline, s, directory: str, model: LoadedModel | None, ropes: list[str]) -> dict:
+    """Passkey accuracy per rope and length; each rope's trials in ``passkey/NN/`` (resumable).
+    Decoding runs whole on every process (on a host copy of the weights), process 0 writes."""
+    from longrope_jax.jobs import passkey as passkey_job
+
+    if model is not None and not all(x.is_fully_addressable for x in jax.tree.leaves(model.params)):
+        model = dataclasses.replace(model, params=jax.tree.map(parallel.fetch, model.params))
+    accuracy = {}
+    for i, rope in enumerate(ropes):
+        res = passkey_job.run(model if model is not None else p.s["model"], list(s["passkey_lengths"]),
+                              s["passkey_trials"], rope, seed=s["seed"], log=p.log,
+                              out_dir=os.path.join(directory, "passkey", f"{i:02d}") if parallel.is_main() else None)
+        accuracy.update({f"{rope}@{n}": acc for n, acc in res["accuracy"].items()})
+    return accuracy
 
 
 def _export(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedModel | None, outputs):

@@ -22,9 +22,10 @@ KINDS = ("train", "search", "readjust", "evaluate", "export")
 MAKES = {"train": ("weights", "factors"), "search": ("factors",), "readjust": ("factors",), "evaluate": (),
          "export": ()}
 PIPELINE_KEYS = ("kind", "weights", "factors")
-# The settings of an evaluate stage (the ppl command's, which it runs) and of an export stage.
+# The settings of an evaluate stage (the ppl command's, which it runs, and the passkey command's:
+# ``passkey_trials`` at each of ``passkey_lengths``, none when empty) and of an export stage.
 EVALUATE_KEYS = {"lengths": [], "ropes": [], "samples": 1, "seed": 0, "needles": 0, "q_chunk": None,
-                 "loss_chunk": 1024}
+                 "loss_chunk": 1024, "passkey_lengths": [], "passkey_trials": 5}
 EXPORT_KEYS = {"allow_drop_start_tokens": False}
 
 
