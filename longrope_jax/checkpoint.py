@@ -26,7 +26,7 @@ import numpy as np
 
 from longrope_jax import factors as factors_lib
 from longrope_jax import atomic, hf
-from longrope_jax.model import ModelConfig
+from longrope_jax.model import ModelConfig, param_shapes
 
 FORMAT = "longrope-jax-checkpoint/1"
 METADATA = "longrope_checkpoint.json"
@@ -76,15 +76,7 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 def expected_leaves(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Param leaf name (``a/b/c``) -> shape, for a model of config ``cfg``."""
-    out = {}
-    L = cfg.num_hidden_layers
-    for _, (path, shape, is_kernel) in hf.param_shapes(cfg).items():
-        shape = tuple(reversed(shape)) if is_kernel else tuple(shape)
-        if path[0] == "layers":
-            out["/".join(path[:-1])] = (L,) + shape
-        else:
-            out["/".join(path)] = shape
-    return out
+    return param_shapes(cfg)
 
 
 def params_digest(params: Mapping) -> str:

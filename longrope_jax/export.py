@@ -23,7 +23,7 @@ import shutil
 from typing import Mapping, Sequence
 
 from longrope_jax import factors as factors_lib
-from longrope_jax import atomic, hf
+from longrope_jax import atomic, families, hf
 from longrope_jax import rope as rope_lib
 from longrope_jax.model import ModelConfig
 
@@ -147,6 +147,11 @@ def save_hf(path: str, cfg: ModelConfig, params: Mapping, *, factors: Mapping | 
         cfg, notes = longrope_config(cfg, factors, allow_drop_start_tokens=allow_drop_start_tokens,
                                      source=factors_source)
     config = hf_config(cfg)
+    fam = families.get(cfg.architecture)
+    kind = (cfg.rope_parameters or {}).get("rope_type", "default")
+    if fam.rope_types is not None and kind not in fam.rope_types:
+        raise ExportError(f"rope_type: {fam.architecture} takes one of {list(fam.rope_types)} in transformers, "
+                          f"got {kind!r}; export this model with LongRoPE factors (--factors)")
     hf.config_from_hf(config, "config.json (to be written)")  # what we write must read back
     toks = {}
     for f in tokenizer_files:

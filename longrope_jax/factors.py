@@ -228,6 +228,20 @@ def as_config(rope: Rope, cfg) -> dict:
     return {}
 
 
+def from_model(cfg) -> dict | None:
+    """The model's own ``longrope`` rope block (a Phi-3 model ships one) as a factors dict; None
+    when its rope is of another type."""
+    block = dict(cfg.rope_parameters or {})
+    if block.get("rope_type") != "longrope":
+        return None
+    return validate({"format": FORMAT, "rope_type": "longrope", "rope_theta": cfg.rope_theta,
+                     "rotary_dim": cfg.rotary_dim, "original_max_position_embeddings": int(
+                         block["original_max_position_embeddings"]),
+                     "max_position_embeddings": cfg.max_position_embeddings, "long_factor": block["long_factor"],
+                     "short_factor": block["short_factor"], "attention_factor": block.get("attention_factor")},
+                    "the model's rope block")
+
+
 def load_for(path: str, cfg, flag: str | None = None) -> dict:
     """Reads a factors file and checks it against the model (``flag``: the option that named it)."""
     return dict(check_model(load(path), cfg, path if flag is None else f"{path} (--{flag})"))

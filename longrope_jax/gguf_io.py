@@ -61,8 +61,10 @@ def metadata(reader) -> dict[str, Any]:
 
 def config_from_metadata(md: dict[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
     arch = md.get("general.architecture")
-    if arch != "llama":
-        raise GGUFError(f"{source}: field 'general.architecture': expected 'llama', got {arch!r}")
+    if arch != "llama":  # llama.cpp's name for LLaMA and Mistral files
+        hint = (" (GGUF files of other families, Phi-3's included, are not read: load the model's HF directory)"
+                if arch else "")
+        raise GGUFError(f"{source}: field 'general.architecture': expected 'llama', got {arch!r}{hint}")
 
     def need(key):
         k = f"llama.{key}"

@@ -1,6 +1,8 @@
 """Hugging Face directories <-> (ModelConfig, params).
 
-One place for HF key names. Reads ``config.json`` in the transformers 4.x schema
+One place for HF key names; what differs between model families (architecture, defaults, fused
+tensors, sliding window) is data in ``longrope_jax.families``. Reads ``config.json`` in the
+transformers 4.x schema
 (``rope_scaling`` + ``rope_theta``) and the 5.x schema (``rope_parameters``) with transformers
 5.x's precedence (docs/formats.md), and safetensors weights single or sharded, shard by
 shard, in float32 / bfloat16 / float16.
@@ -8,6 +10,7 @@ shard, in float32 / bfloat16 / float16.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,8 +18,9 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from longrope_jax import families
 from longrope_jax import rope as rope_lib
-from longrope_jax.model import ARCHITECTURES, ModelConfig, rope_spec
+from longrope_jax.model import ModelConfig, has_bias, linear_features, param_shapes, rope_spec
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -31,7 +35,7 @@ class HFError(ValueError):
 def _require(d: Mapping[str, Any], key: str, source: str, kind=int):
     if d.get(key) is None:
         raise HFError(f"{source}: field {key!r} is missing (expected {kind.__name__})")
-    return _typed(d, key, source, "int", prefix="")
+    return _typed(d, key, source, {int: "int", float: "number"}[kind], prefix="")
 
 
 # Optional fields of config.json and of its rope block: name -> kind (checked when present and not null).
@@ -39,7 +43,7 @@ _TOP_FIELDS = {"rope_theta": "number", "num_key_value_heads": "int", "head_dim":
                "rms_norm_eps": "number", "partial_rotary_factor": "fraction", "sliding_window": "int",
                "original_max_position_embeddings": "int", "tie_word_embeddings": "bool",
                "attention_bias": "bool", "mlp_bias": "bool", "use_sliding_window": "bool",
-               "bos_token_id": "ids", "eos_token_id": "ids"}
+               "bos_token_id": "ids", "eos_token_id": "ids", "pad_token_id": "ids"}
 _ROPE_FIELDS = {"rope_theta": "number", "partial_rotary_factor": "fraction", "factor": "number",
                 "original_max_position_embeddings": "int", "beta_fast": "number", "beta_slow": "number",
                 "mscale": "number", "mscale_all_dim": "number", "attention_factor": "number",
@@ -81,12 +85,14 @@ def check_fields(d: Mapping[str, Any], source: str = CONFIG) -> None:
                 _typed(block, key, source, kind, prefix=f"{name}.")
 
 
-def rope_parameters(d: Mapping[str, Any], source: str = CONFIG) -> tuple[dict, float, float]:
+def rope_parameters(d: Mapping[str, Any], source: str = CONFIG,
+                    aliases: Mapping[str, str] | None = None) -> tuple[dict, float, float]:
     """The standardised rope block, ``rope_theta`` and ``partial_rotary_factor`` of a config dict.
 
     transformers 5.x precedence: ``rope_scaling`` over ``rope_parameters``; inside the block,
     ``rope_theta`` / ``partial_rotary_factor`` win over the top-level keys; the old key ``type``
-    and the old name ``su`` are accepted; for llama3 / yarn / longrope a top-level
+    and old names (``aliases``, default the ``su`` of ``longrope``) are read as the new one; for
+    llama3 / yarn / longrope a top-level
     ``original_max_position_embeddings`` overrides the block's, and the block defaults to
     ``max_position_embeddings``.
     """
@@ -97,8 +103,7 @@ def rope_parameters(d: Mapping[str, Any], source: str = CONFIG) -> tuple[dict, f
     theta = block.get("rope_theta", d.get("rope_theta", 10000.0))
     partial = block.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     kind = block.get("rope_type", block.get("type", "default")) or "default"
-    if kind == "su":
-        kind = "longrope"
+    kind = (aliases if aliases is not None else {"su": "longrope"}).get(kind, kind)
     block["rope_type"] = kind
     block.pop("type", None)
     block["rope_theta"] = theta
@@ -112,31 +117,35 @@ def rope_parameters(d: Mapping[str, Any], source: str = CONFIG) -> tuple[dict, f
     return block, float(theta), float(partial or 1.0)
 
 
+def family_of(d: Mapping[str, Any], source: str = CONFIG) -> families.Family:
+    """The family of an HF config dict: by ``architectures[0]``, else by ``model_type``."""
+    archs = d.get("architectures") or []
+    if archs:
+        fam = families.BY_ARCHITECTURE.get(archs[0])
+        if fam is None:
+            raise HFError(f"{source}: field 'architectures': unsupported architecture {archs[0]!r} "
+                          f"(expected one of {sorted(families.BY_ARCHITECTURE)})")
+        return fam
+    fam = families.FAMILIES.get(d.get("model_type"))
+    if fam is None:
+        raise HFError(f"{source}: field 'architectures' is missing and model_type is {d.get('model_type')!r} "
+                      f"(expected architectures {sorted(families.BY_ARCHITECTURE)} or model_type one of "
+                      f"{sorted(families.FAMILIES)})")
+    return fam
+
+
 def config_from_hf(d: Mapping[str, Any], source: str = CONFIG, **overrides) -> ModelConfig:
-    """A ``ModelConfig`` from an HF ``config.json`` dict (LlamaForCausalLM / MistralForCausalLM).
+    """A ``ModelConfig`` from an HF ``config.json`` dict of any family in ``longrope_jax.families``.
 
     Every field is checked here, the rope block included (its spec is built once), so a malformed
-    config fails when it is read, with the file and field named.
+    config fails when it is read, with the file and field named. Fields left out take the defaults
+    of the family's transformers config class.
     """
     if not isinstance(d, Mapping):
         raise HFError(f"{source}: expected a JSON object, got {type(d).__name__}")
     check_fields(d, source)
-    archs = d.get("architectures") or []
-    if archs:
-        arch = archs[0]
-        if arch not in ARCHITECTURES:
-            raise HFError(
-                f"{source}: field 'architectures': unsupported architecture {arch!r} "
-                f"(expected one of {sorted(ARCHITECTURES)})"
-            )
-        family = ARCHITECTURES[arch]
-    else:
-        family = d.get("model_type")
-        if family not in ("llama", "mistral"):
-            raise HFError(
-                f"{source}: field 'architectures' is missing and model_type is {family!r} "
-                f"(expected architectures {sorted(ARCHITECTURES)} or model_type 'llama'/'mistral')"
-            )
+    fam = family_of(d, source)
+    d = {**fam.defaults, **d}
     act = d.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise HFError(f"{source}: field 'hidden_act': expected 'silu', got {act!r}")
@@ -144,13 +153,10 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG, **overrides) -> M
     heads = _require(d, "num_attention_heads", source)
     kv = d.get("num_key_value_heads") or heads
     head_dim = d.get("head_dim") or hidden // heads
-    max_pos = d.get("max_position_embeddings", 2048 if family == "llama" else 131072)
-    block, theta, partial = rope_parameters(d, source)
-    sliding = None
-    if family == "mistral":
-        sliding = d.get("sliding_window", 4096)
-        if d.get("use_sliding_window") is False:
-            sliding = None
+    block, theta, partial = rope_parameters(d, source, fam.rope_aliases)
+    if fam.rope_types is not None and block["rope_type"] not in fam.rope_types:
+        raise HFError(f"{source}: field 'rope_scaling.rope_type': a {fam.name} model takes one of "
+                      f"{list(fam.rope_types)} in transformers, got {block['rope_type']!r}")
     if heads % kv:
         raise HFError(f"{source}: field 'num_key_value_heads': {kv} does not divide num_attention_heads {heads}")
     kw = dict(
@@ -161,17 +167,18 @@ def config_from_hf(d: Mapping[str, Any], source: str = CONFIG, **overrides) -> M
         num_attention_heads=heads,
         num_key_value_heads=kv,
         head_dim=head_dim,
-        max_position_embeddings=int(max_pos),
+        max_position_embeddings=_require(d, "max_position_embeddings", source),
         rope_theta=theta,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(_require(d, "rms_norm_eps", source, float)),
         partial_rotary_factor=partial,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        sliding_window=sliding,
-        attention_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)),
-        architecture=family,
+        sliding_window=fam.sliding_window(d),
+        attention_bias=fam.biases and bool(d.get("attention_bias", False)),
+        mlp_bias=fam.biases and bool(d.get("mlp_bias", False)),
+        architecture=fam.name,
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"),
         rope_parameters=block,
     )
     kw.update(overrides)
@@ -199,45 +206,56 @@ def read_config(path: str, **overrides) -> ModelConfig:
 # --------------------------------------------------------------------------------------------
 # Weights.
 
-_LAYER = {
-    "self_attn.q_proj": ("self_attn", "q_proj"),
-    "self_attn.k_proj": ("self_attn", "k_proj"),
-    "self_attn.v_proj": ("self_attn", "v_proj"),
-    "self_attn.o_proj": ("self_attn", "o_proj"),
-    "mlp.gate_proj": ("mlp", "gate_proj"),
-    "mlp.up_proj": ("mlp", "up_proj"),
-    "mlp.down_proj": ("mlp", "down_proj"),
-}
-_NORMS = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm"}
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """Where an HF tensor goes: the model's leaves ``paths`` (at ``layer`` of the stacked axis),
+    ``transpose`` for linear kernels (HF stores ``[out, in]``), and for a linear its family entry
+    with the parts' output features (``sizes``), which split and fuse it."""
+
+    paths: tuple[str, ...]
+    shape: tuple[int, ...]
+    layer: int | None = None
+    transpose: bool = False
+    linear: families.Linear | None = None
+    sizes: tuple[int, ...] = ()
 
 
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], bool]]:
-    """HF tensor name -> (param path, HF tensor shape, is-a-linear-kernel), per layer expanded."""
-    D, H, KV, hd, F = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
-    out = {"model.embed_tokens.weight": (("embed_tokens", "embedding"), (cfg.vocab_size, D), False)}
-    out["model.norm.weight"] = (("norm", "weight"), (D,), False)
+def tensor_table(cfg: ModelConfig) -> dict[str, _Tensor]:
+    """HF tensor name -> :class:`_Tensor`, every layer expanded, for ``cfg``'s family."""
+    fam = families.get(cfg.architecture)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    out = {"model.embed_tokens.weight": _Tensor(("embed_tokens/embedding",), (V, D)),
+           "model.norm.weight": _Tensor(("norm/weight",), (D,))}
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = (("lm_head", "kernel"), (cfg.vocab_size, D), True)
-    lin = {
-        "self_attn.q_proj": (H * hd, D),
-        "self_attn.k_proj": (KV * hd, D),
-        "self_attn.v_proj": (KV * hd, D),
-        "self_attn.o_proj": (D, H * hd),
-        "mlp.gate_proj": (F, D),
-        "mlp.up_proj": (F, D),
-        "mlp.down_proj": (D, F),
-    }
+        out["lm_head.weight"] = _Tensor(("lm_head/kernel",), (V, D), transpose=True)
+    features = linear_features(cfg)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        for name, shape in lin.items():
-            a, b = _LAYER[name]
-            out[p + name + ".weight"] = (("layers", a, b, "kernel", i), shape, True)
-            bias = cfg.attention_bias if name.startswith("self_attn") else cfg.mlp_bias
-            if bias:
-                out[p + name + ".bias"] = (("layers", a, b, "bias", i), shape[:1], False)
-        for name, n in _NORMS.items():
-            out[p + name + ".weight"] = (("layers", n, "weight", i), (D,), False)
+        for name, lin in fam.linears.items():
+            sizes = tuple(features[part][1] for part in lin.parts)
+            base = tuple("layers/" + part.replace(".", "/") for part in lin.parts)
+            n_in = features[lin.parts[0]][0]
+            out[p + name + ".weight"] = _Tensor(tuple(b + "/kernel" for b in base), (sum(sizes), n_in), i, True,
+                                                lin, sizes)
+            if has_bias(cfg, lin.parts[0]):
+                out[p + name + ".bias"] = _Tensor(tuple(b + "/bias" for b in base), (sum(sizes),), i, False, lin,
+                                                  sizes)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[p + norm + ".weight"] = _Tensor((f"layers/{norm}/weight",), (D,), i)
     return out
+
+
+def _pieces(t: _Tensor, arr: np.ndarray) -> list[np.ndarray]:
+    """An HF tensor as the model's pieces (one per path), split and transposed."""
+    parts = t.linear.split(arr, t.sizes) if len(t.paths) > 1 else [arr]
+    return [p.T if t.transpose else p for p in parts]
+
+
+def _node(params: dict, path: str, create: bool = False):
+    *keys, leaf = path.split("/")
+    for k in keys:
+        params = params.setdefault(k, {}) if create else params[k]
+    return params, leaf
 
 
 def params_from_tensors(
@@ -246,54 +264,49 @@ def params_from_tensors(
     """Assembles params (plain nested dict of numpy arrays, layers stacked) from HF tensors.
 
     ``tensors`` yields ``(hf_name, array, file)``; ``dtype`` casts (default: keep the stored
-    dtype). Every expected tensor must appear once with its HF shape.
+    dtype). Every expected tensor must appear once with its HF shape; fused tensors are split by
+    the family's hooks.
     """
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 
-    expected = param_shapes(cfg)
+    table = tensor_table(cfg)
+    shapes = param_shapes(cfg)
     params: dict = {}
     seen: set[str] = set()
-    L = cfg.num_hidden_layers
     for name, arr, file in tensors:
-        if name not in expected:
+        t = table.get(name)
+        if t is None:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             raise HFError(f"{file}: tensor {name!r} is not part of a {cfg.architecture} model with this config")
-        path, shape, is_kernel = expected[name]
-        if tuple(arr.shape) != shape:
-            raise HFError(f"{file}: tensor {name!r}: expected shape {shape}, got {tuple(arr.shape)}")
+        if tuple(arr.shape) != t.shape:
+            raise HFError(f"{file}: tensor {name!r}: expected shape {t.shape}, got {tuple(arr.shape)}")
         if dtype is not None:
             arr = arr.astype(dtype)
-        if is_kernel:
-            arr = arr.T
-        node = params
-        layered = path[0] == "layers"
-        keys = path[:-1] if layered else path
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        if layered:
-            buf = node.get(keys[-1])
-            if buf is None:
-                buf = node[keys[-1]] = np.empty((L,) + arr.shape, arr.dtype)
-            buf[path[-1]] = arr
-        else:
-            node[keys[-1]] = np.ascontiguousarray(arr)
+        for path, piece in zip(t.paths, _pieces(t, arr)):
+            node, leaf = _node(params, path, create=True)
+            if t.layer is None:
+                node[leaf] = np.ascontiguousarray(piece)
+            else:
+                if leaf not in node:
+                    node[leaf] = np.empty(shapes[path], piece.dtype)
+                node[leaf][t.layer] = piece
         seen.add(name)
-    missing = [n for n in expected if n not in seen]
+    missing = [n for n in table if n not in seen]
     if missing:
         raise HFError(f"{source}: {len(missing)} tensor(s) missing, e.g. {missing[0]!r} (expected by config.json)")
     return params
 
 
 def tensors_from_params(params: Mapping, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """HF tensor names and arrays (HF orientation) from params."""
-    for name, (path, _, is_kernel) in param_shapes(cfg).items():
-        node = params
-        layered = path[0] == "layers"
-        for k in path[:-1] if layered else path:
-            node = node[k]
-        arr = np.asarray(node[path[-1]] if layered else node)
-        yield name, (arr.T if is_kernel else arr)
+    """HF tensor names and arrays (HF orientation, fused where the family fuses) from params."""
+    for name, t in tensor_table(cfg).items():
+        pieces = []
+        for path in t.paths:
+            node, leaf = _node(params, path)
+            arr = np.asarray(node[leaf] if t.layer is None else node[leaf][t.layer])
+            pieces.append(arr.T if t.transpose else arr)
+        yield name, (t.linear.fuse(pieces) if len(pieces) > 1 else pieces[0])
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -343,7 +356,7 @@ def _read_bf16(f: str, key: str) -> np.ndarray:
 
 
 def load(path: str, dtype=None, **overrides) -> tuple[ModelConfig, dict]:
-    """Loads an HF LLaMA / Mistral directory: ``(ModelConfig, params)`` with numpy leaves."""
+    """Loads an HF directory of any family: ``(ModelConfig, params)`` with numpy leaves."""
     cfg = read_config(path, **overrides)
     files = safetensors_files(path)
     params = params_from_tensors(iter_safetensors(files), cfg, dtype, source=path)
@@ -356,14 +369,14 @@ def load(path: str, dtype=None, **overrides) -> tuple[ModelConfig, dict]:
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """An HF ``config.json`` dict; the rope block is written in both schemas, identical."""
-    arch = {v: k for k, v in ARCHITECTURES.items()}[cfg.architecture]
+    fam = families.get(cfg.architecture)
     block = dict(cfg.rope_parameters or {"rope_type": "default"})
     block["rope_theta"] = cfg.rope_theta
     if cfg.partial_rotary_factor != 1.0:
         block["partial_rotary_factor"] = cfg.partial_rotary_factor
     d = {
-        "architectures": [arch],
-        "model_type": cfg.architecture,
+        "architectures": [fam.architecture],
+        "model_type": fam.name,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -380,14 +393,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "hidden_act": "silu",
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
         "rope_parameters": block,
     }
     if block.get("rope_type", "default") != "default":
         d["rope_scaling"] = dict(block)
         if "original_max_position_embeddings" in block:
             d["original_max_position_embeddings"] = block["original_max_position_embeddings"]
-    if cfg.architecture == "mistral":
-        d["sliding_window"] = cfg.sliding_window
+    d.update(fam.config_fields(cfg))
     if cfg.partial_rotary_factor != 1.0:
         d["partial_rotary_factor"] = cfg.partial_rotary_factor
     return d

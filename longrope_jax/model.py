@@ -1,4 +1,5 @@
-"""Flax (Linen) LLaMA / Mistral decoder with pluggable attention and a functional RoPE.
+"""Flax (Linen) decoder of the LLaMA family (LLaMA, Mistral, Phi-3: ``longrope_jax.families``) with
+pluggable attention and a functional RoPE.
 
 The model never knows which RoPE or attention it runs: the RoPE arrives as a ``RopeSpec`` call
 argument (so factors are traced and the search can vmap over candidates) and the attention as a
@@ -23,7 +24,6 @@ import flax.linen as nn
 from longrope_jax import rope as rope_lib
 from longrope_jax.attention import dense_attention
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 # "attention": recompute a layer in the backward but keep the flash kernel's output and
 # log-sum-exp (``checkpoint_name`` "attention_out" / "attention_lse"), so attention's forward is
 # not run twice.
@@ -36,7 +36,7 @@ class ModelConfig:
 
     ``rope_parameters`` is the standardised HF rope block (``rope_type`` and its keys, with
     ``original_max_position_embeddings`` resolved); it and the tokenizer ids (``bos_token_id``,
-    ``eos_token_id``: an int or a list, as Llama-3 configs have) are excluded from hashing and
+    ``eos_token_id``: an int or a list, as Llama-3 configs have; ``pad_token_id``) are excluded from hashing and
     equality: the config is a static jit argument, and neither changes the computation.
     """
 
@@ -65,6 +65,7 @@ class ModelConfig:
     precise_rope: bool = False
     bos_token_id: int | None = dataclasses.field(default=None, compare=False, hash=False)
     eos_token_id: Any = dataclasses.field(default=None, compare=False, hash=False)
+    pad_token_id: int | None = dataclasses.field(default=None, compare=False, hash=False)
     rope_parameters: Mapping[str, Any] | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
@@ -106,6 +107,35 @@ def rope_spec(cfg: ModelConfig, source: str = "config.json") -> rope_lib.RopeSpe
         max_position_embeddings=cfg.max_position_embeddings,
         source=source,
     )
+
+
+def linear_features(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """A block's linear layers (``self_attn.q_proj`` ...) -> (in, out) features."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"self_attn.q_proj": (D, q), "self_attn.k_proj": (D, kv), "self_attn.v_proj": (D, kv),
+            "self_attn.o_proj": (q, D), "mlp.gate_proj": (D, F), "mlp.up_proj": (D, F), "mlp.down_proj": (F, D)}
+
+
+def has_bias(cfg: ModelConfig, linear: str) -> bool:
+    return cfg.attention_bias if linear.startswith("self_attn.") else cfg.mlp_bias
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Leaf name (``a/b/c``) -> shape of the params :func:`init_params` makes, layers stacked on
+    the leading axis; the same for every family (families map their files onto this tree)."""
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    out = {"embed_tokens/embedding": (cfg.vocab_size, D), "norm/weight": (D,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head/kernel"] = (D, cfg.vocab_size)
+    for name, (i, o) in linear_features(cfg).items():
+        base = "layers/" + name.replace(".", "/")
+        out[base + "/kernel"] = (L, i, o)
+        if has_bias(cfg, name):
+            out[base + "/bias"] = (L, o)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[f"layers/{norm}/weight"] = (L, D)
+    return out
 
 
 def _dt(name: str):

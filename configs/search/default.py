@@ -46,7 +46,9 @@ def get_config():
     c.start_token_prob = 0.3
     c.seed_factors = []  # extra initial candidates: factors.json files
     # Progressive / short-context search (factors.json files; see the README).
-    c.base_factors = placeholder(str)  # search lambda_2 on a model fine-tuned with this file's lambda_1
+    # search lambda_2 on a model fine-tuned with this file's lambda_1 ("model": the longrope block the model
+    # ships, as Phi-3 does)
+    c.base_factors = placeholder(str)
     c.readjust = placeholder(str)  # re-search this file's short factors / a per_length entry at target_length
     # LongRoPE2 (configs/search/longrope2.py sets these).
     c.mode = "longrope"  # or "longrope2": critical-dimension search

@@ -109,12 +109,18 @@ def load_setup(cfg, settings: SearchSettings, target_length: int, *, original_wi
     """``setup.setup_search`` with its factors files loaded and checked against the model; the setup
     records their absolute paths (``base_factors_file``, ``readjust``)."""
     seeds = [(p, factors_lib.load_for(p, cfg, "config.seed_factors")) for p in settings.seed_factors]
-    base = factors_lib.load_for(base_factors, cfg, "base-factors") if isinstance(base_factors, str) else base_factors
+    if base_factors == "model":  # the longrope block the model ships (Phi-3)
+        base = factors_lib.from_model(cfg)
+        if base is None:
+            raise SearchError(f"base_factors: 'model' needs a model with a longrope rope block, this one's "
+                                        f"is {(cfg.rope_parameters or {}).get('rope_type', 'default')!r}")
+    else:
+        base = factors_lib.load_for(base_factors, cfg, "base-factors") if isinstance(base_factors, str) else base_factors
     re = None if readjust is None else factors_lib.load_for(readjust, cfg, "readjust")
     setup = setup_lib.setup_search(cfg, settings, target_length, original_window=original_window, base_factors=base,
                                    readjust=re, names={"readjust": readjust}, seed_factors=seeds, log=log)
     if isinstance(base_factors, str):
-        setup["base_factors_file"] = os.path.abspath(base_factors)
+        setup["base_factors_file"] = base_factors if base_factors == "model" else os.path.abspath(base_factors)
     if readjust is not None:
         setup["readjust"] = os.path.abspath(readjust)
     return setup
