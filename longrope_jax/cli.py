@@ -10,7 +10,7 @@ import sys
 
 from longrope_jax.factors import ROPE_HELP
 
-DESCRIPTION = """Extend the context window of LLaMA / Mistral models with LongRoPE: search per-pair RoPE rescale
+DESCRIPTION = """Extend the context window of LLaMA, Mistral and Phi-3 models with LongRoPE: search per-pair RoPE rescale
 factors, score perplexity and passkey retrieval under any scaling, fine-tune with fixed factors,
 convert between HF, GGUF and checkpoints, and export an extended model to Hugging Face format.
 Results go to stdout as JSON lines; progress and tables to stderr. Each command takes --config
@@ -37,7 +37,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json overriding the model's own")
     p.add_argument("--param-dtype", choices=["float32", "bfloat16"],
                    help="the weights' dtype once loaded (default float32)")
-    p.add_argument("--no-sliding-window", action="store_true", help="switch Mistral's sliding window off")
+    p.add_argument("--no-sliding-window", action="store_true", help="switch the sliding window off (Mistral, Phi-3)")
 
 
 def _add_mesh_flags(p: argparse.ArgumentParser) -> None:
@@ -115,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope", help=f"{ROPE_HELP} (default: the model as configured)")
     p.add_argument("--seed", type=int, help=f"seeds the keys and depths (default {_default('passkey', 'seed')})")
     p.add_argument("--out", help="directory for passkey.png")
+    p.set_defaults(func=_job)
+
+    p = sub.add_parser("plan", help="whether each training stage of a train or extend config fits a TPU topology's "
+                                    "chips: its real train step compiled here for that topology (libtpu)")
+    p.add_argument("--config", help="the train or extend config to plan: a built-in NAME or a PATH; "
+                                    "--config.KEY=VALUE overrides its settings")
+    p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 (default: the configs/meshes slice whose mesh "
+                                      "the config names)")
+    p.add_argument("--mesh", help="the mesh to plan on (default: the config's)")
+    p.add_argument("--stage", action="append", help="a training stage to plan (repeatable; default: all)")
+    p.add_argument("--no-suggest", dest="suggest", action="store_false", default=None,
+                   help="do not compile changes that would make a stage that does not fit fit")
     p.set_defaults(func=_job)
 
     p = sub.add_parser("convert", help="HF dir / GGUF -> checkpoint; checkpoint (+ factors) -> HF directory")

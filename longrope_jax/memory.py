@@ -68,3 +68,31 @@ def calls_within(k: int, s: int, per_item: int, budget: int, n_devices: int = 1)
     if n_devices > 1:
         kc = -(-kc // n_devices) * n_devices
     return kc, s
+
+
+def train_step_bytes(cfg, n_params: int, s, mesh) -> dict:
+    """Predicted per-device bytes of one train step of ``cfg`` (a ``ModelConfig`` of ``n_params``
+    parameters) under train settings ``s`` on ``mesh``: the state (parameters and AdamW's two moments, sharded over fsdp x
+    sequence x tensor), the gradients (the float32 accumulator, one microbatch's float32 gradient and the
+    update), and one microbatch's activations: what the backward keeps per layer (the residual
+    stream under full remat, every layer's activations without), one layer's forward and backward
+    working set, and the k/v a device holds during attention (the whole row's when all-gathered,
+    two chunks under the ring). An estimate beside the compiled ``memory_analysis()``, not a
+    substitute for it."""
+    sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
+    n = n_params
+    pb, ab = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
+    shards = sizes["fsdp"] * sizes["sequence"] * sizes["tensor"]  # parallel.WEIGHTS, and tensor
+    state = n * 3 * pb / shards
+    grads = n * (8 + pb) / shards
+    rows = max(1, (s["batch"] // s["accum"]) // (sizes["data"] * sizes["fsdp"]))
+    t = s["seq_len"] // sizes["sequence"]
+    layers, d = cfg.num_hidden_layers, cfg.hidden_size
+    one_layer = item_bytes(cfg, t, min(512, s["seq_len"]), int(s["loss_chunk"]))
+    saved = layers * rows * t * d * ab if cfg.remat == "full" else layers * rows * one_layer
+    working = 2 * rows * one_layer
+    held = s["seq_len"] if s["attention"] in ("blockwise", "auto", "dense") and sizes["sequence"] > 1 else 2 * t
+    kv = rows * 2 * (cfg.num_key_value_heads // sizes["tensor"]) * cfg.head_dim * ab * held
+    activations = saved + working + kv
+    return {"state_bytes": int(state), "gradient_bytes": int(grads), "activation_bytes": int(activations),
+            "peak_bytes": int(state + grads + activations)}

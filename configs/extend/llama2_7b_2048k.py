@@ -27,7 +27,7 @@ def get_config():
     c.shared = ml_collections.ConfigDict({
         "eval_lengths": [4096, 8192, 131072, 262144, 2097152],
         "window": 4096, "l1": 131072, "l2": 262144, "l3": 2097152, "short2": 8192,
-        "steps1": 400, "steps2": 600, "batch": 32, "accum": 32, "remat": "full", "attention": "ring",
+        "steps1": 400, "steps2": 600, "batch": 32, "accum": 8, "remat": "full", "attention": "ring",
         "population": 64, "iterations": 40, "samples": 5, "population_long": 32, "iterations_long": 10,
         "samples_long": 3, "mutations": 16, "mutations_long": 8, "parents": 32, "parents_long": 16})
     sh = c.shared

@@ -23,7 +23,7 @@ def get_config():
     c.mesh = v5p_128.MESH
     c.shared = ml_collections.ConfigDict({
         "eval_lengths": [8192, 131072, 262144],
-        "window": 8192, "l1": 131072, "l2": 262144, "steps": 400, "batch": 64, "accum": 64, "remat": "full",
+        "window": 8192, "l1": 131072, "l2": 262144, "steps": 400, "batch": 64, "accum": 16, "remat": "full",
         "attention": "ring", "population": 64, "iterations": 40, "samples": 5, "mutations": 16, "parents": 32})
     sh = c.shared
 

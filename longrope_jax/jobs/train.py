@@ -238,6 +238,13 @@ class Trained:
     factors: dict | None = None
 
 
+def stage_config(s, base, span: int):
+    """The model config a stage trains: ``base`` at the stage's dtype and remat, its window at
+    least ``span`` (the rows, or what positional skips span)."""
+    return dataclasses.replace(base, dtype=s["dtype"], remat=s["remat"],
+                               max_position_embeddings=max(base.max_position_embeddings, span))
+
+
 def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> Trained:
     """Trains per settings ``s`` (:func:`resolve`) on ``mesh`` (None: the one ``s`` names, else
     one device; the multi-process runtime is started by the caller, ``parallel.from_settings``),
@@ -262,8 +269,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     spec = factors_lib.resolve_rope(rope, base, length=span, model_factors=model_factors)
     stage_factors = rope.factors if rope.kind == "file" else (model_factors if rope.kind == "model" else None)
     window = base.max_position_embeddings  # the model's own (the short rows' length under mixing)
-    cfg = dataclasses.replace(base, dtype=s["dtype"], remat=s["remat"],
-                              max_position_embeddings=max(window, span))
+    cfg = stage_config(s, base, span)
     rows = _rows(s, run_dir, tok, cfg, window, log)
 
     short = (rope_spec(base), window)

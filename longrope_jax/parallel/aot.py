@@ -78,6 +78,25 @@ def compile_report(jitted, *args) -> dict:
     out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    out["flops"] = float((cost or {}).get("flops", 0.0))
-    out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    out["flops"] = float((cost or {}).get("flops", 0.0))  # a scanned body (layers, microbatches) counted once
+    if (cost or {}).get("optimal_seconds") is not None:
+        out["optimal_seconds"] = float(cost["optimal_seconds"])  # the compiler's estimate, same caveat
+    try:  # the text of some programs with Mosaic kernels fails a RET_CHECK though they compiled
+        out["kernels"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+    except Exception:  # noqa: BLE001 - a report without the count rather than none
+        out["kernels"] = None
+    out["versions"] = versions()
     return out
+
+
+def versions() -> dict:
+    """The jax and libtpu versions a compiled report came from."""
+    from importlib import metadata
+
+    def of(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"jax": jax.__version__, "jaxlib": of("jaxlib"), "libtpu": of("libtpu")}

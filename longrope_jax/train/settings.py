@@ -34,6 +34,16 @@ def section(given, where: str):
     return check(config_files.section("train", KINDS, given, where, required=REQUIRED, listy=LISTY))
 
 
+def replaced(s, changes):
+    """Settings ``s`` with ``changes`` (key -> value), checked (a copy; ``s`` stays as it is)."""
+    out = s.copy_and_resolve_references()
+    with out.unlocked():
+        for k, v in changes.items():
+            out[k] = v
+    out.lock()
+    return check(out)
+
+
 def check(s):
     """What no single setting says: held-out evaluation needs its data, the batch splits into
     microbatches, a model comes from a path or from ``model_config``."""
