@@ -199,8 +199,8 @@ def test_the_demo_reports_every_stage_and_the_paper_s_claims(whole):
 def _scaled(name: str) -> list[str]:
     """A pipeline's lengths and budgets scaled down to a tiny model (window 32)."""
     shared = config_files.load(name, "extend").shared
-    small = {"window": 32, "l1": 64, "l2": 128, "l3": 256, "short2": 64, "eval_lengths": [32, 128], "batch": 1,
-             "accum": 1, "remat": "none", "attention": "blockwise", "samples": 1, "population": 4, "iterations": 0,
+    small = {"window": 32, "l1": 64, "l2": 128, "l3": 256, "short2": 64, "eval_lengths": [32, 128], "batch": 2,
+             "accum": 2, "short_microbatches": 1, "remat": "none", "attention": "blockwise", "samples": 1, "population": 4, "iterations": 0,
              "mutations": 1, "parents": 2}
     out = []
     for k in shared.keys():
@@ -210,22 +210,29 @@ def _scaled(name: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("name, family", [("llama2_7b_2048k", "llama"), ("mistral_7b_256k", "mistral"),
-                                          ("smollm2_64k", "llama")])
-def test_the_shipped_pipelines_run_their_structure_on_a_tiny_model_of_their_family(tmp_path, name, family, capsys):
-    """Every stage of the paper's 7B pipelines (and SmolLM2's), in order, on a tiny model of the
-    same family with the lengths scaled down 4096 times (budgets to one step, seeds only)."""
+# LongRoPE2's needle fitness needs windows of hundreds of tokens: the scaled-down structure scores perplexity.
+@pytest.mark.parametrize("name, family, extra", [
+    ("llama2_7b_2048k", "llama", []), ("mistral_7b_256k", "mistral", []), ("phi3_mini_128k", "phi3", []),
+    ("llama3_8b_128k", "llama", ["--config.stages.search128k.fitness=ppl"]), ("smollm2_64k", "llama", [])])
+def test_the_shipped_pipelines_run_their_structure_on_a_tiny_model_of_their_family(tmp_path, name, family, extra,
+                                                                                      capsys):
+    """Every stage of the paper's pipelines (LLaMA-2-7B, Mistral-7B, Phi-3-mini, LongRoPE2's
+    Llama-3-8B, and SmolLM2's), in order, on a tiny model of the same family with the lengths
+    scaled down 2048 times (budgets to one step, seeds only)."""
     from longrope_jax import cli
 
     from tiny import make_hf_dir
 
     model = make_hf_dir(str(tmp_path / "model"), architecture=family, max_position_embeddings=32,
                         **({"sliding_window": 16} if family == "mistral" else {}))
-    corpus = tmp_path / "corpus.txt"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    corpus = docs / "corpus.txt"
     corpus.write_text("Sphinx of black quartz, judge my vow. How vexingly quick daft zebras jump! " * 40)
+    (docs / "short.txt").write_text("Judge my vow.")  # within the window: mixed-window training's short rows
     rc = cli.main(["extend", "--config", name, "--out", str(tmp_path / "run"), f"--config.model={model}",
-                   f"--config.data=['{corpus}']", f"--config.heldout=['{corpus}']", "--config.mesh=None",
-                   *_scaled(name)])
+                   f"--config.data=['{docs}']", f"--config.heldout=['{corpus}']", "--config.mesh=None",
+                   *_scaled(name), *extra])
     out, err = capsys.readouterr()
     assert rc == 0, err[-3000:]
     stages = json.loads(out.splitlines()[-1])["stages"]
