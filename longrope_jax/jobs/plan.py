@@ -52,7 +52,7 @@ def _model_config(model: str | None, model_config) -> Any:
     from longrope_jax.loading import load_model, resolve_path
     from longrope_jax.model import ModelConfig
 
-    if model_config is not None:
+    if model_config:  # a model trained from scratch (an empty section: none)
         return ModelConfig(**model_config.to_dict())
     fields = models.config_json(model)
     if fields is not None:
