@@ -58,6 +58,23 @@ def one_cpu(devices=None) -> bool:
     return len(devices) == 1 and devices[0].platform == "cpu"
 
 
+def call_shape(cfg: ModelConfig, k: int, s: int, length: int, mesh, *, budget: int, attention: str = "blockwise",
+               q_chunk: int | None = None, loss_chunk: int = 1024, sequential: bool = False):
+    """How :func:`score` splits K candidates on S windows of ``length`` tokens on ``mesh`` (None:
+    one device) within ``budget`` bytes per device: ``(candidates per call, windows per call,
+    layout)``, a whole number of candidates per data shard and of windows per fsdp shard."""
+    sizes = parallel.axis_sizes(mesh) if mesh is not None else {a: 1 for a in parallel.AXES}
+    nd, nf = sizes["data"], sizes["fsdp"]
+    per_item = memory.item_bytes(cfg, length, q_chunk or 512, loss_chunk)
+    if sequential:  # memory is one candidate's at a time: every candidate in one call
+        kc, sc = k, memory.calls_within(1, s, per_item, budget, 1)[1]
+    else:
+        kc, sc = memory.calls_within(k, s, per_item, budget, nd)
+    kc = -(-kc // nd) * nd
+    sc = -(-sc // nf) * nf
+    return kc, sc, select.layout_for(mesh, attention, ("fsdp",))
+
+
 def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None = None,
           attention: str = "blockwise", q_chunk: int | None = None, loss_chunk: int = 1024,
           mesh=None, devices=None, weights=None, sequential: bool | None = None, label: str | None = None
@@ -87,19 +104,11 @@ def score(params, cfg: ModelConfig, tokens, specs, *, memory_budget: int | None 
     if mesh is None:
         devices = list(devices) if devices is not None else jax.local_devices()
         mesh = parallel.build({"data": len(devices)}, devices) if len(devices) > 1 else None
-    sizes = parallel.axis_sizes(mesh) if mesh is not None else {a: 1 for a in parallel.AXES}
     if sequential is None:
         sequential = one_cpu(list(mesh.devices.flat) if mesh is not None else devices)
-    nd, nf = sizes["data"], sizes["fsdp"]
-    per_item = memory.item_bytes(cfg, length, q_chunk or 512, loss_chunk)
-    budget = memory_budget or memory.default_budget()
-    if sequential:  # memory is one candidate's at a time: every candidate in one call
-        kc, sc = k, memory.calls_within(1, s, per_item, budget, 1)[1]
-    else:
-        kc, sc = memory.calls_within(k, s, per_item, budget, nd)
-    kc = -(-kc // nd) * nd  # a whole number of candidates per data shard
-    sc = -(-sc // nf) * nf
-    layout = select.layout_for(mesh, attention, ("fsdp",))
+    nd = parallel.axis_sizes(mesh)["data"] if mesh is not None else 1
+    kc, sc, layout = call_shape(cfg, k, s, length, mesh, budget=memory_budget or memory.default_budget(),
+                                attention=attention, q_chunk=q_chunk, loss_chunk=loss_chunk, sequential=sequential)
     if layout is not None:
         parallel.check(mesh, cfg=cfg, length=length)
         params = parallel.put_params(params, mesh)

@@ -130,3 +130,22 @@ def test_the_shipped_models_and_meshes_validate():
         axes = parallel.mesh.parse(c.mesh)
         rows = axes.get("data", 1) * axes.get("fsdp", 1)
         assert (c.shared.batch // c.shared.accum) % rows == 0, name
+
+
+def test_an_extend_config_plans_its_training_and_search_stages(capsys):
+    """The demo's pipeline at a 64-token window on v5p:2x2x1: a report per training stage (the
+    train step) and per search stage (one evaluator call, the candidates split as the search
+    splits them); evaluate and export stages are not planned."""
+    from longrope_jax import config_files
+
+    rc, got, err = _plan(capsys, "--config", "tiny", "--topology", "v5p:2x2x1", "--mesh", "sequence=4",
+                         "--config.shared.window=64", "--config.shared.lengths=[64,512,1024]",
+                         "--config.shared.population=6", "--no-suggest")
+    assert rc == 0, err[-2000:]
+    order = config_files.load("tiny", "extend").order
+    kinds = dict(config_files.load("tiny", "extend").stages.items())
+    assert list(got["stages"]) == [n for n in order if kinds[n]["kind"] in ("train", "search", "readjust")]
+    search = got["stages"]["search16x"]
+    assert search["target_length"] == 1024 and search["population"] == 6 and search["fits"]
+    assert search["candidates_per_call"] * search["windows_per_call"] * search["calls_per_generation_0"] >= 6 * 2
+    assert got["stages"]["ft_longrope"]["seq_len"] == 512 and got["stages"]["ft_longrope"]["fits"]

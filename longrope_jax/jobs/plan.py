@@ -1,5 +1,6 @@
-"""``longrope-jax plan``: whether each training stage of a train or extend config fits the chips of a
-TPU topology, found by compiling the stage's real train step for that topology here, with no TPU
+"""``longrope-jax plan``: whether each training and search stage of a train or extend config fits the
+chips of a TPU topology, found by compiling the stage's real train step (a search stage: one
+evaluator call, as the search splits its candidates) for that topology here, with no TPU
 (``libtpu``; docs/parallel.md). Nothing runs and no weights are read: the model's shape comes from
 its ``config.json`` fields (``configs/models/`` for the Hub ids the shipped pipelines name).
 
@@ -68,21 +69,36 @@ def _model_config(model: str | None, model_config) -> Any:
                       f"(add its config.json fields there)")
 
 
-def _stages(p: dict) -> list[tuple[str, Any]]:
-    """(name, train settings) of each training stage to plan."""
+def _base(p: dict):
+    """The model config every stage starts from: the config's model, else (a pipeline that
+    trains its model from scratch) its first training stage's ``model_config``."""
+    s = p["settings"]
+    if s["model"] or p["target"] == "train":
+        return _model_config(s["model"], s.get("model_config"))
+    from longrope_jax.pipeline import stages as stages_lib
+
+    for st in stages_lib.read(s):
+        if st.kind == "train" and st.settings["model_config"]:
+            return _model_config(None, st.settings["model_config"])
+    raise ConfigError(f"{p['config']}: model: expected a model, or a training stage with model_config")
+
+
+def _stages(p: dict) -> list[tuple[str, str, Any]]:
+    """(name, kind, settings) of each training and search stage to plan."""
     from longrope_jax.pipeline import stages as stages_lib
 
     s = p["settings"]
     if p["target"] == "train":
-        out = [("train", s)]
+        out = [("train", "train", s)]
     else:
-        out = [(st.name, st.settings) for st in stages_lib.read(s) if st.kind == "train"]
+        out = [(st.name, "train" if st.kind == "train" else "search", st.settings) for st in stages_lib.read(s)
+               if st.kind in ("train", "search", "readjust")]
     if p["stage"]:
-        unknown = sorted(set(p["stage"]) - {n for n, _ in out})
+        unknown = sorted(set(p["stage"]) - {n for n, _, _ in out})
         if unknown:
-            raise ConfigError(f"--stage {unknown[0]}: not a training stage of {p['config']} "
-                              f"(training stages: {', '.join(n for n, _ in out)})")
-        out = [(n, st) for n, st in out if n in p["stage"]]
+            raise ConfigError(f"--stage {unknown[0]}: not a training or search stage of {p['config']} "
+                              f"(those stages: {', '.join(n for n, _, _ in out)})")
+        out = [x for x in out if x[0] in p["stage"]]
     return out
 
 
@@ -131,6 +147,54 @@ def plan_stage(stage: Any, base, mesh, hbm_bytes: int, peak_flops: float) -> dic
         out["note"] = ("step_seconds_at_peak: the model FLOPs at the chips' peak bf16 rate, a lower bound "
                        "(MFU 100%); a run's MFU is this over its measured step time")
     return out
+
+
+def plan_search(stage: Any, base, mesh, hbm_bytes: int) -> dict:
+    """The compiled report of a search stage's evaluator call: the first generation's candidates
+    (``population``) on its ``samples`` windows of ``target_length`` tokens, split into calls as
+    the search splits them within its memory budget (default 80% of the chip), one call compiled."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from longrope_jax import evaluate, parallel
+    from longrope_jax import rope as rope_lib
+    from longrope_jax.attention import select
+    from longrope_jax.model import init_params
+    from longrope_jax.parallel.aot import abstract, compile_report
+
+    algo = stage["settings"]  # the search's SearchSettings; the rest are the job's arguments
+    length, k, s = stage["target_length"], algo.population, stage["samples"]
+    cfg = dataclasses.replace(base, param_dtype=stage["param_dtype"],
+                              sliding_window=base.sliding_window if stage["sliding_window"] else None)
+    budget = stage["memory_budget"] or int(0.8 * hbm_bytes)
+    attention = select.pick(stage["attention"], length, cfg=cfg, mesh=mesh, memory_budget=budget, windows=s)
+    kc, sc, layout = evaluate.call_shape(cfg, k, s, length, mesh, budget=budget, attention=attention,
+                                         q_chunk=stage["q_chunk"], loss_chunk=stage["loss_chunk"])
+    params = jax.eval_shape(lambda: init_params(cfg, 0))
+    one = _spec({"rope": "(searched)"}, cfg, length)
+    specs = jax.eval_shape(lambda: rope_lib.stack([one] * kc))
+    sharding = (lambda spec: None) if layout is None else layout.sharding
+    nd = parallel.axis_sizes(mesh)["data"]
+    args = (abstract(params, parallel.param_shardings(params, mesh)),
+            jax.ShapeDtypeStruct((sc, length), jnp.int32, sharding=sharding(layout.rows()) if layout else None),
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(
+                P("data" if nd > 1 else None))), specs))
+    weights = None
+    if algo.fitness == "needle":
+        weights = jax.ShapeDtypeStruct((sc, length - 1), jnp.float32,
+                                       sharding=sharding(P(layout.batch, None)) if layout else None)
+
+    def call(p, tokens, sp, w):
+        return evaluate.candidates_nll(p, tokens, sp, cfg=cfg, attention=attention, q_chunk=stage["q_chunk"],
+                                       loss_chunk=stage["loss_chunk"], weights=w, layout=layout)
+
+    rep = compile_report(jax.jit(call), *args, weights)
+    peak = rep.get("peak_bytes", rep.get("temp_bytes"))
+    calls = -(-k // kc) * -(-s // sc)
+    return {"target_length": length, "population": k, "samples": s, "attention": attention,
+            "candidates_per_call": kc, "windows_per_call": sc, "calls_per_generation_0": calls,
+            "compiled": rep, "hbm_bytes": hbm_bytes, "fits": (not rep["over_hbm"]) and peak <= hbm_bytes}
 
 
 SUGGESTIONS = (
@@ -183,11 +247,20 @@ def run(p: dict, log=print) -> dict:
     # Per device: a v4 chip shows as two devices (its TensorCores) to the compiler, with half its HBM each.
     hbm = aot.HBM_GIB[gen] * 2**30 * chips // len(devices)
     peak = aot.PEAK_BF16_TFLOPS[gen] * 1e12 * chips / len(devices)
-    base = _model_config(s["model"], s.get("model_config"))
+    base = _base(p)
     result = {"config": p["config"], "topology": topology, "mesh": parallel.describe(parallel.axis_sizes(mesh)),
               "chips": chips, "devices": len(devices), "hbm_bytes_per_device": hbm, "model": s["model"], "stages": {}}
-    for name, stage in _stages(p):
-        log(f"stage {name}: compiling the train step for {topology} ({parallel.describe(parallel.axis_sizes(mesh))}) ...")
+    for name, kind, stage in _stages(p):
+        what = "train step" if kind == "train" else "evaluator call"
+        log(f"stage {name}: compiling the {what} for {topology} ({parallel.describe(parallel.axis_sizes(mesh))}) ...")
+        if kind == "search":
+            rep = plan_search(stage, base, mesh, hbm)
+            peak_b = rep["compiled"].get("peak_bytes", rep["compiled"]["temp_bytes"])
+            log(f"stage {name}: {peak_b / 2**30:.2f} GiB per device of {hbm / 2**30:.0f} "
+                f"({'fits' if rep['fits'] else 'does not fit'}); {rep['candidates_per_call']} candidate(s) x "
+                f"{rep['windows_per_call']} window(s) a call, {rep['attention']}")
+            result["stages"][name] = rep
+            continue
         rep = plan_stage(stage, base, mesh, hbm, peak)
         peak_b = rep["compiled"].get("peak_bytes", rep["compiled"]["temp_bytes"])
         log(f"stage {name}: {peak_b / 2**30:.2f} GiB per chip of {hbm / 2**30:.0f} "
