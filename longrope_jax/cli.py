@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the config names)")
     p.add_argument("--mesh", help="the mesh to plan on (default: the config's)")
     p.add_argument("--stage", action="append", help="a training stage to plan (repeatable; default: all)")
+    p.add_argument("--gpu", choices=["h100", "h200"], help="one GPU (80 or 141 GB) instead of a topology: the "
+                                                          "analytic estimate only (no GPU program compiles here)")
     p.add_argument("--no-suggest", dest="suggest", action="store_false", default=None,
                    help="do not compile changes that would make a stage that does not fit fit")
     p.set_defaults(func=_job)

@@ -149,3 +149,15 @@ def test_an_extend_config_plans_its_training_and_search_stages(capsys):
     assert search["target_length"] == 1024 and search["population"] == 6 and search["fits"]
     assert search["candidates_per_call"] * search["windows_per_call"] * search["calls_per_generation_0"] >= 6 * 2
     assert got["stages"]["ft_longrope"]["seq_len"] == 512 and got["stages"]["ft_longrope"]["fits"]
+
+
+def test_one_gpu_is_planned_analytically_and_says_so(capsys):
+    """Phi-3-mini at 128k does not fit one H200 (its AdamW state and activations alone); at 16k with
+    4 microbatches of one row it does. Nothing is compiled: the JSON says the estimate is alone."""
+    rc, got, err = _plan(capsys, "--config", "phi3_mini_128k", "--gpu", "h200")
+    assert rc == 1 and got["analytic_only"] and not got["stages"]["ft128k"]["fits"]
+    est = got["stages"]["ft128k"]["estimate"]
+    assert est["state_bytes"] == 3 * 4 * 3_821_079_552  # fp32 parameters and two moments, unsharded
+    rc, got, err = _plan(capsys, "--config", "phi3_mini_128k", "--gpu", "h200", "--config.shared.l1=16384",
+                         "--config.shared.batch=4", "--config.shared.accum=4")
+    assert rc == 0 and got["stages"]["ft128k"]["fits"]

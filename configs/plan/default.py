@@ -11,4 +11,5 @@ def get_config():
     c.mesh = placeholder(str)  # unset: the config's mesh
     c.stage = placeholder(list)  # training stages to plan (an extend config's names); unset: all
     c.suggest = True  # compile changes that would make a stage that does not fit fit
+    c.gpu = placeholder(str)  # h100 or h200: one GPU, the analytic estimate only (nothing compiles for a GPU here)
     return c

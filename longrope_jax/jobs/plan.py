@@ -23,7 +23,9 @@ from typing import Any
 from longrope_jax import config_files, memory
 from longrope_jax.config_files import ConfigError
 
-KINDS = dict(topology="str?", mesh="str?", stage="strs?", suggest="bool")
+KINDS = dict(topology="str?", mesh="str?", stage="strs?", suggest="bool", gpu="h100|h200?")
+# One GPU, analytically only (no GPU program compiles here): memory (GiB) and dense bf16 peak (TFLOP/s).
+GPUS = {"h100": (80, 989), "h200": (141, 989)}
 
 
 def resolve(config: str | None = None, overrides=(), flags=None) -> dict:
@@ -228,6 +230,39 @@ def suggest(stage, base, mesh, hbm_bytes, peak_flops, log) -> dict | None:
     return None
 
 
+def run_gpu(p: dict, log=print) -> dict:
+    """The analytic estimate of each training stage on one GPU (``memory.train_step_bytes`` with
+    every mesh axis 1): nothing is compiled, and the result says so."""
+    import types
+
+    from longrope_jax import parallel
+    from longrope_jax.model import param_shapes
+    from longrope_jax.train.flops import model_flops_per_token
+
+    gib, tflops = GPUS[p["gpu"]]
+    one = types.SimpleNamespace(shape={a: 1 for a in parallel.AXES}, axis_names=parallel.AXES)
+    base = _base(p)
+    result = {"config": p["config"], "gpu": p["gpu"], "memory_bytes": gib * 2**30, "analytic_only": True,
+              "note": "no GPU program compiles here: the analytic estimate alone, unchecked by a compiler",
+              "stages": {}}
+    for name, kind, stage in _stages(p):
+        if kind != "train":
+            continue
+        span = max(stage["seq_len"], stage["skip_to"] or 0)
+        from longrope_jax.jobs import train as train_job
+
+        cfg = train_job.stage_config(stage, dataclasses.replace(base, param_dtype=stage["param_dtype"]), span)
+        est = memory.train_step_bytes(cfg, sum(math.prod(x) for x in param_shapes(cfg).values()), stage, one)
+        flops = model_flops_per_token(cfg, stage["seq_len"]) * stage["batch"] * stage["seq_len"]
+        result["stages"][name] = {"seq_len": stage["seq_len"], "estimate": est,
+                                  "fits": est["peak_bytes"] <= gib * 2**30,
+                                  "step_seconds_at_peak": flops / (tflops * 1e12)}
+        log(f"stage {name}: estimate {est['peak_bytes'] / 2**30:.1f} GiB of {gib} on one {p['gpu']} "
+            f"({'fits' if result['stages'][name]['fits'] else 'does not fit'}; analytic only)")
+    result["fits"] = all(r["fits"] for r in result["stages"].values())
+    return result
+
+
 def run(p: dict, log=print) -> dict:
     from longrope_jax import parallel
     from longrope_jax.configs import meshes
@@ -276,6 +311,6 @@ def run(p: dict, log=print) -> dict:
 
 def main(p: dict, log) -> int:
     """``longrope-jax plan``: one JSON object on stdout; exit 1 when a stage does not fit."""
-    result = run(p, log)
+    result = run_gpu(p, log) if p["gpu"] else run(p, log)
     print(json.dumps(result, default=str), flush=True)
     return 0 if result["fits"] else 1
