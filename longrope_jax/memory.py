@@ -72,9 +72,9 @@ def calls_within(k: int, s: int, per_item: int, budget: int, n_devices: int = 1)
 
 def train_step_bytes(cfg, n_params: int, s, mesh) -> dict:
     """Predicted per-device bytes of one train step of ``cfg`` (a ``ModelConfig`` of ``n_params``
-    parameters) under train settings ``s`` on ``mesh``: the state (parameters and AdamW's two moments, sharded over fsdp x
-    sequence x tensor), the gradients (the float32 accumulator, one microbatch's float32 gradient and the
-    update), and one microbatch's activations: what the backward keeps per layer (the residual
+    parameters) under train settings ``s`` on ``mesh``: the state (parameters and AdamW's two
+    moments, sharded over fsdp x sequence x tensor), the gradients (the float32 accumulator, one
+    microbatch's float32 gradient and the update), and one microbatch's activations: what the backward keeps per layer (the residual
     stream under full remat, every layer's activations without), one layer's forward and backward
     working set, and the k/v a device holds during attention (the whole row's when all-gathered,
     two chunks under the ring). An estimate beside the compiled ``memory_analysis()``, not a

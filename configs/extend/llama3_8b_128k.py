@@ -28,8 +28,8 @@ def get_config():
     c.mesh = v5p_128.MESH
     c.shared = ml_collections.ConfigDict({
         "eval_lengths": [8192, 131072], "window": 8192, "l1": 131072, "steps1": 2384, "batch": 32, "accum": 8,
-        "short_microbatches": 2, "remat": "full", "attention": "ring", "population": 64, "iterations": 40, "samples": 5, "mutations": 16,
-        "parents": 32})
+        "short_microbatches": 2, "remat": "full", "attention": "ring", "population": 64, "iterations": 40,
+        "samples": 5, "mutations": 16, "parents": 32})
     sh = c.shared
     c.stages = ml_collections.ConfigDict({
         "search128k": {"kind": "search", "target_length": sh.get_ref("l1"), "mode": "longrope2", "fitness": "needle",
@@ -39,8 +39,8 @@ def get_config():
                        "start_tokens": [0]},
         "ft128k": {"kind": "train", "weights": "base", "factors": "search128k", "seq_len": sh.get_ref("l1"),
                    "steps": sh.get_ref("steps1"), "batch": sh.get_ref("batch"), "accum": sh.get_ref("accum"),
-                   "short_microbatches": sh.get_ref("short_microbatches"), "packing": True, "remat": sh.get_ref("remat"),
-                   "attention": sh.get_ref("attention"), "dtype": "bfloat16"},
+                   "short_microbatches": sh.get_ref("short_microbatches"), "packing": True,
+                   "remat": sh.get_ref("remat"), "attention": sh.get_ref("attention"), "dtype": "bfloat16"},
         "evaluate": {"kind": "evaluate", "weights": "ft128k", "factors": "ft128k",
                      "lengths": sh.get_ref("eval_lengths")},
         "export": {"kind": "export", "weights": "ft128k", "factors": "ft128k"},

@@ -71,6 +71,12 @@ def _model_config(model: str | None, model_config) -> Any:
                       f"(add its config.json fields there)")
 
 
+def _n_params(cfg) -> int:
+    from longrope_jax.model import param_shapes
+
+    return sum(math.prod(x) for x in param_shapes(cfg).values())
+
+
 def _base(p: dict):
     """The model config every stage starts from: the config's model, else (a pipeline that
     trains its model from scratch) its first training stage's ``model_config``."""
@@ -121,7 +127,7 @@ def _spec(stage: Any, base, span: int):
 def plan_stage(stage: Any, base, mesh, hbm_bytes: int, peak_flops: float) -> dict:
     """The compiled and analytic report of one training stage on ``mesh`` (compile-only devices)."""
     from longrope_jax.jobs import train as train_job
-    from longrope_jax.model import param_shapes, rope_spec
+    from longrope_jax.model import rope_spec
     from longrope_jax.train import aot as train_aot
     from longrope_jax.train.flops import model_flops_per_token
     from longrope_jax.train.trainer import Trainer
@@ -133,7 +139,7 @@ def plan_stage(stage: Any, base, mesh, hbm_bytes: int, peak_flops: float) -> dic
     short = (rope_spec(base), base.max_position_embeddings) if stage["short_microbatches"] else None
     trainer = Trainer(cfg, _spec(stage, base, span), stage, mesh=mesh, short=short)
     rep = train_aot.step_report(trainer)
-    est = memory.train_step_bytes(cfg, sum(math.prod(x) for x in param_shapes(cfg).values()), stage, mesh)
+    est = memory.train_step_bytes(cfg, _n_params(cfg), stage, mesh)
     devices = mesh.devices.size
     flops = sum(model_flops_per_token(cfg, k.length) * k.microbatches * trainer.micro * k.length
                 for k in trainer.kinds.values())
@@ -199,11 +205,11 @@ def plan_search(stage: Any, base, mesh, hbm_bytes: int) -> dict:
             "compiled": rep, "hbm_bytes": hbm_bytes, "fits": (not rep["over_hbm"]) and peak <= hbm_bytes}
 
 
+# What may make a stage fit, in order: (applies to these settings, the change).
 SUGGESTIONS = (
-    ("remat=full", lambda st: st["remat"] != "full", {"remat": "full"}),
-    ("attention=ring", lambda st: st["attention"] in ("blockwise", "auto"), {"attention": "ring"}),
-    ("accum x2 (half the rows per microbatch)", lambda st: (st["batch"] // st["accum"]) % 2 == 0,
-     lambda st: {"accum": st["accum"] * 2}),
+    (lambda st: st["remat"] != "full", lambda st: {"remat": "full"}),
+    (lambda st: st["attention"] in ("blockwise", "auto"), lambda st: {"attention": "ring"}),
+    (lambda st: (st["batch"] // st["accum"]) % 2 == 0, lambda st: {"accum": st["accum"] * 2}),  # half the rows
 )
 
 
@@ -213,11 +219,12 @@ def suggest(stage, base, mesh, hbm_bytes, peak_flops, log) -> dict | None:
     from longrope_jax.train import settings as train_settings
 
     changes: dict = {}
-    for name, applies, change in SUGGESTIONS:
+    for applies, change in SUGGESTIONS:
         if not applies(stage):
             continue
-        changes.update(change(stage) if callable(change) else change)
-        for attempt in ({**(change(stage) if callable(change) else change)}, dict(changes)):
+        alone = change(stage)
+        changes.update(alone)
+        for attempt in [alone] + ([dict(changes)] if changes != alone else []):
             trial = train_settings.replaced(stage, attempt)
             log(f"  trying {', '.join(f'{k}={v}' for k, v in attempt.items())} ...")
             try:
@@ -236,7 +243,7 @@ def run_gpu(p: dict, log=print) -> dict:
     import types
 
     from longrope_jax import parallel
-    from longrope_jax.model import param_shapes
+    from longrope_jax.jobs import train as train_job
     from longrope_jax.train.flops import model_flops_per_token
 
     gib, tflops = GPUS[p["gpu"]]
@@ -249,10 +256,8 @@ def run_gpu(p: dict, log=print) -> dict:
         if kind != "train":
             continue
         span = max(stage["seq_len"], stage["skip_to"] or 0)
-        from longrope_jax.jobs import train as train_job
-
         cfg = train_job.stage_config(stage, dataclasses.replace(base, param_dtype=stage["param_dtype"]), span)
-        est = memory.train_step_bytes(cfg, sum(math.prod(x) for x in param_shapes(cfg).values()), stage, one)
+        est = memory.train_step_bytes(cfg, _n_params(cfg), stage, one)
         flops = model_flops_per_token(cfg, stage["seq_len"]) * stage["batch"] * stage["seq_len"]
         result["stages"][name] = {"seq_len": stage["seq_len"], "estimate": est,
                                   "fits": est["peak_bytes"] <= gib * 2**30,

@@ -301,13 +301,14 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         """SIGTERM or a first Ctrl-C: save at the end of this step and exit; a second Ctrl-C: now,
         leaving the files as they are (checkpoints are committed whole, metrics line by line)."""
         name = signal.Signals(signum).name
+        # "\n" first: the progress bar's line may be half written (it ends in "\r", not "\n").
         if name == "SIGINT" and stop["signal"] is not None:
-            log(f"SIGINT again: stopped at once; the same command resumes from the last checkpoint in "
+            log(f"\nSIGINT again: stopped at once; the same command resumes from the last checkpoint in "
                 f"{run_dir}/checkpoints")
             os._exit(130)  # not an exception: it could land inside a checkpoint's asynchronous save
         stop["signal"] = name
         if name == "SIGINT":
-            log("SIGINT: saving at the end of this step (Ctrl-C again to stop at once)")
+            log("\nSIGINT: saving at the end of this step (Ctrl-C again to stop at once)")
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     metrics = _Metrics(run_dir, start)
