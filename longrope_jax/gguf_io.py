@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from longrope_jax import families
 from longrope_jax import rope as rope_lib
 from longrope_jax.hf import HFError, params_from_tensors
 from longrope_jax.model import ModelConfig
@@ -78,7 +79,7 @@ def config_from_metadata(md: dict[str, Any], tensor_names: set[str], source: str
     head_dim = int(md.get("llama.rope.dimension_count", hidden // heads))
     vocab = md.get("llama.vocab_size") or len(md.get("tokenizer.ggml.tokens", []))
     name = str(md.get("general.name", "")).lower()
-    family = "mistral" if "mistral" in name else "llama"
+    family = next((f.name for f in families.FAMILIES.values() if f.gguf_name and f.gguf_name in name), "llama")
     max_pos = int(need("context_length"))
     rope_block: dict[str, Any] = {"rope_type": "default", "rope_theta": float(md.get("llama.rope.freq_base", 10000.0))}
     stype = md.get("llama.rope.scaling.type")

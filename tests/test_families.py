@@ -314,3 +314,15 @@ def test_phi3_gguf_files_are_a_one_line_error():
                                                 r"'phi3' \(GGUF files of other families, Phi-3's included, are not "
                                                 r"read: load the model's HF directory\)$"):
         gguf_io.config_from_metadata({"general.architecture": "phi3"}, set(), "phi.gguf")
+
+
+@pytest.mark.parametrize("name, family", [("Mistral 7B Instruct v0.2", "mistral"), ("SmolLM2 135M", "llama")])
+def test_a_gguf_file_s_family_comes_from_the_family_table(name, family):
+    """llama.cpp writes LLaMA and Mistral as one architecture; the family's ``gguf_name`` tells them
+    apart by the file's ``general.name``."""
+    from longrope_jax import gguf_io
+
+    md = {"general.architecture": "llama", "general.name": name, "llama.attention.head_count": 4,
+          "llama.embedding_length": 32, "llama.context_length": 64, "llama.feed_forward_length": 64,
+          "llama.block_count": 2, "llama.vocab_size": 256}
+    assert gguf_io.config_from_metadata(md, {"output.weight"}, "x.gguf").architecture == family

@@ -67,6 +67,8 @@ class Family:
       (old names read as their new one, as transformers does for this family).
     config_fields: a ModelConfig -> the family's own ``config.json`` fields on export.
     biases: whether ``attention_bias`` / ``mlp_bias`` are read (LLaMA's config has them).
+    gguf_name: a word of a GGUF file's ``general.name`` that marks this family among files of
+      llama.cpp's ``llama`` architecture (which holds LLaMA and Mistral alike), or None.
     """
 
     name: str
@@ -78,6 +80,7 @@ class Family:
     rope_aliases: Mapping[str, str] = dataclasses.field(default_factory=lambda: {"su": "longrope"})
     config_fields: Callable[[Any], dict] = lambda cfg: {}
     biases: bool = False
+    gguf_name: str | None = None
 
     def __post_init__(self):
         held = sorted(p for lin in self.linears.values() for p in lin.parts)

@@ -15,4 +15,5 @@ FAMILY = Family(
               "sliding_window": 4096},
     sliding_window=_window,
     config_fields=lambda cfg: {"sliding_window": cfg.sliding_window},
+    gguf_name="mistral",
 )
