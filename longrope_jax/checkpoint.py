@@ -74,11 +74,6 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
     return out
 
 
-def expected_leaves(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Param leaf name (``a/b/c``) -> shape, for a model of config ``cfg``."""
-    return param_shapes(cfg)
-
-
 def params_digest(params: Mapping) -> str:
     """sha256 over every leaf's name, dtype, shape and bytes (sorted by name)."""
     h = hashlib.sha256()
@@ -90,7 +85,7 @@ def params_digest(params: Mapping) -> str:
 
 
 def _check_params(params: Mapping, cfg: ModelConfig, source: str) -> dict[str, dict]:
-    expected = expected_leaves(cfg)
+    expected = param_shapes(cfg)
     flat = dict(_flatten(params))
     missing = sorted(set(expected) - set(flat))
     extra = sorted(set(flat) - set(expected))
@@ -246,7 +241,7 @@ def restore(path: str, *, verify: bool = True) -> tuple[ModelConfig, dict, dict]
         cfg = ModelConfig.from_dict(cfg_d)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{f}: field 'config': expected a ModelConfig ({e})") from None
-    expected = expected_leaves(cfg)
+    expected = param_shapes(cfg)
     recorded = meta["params"]["leaves"]
     if set(recorded) != set(expected):
         raise CheckpointError(f"{f}: field 'params.leaves': does not match the config's params "

@@ -38,3 +38,16 @@ def get_config():
     c.redo = placeholder(str)  # a stage to discard, with the stages after it, and run again
     common.add_mesh(c)
     return c
+
+
+def search(shared, target: str, suffix: str = "", **kw) -> dict:
+    """A search (or readjust) section at ``shared[target]`` tokens whose budgets are the pipeline's
+    shared values ``population``, ``iterations``, ``samples``, ``mutations`` (crossovers too) and
+    ``parents``, each read with ``suffix`` (``_long``: the longest search's own); no start tokens,
+    which the HF export cannot carry. ``kw``: the section's other settings."""
+    def ref(key):
+        return shared.get_ref(key + suffix)
+
+    return {"target_length": shared.get_ref(target), "population": ref("population"), "iterations": ref("iterations"),
+            "samples": ref("samples"), "mutations": ref("mutations"), "crossovers": ref("mutations"),
+            "parents": ref("parents"), "start_tokens": [0], **kw}

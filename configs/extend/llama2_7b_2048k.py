@@ -32,13 +32,8 @@ def get_config():
         "samples_long": 3, "mutations": 16, "mutations_long": 8, "parents": 32, "parents_long": 16})
     sh = c.shared
 
-    def search(target, long=False, **kw):
-        sfx = "_long" if long else ""
-        return {"target_length": sh.get_ref(target), "population": sh.get_ref("population" + sfx),
-                "iterations": sh.get_ref("iterations" + sfx), "samples": sh.get_ref("samples" + sfx),
-                "mutations": sh.get_ref("mutations" + sfx), "crossovers": sh.get_ref("mutations" + sfx),
-                "parents": sh.get_ref("parents" + sfx), "attention": "auto",
-                "start_tokens": [0], **kw}  # no start tokens: the HF export cannot carry them
+    def search(target, long=False):
+        return default.search(sh, target, "_long" if long else "", attention="auto")
 
     def train(length, steps, weights, factors):
         return {"kind": "train", "weights": weights, "factors": factors, "seq_len": sh.get_ref(length),

@@ -32,11 +32,7 @@ def get_config():
         "samples": 5, "mutations": 16, "parents": 32})
     sh = c.shared
     c.stages = ml_collections.ConfigDict({
-        "search128k": {"kind": "search", "target_length": sh.get_ref("l1"), "mode": "longrope2", "fitness": "needle",
-                       "population": sh.get_ref("population"), "iterations": sh.get_ref("iterations"),
-                       "samples": sh.get_ref("samples"), "mutations": sh.get_ref("mutations"),
-                       "crossovers": sh.get_ref("mutations"), "parents": sh.get_ref("parents"),
-                       "start_tokens": [0]},
+        "search128k": {"kind": "search", **default.search(sh, "l1", mode="longrope2", fitness="needle")},
         "ft128k": {"kind": "train", "weights": "base", "factors": "search128k", "seq_len": sh.get_ref("l1"),
                    "steps": sh.get_ref("steps1"), "batch": sh.get_ref("batch"), "accum": sh.get_ref("accum"),
                    "short_microbatches": sh.get_ref("short_microbatches"), "packing": True,

@@ -32,11 +32,7 @@ def get_config():
     sh = c.shared
 
     def search(target):
-        return {"target_length": sh.get_ref(target), "population": sh.get_ref("population"),
-                "iterations": sh.get_ref("iterations"), "samples": sh.get_ref("samples"),
-                "mutations": sh.get_ref("mutations"), "crossovers": sh.get_ref("mutations"),
-                "parents": sh.get_ref("parents"), "no_sliding_window": True,
-                "start_tokens": [0]}  # no start tokens: the HF export cannot carry them
+        return default.search(sh, target, no_sliding_window=True)
 
     c.stages = ml_collections.ConfigDict({
         "search128k": {"kind": "search", **search("l1")},

@@ -31,10 +31,7 @@ def get_config():
     sh = c.shared
 
     def search(target):
-        return {"target_length": sh.get_ref(target), "population": sh.get_ref("population"),
-                "iterations": sh.get_ref("iterations"), "samples": sh.get_ref("samples"),
-                "mutations": sh.get_ref("mutations"), "crossovers": sh.get_ref("mutations"),
-                "parents": sh.get_ref("parents"), "start_tokens": [0]}
+        return default.search(sh, target)
 
     def train(length, steps, weights, factors):
         return {"kind": "train", "weights": weights, "factors": factors, "seq_len": sh.get_ref(length),

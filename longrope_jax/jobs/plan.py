@@ -132,10 +132,10 @@ def plan_stage(stage: Any, base, mesh, hbm_bytes: int, peak_flops: float) -> dic
     from longrope_jax.train.flops import model_flops_per_token
     from longrope_jax.train.trainer import Trainer
 
-    span = max(stage["seq_len"], stage["skip_to"] or 0)
+    span = train_job.stage_span(stage)
     base = dataclasses.replace(base, param_dtype=stage["param_dtype"],
                                sliding_window=None if stage["no_sliding_window"] else base.sliding_window)
-    cfg = train_job.stage_config(stage, base, span)
+    cfg = train_job.stage_config(stage, base)
     short = (rope_spec(base), base.max_position_embeddings) if stage["short_microbatches"] else None
     trainer = Trainer(cfg, _spec(stage, base, span), stage, mesh=mesh, short=short)
     rep = train_aot.step_report(trainer)
@@ -255,8 +255,7 @@ def run_gpu(p: dict, log=print) -> dict:
     for name, kind, stage in _stages(p):
         if kind != "train":
             continue
-        span = max(stage["seq_len"], stage["skip_to"] or 0)
-        cfg = train_job.stage_config(stage, dataclasses.replace(base, param_dtype=stage["param_dtype"]), span)
+        cfg = train_job.stage_config(stage, dataclasses.replace(base, param_dtype=stage["param_dtype"]))
         est = memory.train_step_bytes(cfg, _n_params(cfg), stage, one)
         flops = model_flops_per_token(cfg, stage["seq_len"]) * stage["batch"] * stage["seq_len"]
         result["stages"][name] = {"seq_len": stage["seq_len"], "estimate": est,

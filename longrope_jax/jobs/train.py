@@ -238,11 +238,16 @@ class Trained:
     factors: dict | None = None
 
 
-def stage_config(s, base, span: int):
+def stage_span(s) -> int:
+    """The stage's window: its rows' length, or the span positional skips cover."""
+    return max(s["seq_len"], s["skip_to"] or 0)
+
+
+def stage_config(s, base):
     """The model config a stage trains: ``base`` at the stage's dtype and remat, its window at
-    least ``span`` (the rows, or what positional skips span)."""
+    least :func:`stage_span`."""
     return dataclasses.replace(base, dtype=s["dtype"], remat=s["remat"],
-                               max_position_embeddings=max(base.max_position_embeddings, span))
+                               max_position_embeddings=max(base.max_position_embeddings, stage_span(s)))
 
 
 def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> Trained:
@@ -265,11 +270,10 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     base, params, tok, tok_path, model_factors, source = initial_model(s, run_dir, log, model)
     # The stage's RoPE, on the model as it comes (``yarn:4`` is 4x its own window).
     rope = factors_lib.parse_rope(s["rope"])
-    span = max(s["seq_len"], s["skip_to"] or 0)  # the stage's window: its rows, or what skips span
-    spec = factors_lib.resolve_rope(rope, base, length=span, model_factors=model_factors)
+    spec = factors_lib.resolve_rope(rope, base, length=stage_span(s), model_factors=model_factors)
     stage_factors = rope.factors if rope.kind == "file" else (model_factors if rope.kind == "model" else None)
     window = base.max_position_embeddings  # the model's own (the short rows' length under mixing)
-    cfg = stage_config(s, base, span)
+    cfg = stage_config(s, base)
     rows = _rows(s, run_dir, tok, cfg, window, log)
 
     short = (rope_spec(base), window)
