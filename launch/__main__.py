@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--type", help="accelerator type: v4-32, v5p-64, v5litepod-16, v6e-256, ...")
     where.add_argument("--runtime", help="TPU runtime version (default: the generation's, e.g. v2-alpha-tpuv5)")
     where.add_argument("--queued", action="store_true", default=None, help="a queued resource, not a TPU VM")
-    where.add_argument("--provisioning", choices=PROVISIONING, help="on-demand (default), spot, reserved, or "
-                                                                     "best-effort (queued only)")
+    where.add_argument("--provisioning", choices=PROVISIONING,
+                       help="on-demand (default), spot, reserved, or best-effort (queued only)")
     dry = argparse.ArgumentParser(add_help=False)
     dry.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     code = argparse.ArgumentParser(add_help=False)
@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cluster", required=True)
     s.add_argument("--workload", required=True)
     s.add_argument("--type", required=True, help="accelerator type, e.g. v5p-64")
-    s.add_argument("--base-image", required=True, help="the image xpk builds on (Python with pip; the "
-                                                        "environment preinstalled makes the start quick)")
+    s.add_argument("--base-image", required=True,
+                   help="the image xpk builds on (Python with pip; the environment preinstalled makes the start quick)")
     s.add_argument("--num-slices", type=int, default=1)
     s.add_argument("--max-restarts", type=int, default=0, help="xpk's restarts of a failed or preempted workload")
     s.add_argument("--project")

@@ -194,7 +194,10 @@ def run_once(c: Context, rev: str, argv: list[str], explicit: bool, port: int, h
     ship(c, rev)
     addresses = _addresses(c, st, explicit)
     n = c.slice.accelerator.workers
-    argv_of = lambda i: c.slice.ssh(i, remote.start(rev, argv, remote.processes(addresses, i, port)))  # noqa: E731
+
+    def argv_of(i):
+        return c.slice.ssh(i, remote.start(rev, argv, remote.processes(addresses, i, port)))
+
     if c.runner.dry_run:
         for i in range(n):
             c.runner.do(argv_of(i))
