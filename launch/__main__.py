@@ -11,6 +11,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -44,19 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     code.add_argument("--explicit-processes", action="store_true",
                       help="give each worker --coordinator/--num-processes/--process-id from the slice's worker "
                            "addresses, where the TPU environment's own detection is not available")
-    code.add_argument("--port", type=int, default=remote.PORT, help=f"the coordinator's port (default {remote.PORT})")
+    code.add_argument("--port", type=int, help=f"the coordinator's port (default {remote.PORT})")
+    command = argparse.ArgumentParser(add_help=False)
+    command.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                         help="an environment variable for the command on every worker (repeatable), e.g. "
+                              "TFDS_DATA_DIR=/mnt/tfds")
 
     s = sub.add_parser("create", parents=[where, dry], help="ask for the slice (reused where it exists); wait for it")
     s.add_argument("--timeout", type=float, help="seconds to wait for it to be ready (default: no limit)")
-    s = sub.add_parser("setup", parents=[where, dry, code], help="ship the revision, install its pinned environment "
-                                                                 "on every worker, check each worker's devices")
-    s.add_argument("--mesh", help="the mesh the command will use; checked against the slice's devices")
-    sub.add_parser("run", parents=[where, dry, code], help="run `-- longrope-jax ...` on every worker; the first "
-                                                           "failure stops all")
-    s = sub.add_parser("watch", parents=[where, dry, code], help="run and re-create the slice when it is lost, "
-                                                                 "resuming the command (the last one run by default)")
+    env = argparse.ArgumentParser(add_help=False)
+    env.add_argument("--mesh", help="the mesh the command will use; checked against the slice's devices")
+    env.add_argument("--extras", help="the package's extras to install (default tpu; tpu,tfds for tfds: sources); "
+                                      "watch's setups after a re-creation take setup's")
+    sub.add_parser("setup", parents=[where, dry, code, env],
+                   help="ship the revision, install its pinned environment on every worker, check each worker's "
+                        "devices")
+    sub.add_parser("run", parents=[where, dry, code, command],
+                   help="run `-- longrope-jax ...` on every worker; the first failure stops all")
+    s = sub.add_parser("watch", parents=[where, dry, code, command, env],
+                       help="run and re-create the slice when it is lost, resuming the command (the last one run, "
+                            "with its revision and start-up, where none is given)")
     s.add_argument("--retries", type=int, default=10, help="how many losses to recover from (default 10)")
-    s.add_argument("--mesh", help="checked at each setup after a re-creation")
     sub.add_parser("status", parents=[where], help="the slice's state and the last command (JSON on stdout)")
     s = sub.add_parser("logs", parents=[where], help="the last lines of each worker's log")
     s.add_argument("--worker", type=int, action="append", help="only this worker (repeatable)")
@@ -65,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                                                       "training run saves its step and exits)")
     sub.add_parser("delete", parents=[where, dry], help="give the slice back")
 
-    s = sub.add_parser("xpk", parents=[common, dry, code], help="the command as an xpk workload on a GKE cluster")
+    s = sub.add_parser("xpk", parents=[common, dry, code, command],
+                       help="the command as an xpk workload on a GKE cluster")
+    s.add_argument("--extras", default="tpu", help="the package's extras installed at start (default tpu)")
     s.add_argument("--cluster", required=True)
     s.add_argument("--workload", required=True)
     s.add_argument("--type", required=True, help="accelerator type, e.g. v5p-64")
@@ -91,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             rev = remote.revision(verbs.ROOT, args.revision, args.allow_dirty)
             verbs.xpk(runner, d, rev, command, cluster=args.cluster, workload=args.workload, type=args.type,
                       base_image=args.base_image, num_slices=args.num_slices, max_restarts=args.max_restarts,
-                      project=args.project, zone=args.zone)
+                      project=args.project, zone=args.zone, extras=args.extras, env=tuple(args.env))
             return 0
         d = remote.local_dir(args.launch_dir, args.name)
         given = dict(zone=args.zone, project=args.project, type=args.type, runtime=args.runtime, queued=args.queued,
@@ -100,20 +111,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "create":
             verbs.create(c, args.timeout)
         elif args.verb in ("setup", "run", "watch"):
-            if args.verb == "watch" and not command:
-                last = verbs.last_command(c)
-                command, rev = last["argv"], args.revision or last["revision"]
-                rev = remote.revision(verbs.ROOT, rev, True)
+            if args.verb == "watch" and not command:  # the last command, as it ran
+                job = verbs.last_job(c)
+                job = dataclasses.replace(job, rev=remote.revision(verbs.ROOT, args.revision or job.rev, True),
+                                          explicit=args.explicit_processes or job.explicit,
+                                          port=args.port or job.port, env=tuple(args.env) or job.env)
             else:
-                rev = remote.revision(verbs.ROOT, args.revision, args.allow_dirty)
+                job = verbs.Job(remote.revision(verbs.ROOT, args.revision, args.allow_dirty), tuple(command),
+                                args.explicit_processes, args.port or remote.PORT, tuple(getattr(args, "env", ())))
+            env = verbs.setup_options(c, getattr(args, "mesh", None), getattr(args, "extras", None))
             if args.verb == "setup":
-                verbs.setup(c, rev, args.explicit_processes, args.port, args.mesh)
+                verbs.setup(c, job.rev, job.explicit, job.port, **env)
             elif args.verb == "run":
-                if verbs.run_once(c, rev, command, args.explicit_processes, args.port, "run") == "lost":
+                if verbs.run_once(c, job, "run") == "lost":
                     raise LaunchError(f"{args.name}: not ready or lost (see `status`); `create` it, or `watch` "
                                       "re-creates it and resumes")
             else:
-                verbs.watch(c, rev, command, args.explicit_processes, args.port, args.retries, args.mesh)
+                verbs.watch(c, job, args.retries, **env)
         elif args.verb == "status":
             print(json.dumps(verbs.status(c)))
         elif args.verb == "logs":

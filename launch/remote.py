@@ -14,6 +14,7 @@ is the revision shipped, whatever revision ``setup`` installed the dependencies 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 
@@ -65,12 +66,13 @@ def unpack(rev: str) -> str:
             f"tar -xzf ~/{tarball(rev)} -C {d}.part; mv {d}.part {d}; fi")
 
 
-def install(rev: str) -> str:
+def install(rev: str, extras: str = "tpu") -> str:
     """On a worker: the environment, with the dependencies pinned as ``constraints.txt`` of the
-    revision pins them (jax, jaxlib and libtpu move together)."""
+    revision pins them (jax, jaxlib and libtpu move together); ``extras`` of the package (``tpu``,
+    and ``tfds`` for ``tfds:`` data sources)."""
     return (f"set -e; cd ~/{HOME}/{rev}; if [ ! -x {VENV}/bin/python ]; then python3 -m venv {VENV} || "
             f"(sudo apt-get -qq update && sudo apt-get -qq install -y python3-venv && python3 -m venv {VENV}); fi; "
-            f"{VENV}/bin/pip install -q --upgrade pip; {VENV}/bin/pip install -q -c constraints.txt '.[tpu]'")
+            f"{VENV}/bin/pip install -q --upgrade pip; {VENV}/bin/pip install -q -c constraints.txt '.[{extras}]'")
 
 
 def processes(addresses: tuple[str, ...] | None, worker: int, port: int) -> list[str]:
@@ -116,10 +118,25 @@ def command(argv: list[str]) -> list[str]:
     return argv[1:]
 
 
-def start(rev: str, argv: list[str], flags: list[str]) -> str:
-    """On a worker: the command, from the revision's tree, its process id kept for ``stop``."""
+def _exports(env: tuple[str, ...]) -> str:
+    for kv in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", kv):
+            raise LaunchError(f"--env: expected KEY=VALUE, got {kv!r}")
+    return "".join(f"export {shlex.quote(kv)} && " for kv in env)
+
+
+def start(rev: str, argv: list[str], flags: list[str], env: tuple[str, ...] = ()) -> str:
+    """On a worker: the command, from the revision's tree, with ``env`` (``KEY=VALUE`` each)
+    exported, its process id kept for ``stop``."""
     args = shlex.join([*command(argv), *flags])
-    return f"cd ~/{HOME}/{rev} && echo $$ > {PID} && exec {VENV}/bin/python -m longrope_jax {args}"
+    return f"cd ~/{HOME}/{rev} && {_exports(env)}echo $$ > {PID} && exec {VENV}/bin/python -m longrope_jax {args}"
+
+
+def start_in_image(argv: list[str], extras: str = "tpu", env: tuple[str, ...] = ()) -> str:
+    """In a container whose working directory is the revision's tree (xpk's script directory):
+    the environment installed under the constraints, then the command."""
+    return (f"{_exports(env)}pip install -q -c constraints.txt '.[{extras}]' && exec python -m longrope_jax "
+            f"{shlex.join(command(argv))}")
 
 
 def stop(signal: str = "TERM") -> str:

@@ -38,6 +38,22 @@ class Context:
                                  **fields}) + "\n")
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A command as it runs on a slice: the revision shipped, ``argv`` (``longrope-jax ...``), the
+    start-up (``explicit`` processes on ``port``, else the TPU environment's detection) and the
+    environment variables (``KEY=VALUE``) each worker exports."""
+    rev: str
+    argv: tuple[str, ...]
+    explicit: bool = False
+    port: int = remote.PORT
+    env: tuple[str, ...] = ()
+
+    def on(self, worker: int, addresses: tuple[str, ...] | None) -> str:
+        """The bash line that starts it on ``worker``."""
+        return remote.start(self.rev, list(self.argv), remote.processes(addresses, worker, self.port), self.env)
+
+
 def load_slice(d: str, name: str, given: dict) -> Slice:
     """The slice ``name``: as ``create`` recorded it in ``d/slice.json``, with the options given
     now (those not None) over it."""
@@ -49,12 +65,24 @@ def load_slice(d: str, name: str, given: dict) -> Slice:
     return Slice(**fields)
 
 
-def save_slice(c: Context) -> None:
+def _write_json(c: Context, name: str, obj) -> None:
+    """``obj`` to the launcher's file ``name`` for the slice (written whole, then renamed)."""
     os.makedirs(c.dir, exist_ok=True)
-    tmp = os.path.join(c.dir, "slice.json.tmp")
+    tmp = os.path.join(c.dir, name + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump(dataclasses.asdict(c.slice), fh, indent=1)
-    os.replace(tmp, os.path.join(c.dir, "slice.json"))
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, os.path.join(c.dir, name))
+
+
+def save_slice(c: Context) -> None:
+    _write_json(c, "slice.json", dataclasses.asdict(c.slice))
+
+
+def setup_options(c: Context, mesh: str | None, extras: str | None) -> dict:
+    """``setup``'s mesh and extras: those given, else those the last setup here used."""
+    path = os.path.join(c.dir, "setup.json")
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    return {"mesh": mesh or saved.get("mesh"), "extras": extras or saved.get("extras") or "tpu"}
 
 
 def query(c: Context) -> State:
@@ -125,7 +153,8 @@ def _addresses(c: Context, st: State | None, explicit: bool) -> tuple[str, ...] 
     return st.addresses
 
 
-def setup(c: Context, rev: str, explicit: bool = False, port: int = remote.PORT, mesh: str | None = None) -> None:
+def setup(c: Context, rev: str, explicit: bool = False, port: int = remote.PORT, mesh: str | None = None,
+          extras: str = "tpu") -> None:
     """The revision and its pinned environment on every worker, then a check that each worker
     sees the devices the slice has (and, with ``mesh``, that the mesh fits them)."""
     acc = c.slice.accelerator
@@ -134,7 +163,7 @@ def setup(c: Context, rev: str, explicit: bool = False, port: int = remote.PORT,
     st = None if c.runner.dry_run else wait_healthy(c)
     ship(c, rev)
     c.log(f"{c.slice.name}: installing {rev[:12]}'s environment on {acc.workers} workers (minutes)")
-    c.runner.do(c.slice.ssh("all", remote.install(rev)))
+    c.runner.do(c.slice.ssh("all", remote.install(rev, extras)))
     addresses = _addresses(c, st, explicit)
     outs = each(c.runner, lambda i: c.slice.ssh(i, remote.check(rev, remote.processes(addresses, i, port))),
                 acc.workers)
@@ -147,6 +176,7 @@ def setup(c: Context, rev: str, explicit: bool = False, port: int = remote.PORT,
                               f"{acc.devices_per_worker} tpu devices on each of {acc.workers} workers, {acc.chips} "
                               "in all")
     c.event("setup", revision=rev)
+    _write_json(c, "setup.json", {"mesh": mesh, "extras": extras})
     c.log(f"{c.slice.name}: {acc.workers} workers ready, {acc.devices_per_worker} TPU devices each")
 
 
@@ -166,45 +196,39 @@ def mesh_devices(mesh: str, acc: Accelerator) -> None:
                           f"a {acc.name} slice has {acc.chips}")
 
 
-def _save_command(c: Context, argv: list[str], rev: str, explicit: bool, port: int) -> None:
-    os.makedirs(c.dir, exist_ok=True)
-    tmp = os.path.join(c.dir, "command.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"argv": argv, "revision": rev, "explicit_processes": explicit, "port": port}, fh, indent=1)
-    os.replace(tmp, os.path.join(c.dir, "command.json"))
-
-
-def last_command(c: Context) -> dict:
+def last_job(c: Context) -> Job:
+    """The command that last ran here, as it ran."""
     path = os.path.join(c.dir, "command.json")
     if not os.path.exists(path):
         raise LaunchError(f"{c.slice.name}: no command has run here ({path}); give one after --")
-    return json.load(open(path))
+    saved = json.load(open(path))
+    return Job(**{**saved, "argv": tuple(saved["argv"]), "env": tuple(saved["env"])})
 
 
-def run_once(c: Context, rev: str, argv: list[str], explicit: bool, port: int, header: str) -> str:
-    """The command on every worker until all end: "done", or "lost" where the slice was taken
-    (a preemption, a maintenance event). A worker that fails on a healthy slice stops the others
+def run_once(c: Context, job: Job, header: str) -> str:
+    """The job on every worker until all end: "done", or "lost" where the slice was taken (a
+    preemption, a maintenance event). A worker that fails on a healthy slice stops the others
     and is an error showing its last lines."""
-    remote.command(argv)  # a malformed command fails before anything is shipped
+    remote.command(list(job.argv))  # a malformed command fails before anything is shipped
     st = None
     if not c.runner.dry_run:
         st = query(c)
         if st.kind != "healthy":
             return "lost"
-    ship(c, rev)
-    addresses = _addresses(c, st, explicit)
+    ship(c, job.rev)
+    addresses = _addresses(c, st, job.explicit)
     n = c.slice.accelerator.workers
 
     def argv_of(i):
-        return c.slice.ssh(i, remote.start(rev, argv, remote.processes(addresses, i, port)))
+        return c.slice.ssh(i, job.on(i, addresses))
 
     if c.runner.dry_run:
         for i in range(n):
             c.runner.do(argv_of(i))
         return "done"
-    _save_command(c, argv, rev, explicit, port)
-    c.event("run", revision=rev, argv=argv)
-    workers = Workers(argv_of, n, c.dir, f"{header}: {shlex.join(argv)} at {rev}")
+    _write_json(c, "command.json", dataclasses.asdict(job))
+    c.event("run", revision=job.rev, argv=job.argv)
+    workers = Workers(argv_of, n, c.dir, f"{header}: {shlex.join(job.argv)} at {job.rev}")
     c.log(f"{c.slice.name}: running on {n} workers; logs in {c.dir}/worker-*.log")
     t_state = t_log = time.time()
     try:
@@ -240,9 +264,8 @@ def recreate(c: Context, st: State) -> None:
     wait_healthy(c)
 
 
-def watch(c: Context, rev: str, argv: list[str], explicit: bool, port: int, retries: int,
-          mesh: str | None = None) -> None:
-    """The command on the slice until it ends; each time a preemption or maintenance event takes
+def watch(c: Context, job: Job, retries: int, mesh: str | None = None, extras: str = "tpu") -> None:
+    """The job on the slice until it ends; each time a preemption or maintenance event takes
     the slice, it is re-created and set up again and the same command rerun (a run resumes from
     its run directory's last checkpoint), at most ``retries`` times."""
     lost = 0
@@ -252,8 +275,8 @@ def watch(c: Context, rev: str, argv: list[str], explicit: bool, port: int, retr
             if st.kind != "healthy":
                 c.log(f"{c.slice.name}: {st.state}; re-creating it")
                 recreate(c, st)
-                setup(c, rev, explicit, port, mesh)
-        if run_once(c, rev, argv, explicit, port, f"attempt {lost + 1}") == "done":
+                setup(c, job.rev, job.explicit, job.port, mesh, extras)
+        if run_once(c, job, f"attempt {lost + 1}") == "done":
             c.event("done")
             c.log(f"{c.slice.name}: the command ended on every worker")
             return
@@ -295,11 +318,12 @@ def delete(c: Context) -> None:
 
 def xpk(runner: Runner, d: str, rev: str, argv: list[str], *, cluster: str, workload: str, type: str,
         base_image: str, num_slices: int = 1, max_restarts: int = 0, project: str | None = None,
-        zone: str | None = None) -> None:
+        zone: str | None = None, extras: str = "tpu", env: tuple[str, ...] = ()) -> None:
     """An xpk workload on a GKE cluster running the command on every host of ``num_slices``
     slices: the revision's files are the image's script directory (xpk builds the image from
-    ``base_image`` with them), the environment installed under the constraints at start (a no-op
-    where ``base_image`` has it), and xpk restarts the workload up to ``max_restarts`` times."""
+    ``base_image`` with them), the environment (``extras``) installed under the constraints at
+    start (a no-op where ``base_image`` has it), ``env`` exported, and xpk restarts the workload
+    up to ``max_restarts`` times."""
     acc = Accelerator.parse(type)
     code = os.path.join(d, f"code-{rev}")
     if runner.dry_run or not os.path.exists(code):  # the revision's files, unpacked once
@@ -312,8 +336,7 @@ def xpk(runner: Runner, d: str, rev: str, argv: list[str], *, cluster: str, work
         runner.do(["mkdir", code + ".part"])
         runner.do(["tar", "-xzf", tarball, "-C", code + ".part"])
         runner.do(["mv", code + ".part", code])
-    inner = (f"pip install -q -c constraints.txt '.[tpu]' && exec python -m longrope_jax "
-             f"{shlex.join(remote.command(argv))}")
+    inner = remote.start_in_image(argv, extras, env)
     where = ([f"--project={project}"] if project else []) + ([f"--zone={zone}"] if zone else [])
     runner.do(["xpk", "workload", "create", f"--cluster={cluster}", f"--workload={workload}", *where,
                f"--tpu-type={acc.name}", f"--num-slices={num_slices}", f"--base-docker-image={base_image}",
