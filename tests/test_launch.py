@@ -116,8 +116,11 @@ def test_the_device_check_runs_the_commands_start_up_and_reads_back(tmp_path):
 # Golden dry-runs: the exact commands, with this checkout's paths and revision normalised
 
 
-def _normalised(text, launch_dir, rev):
-    return text.replace(ROOT, "<REPO>").replace(str(launch_dir), "<LAUNCH>").replace(rev, "<REV>")
+def _normalised(text, launch_dir):
+    """The checkout, the launcher's directory and the revision (HEAD, or the snapshot of a dirty
+    tree, whose hash changes with the time it is taken) as placeholders."""
+    text = text.replace(ROOT, "<REPO>").replace(str(launch_dir), "<LAUNCH>")
+    return re.sub(r"\b[0-9a-f]{40}\b", "<REV>", text)
 
 
 DRY_RUNS = {
@@ -147,20 +150,43 @@ DRY_RUNS = {
 @pytest.mark.parametrize("case", sorted(DRY_RUNS))
 def test_dry_runs_print_the_golden_commands(case, tmp_path):
     """``UPDATE_GOLDEN=1`` rewrites the files (review the diff)."""
-    rev = remote.revision(ROOT, None, True)
     text = ""
     for args in DRY_RUNS[case]:
         dirty = ["--allow-dirty"] if args[0] in ("setup", "run", "xpk") else []
         r = _launch(args[0], "--dry-run", "--launch-dir", str(tmp_path), *dirty, *args[1:])
         assert r.returncode == 0, r.stderr
         text += f"$ python -m launch {args[0]} --dry-run {' '.join(args[1:])}\n{r.stdout}"
-    text = _normalised(text, tmp_path, rev)
+    text = _normalised(text, tmp_path)
     path = os.path.join(GOLDEN, f"{case}.txt")
     if os.environ.get("UPDATE_GOLDEN"):
         os.makedirs(GOLDEN, exist_ok=True)
         open(path, "w").write(text)
     assert text == open(path).read()
     assert not os.listdir(tmp_path)  # a dry run writes nothing
+
+
+def test_the_pods_page_shows_what_the_dry_runs_print(tmp_path):
+    """Each block of docs/pods.md that starts with ``$ python -m launch`` is that command's output
+    (a line ``...`` elides the rest), with the slice remembered as its ``create`` records it."""
+    import dataclasses
+
+    text = open(os.path.join(ROOT, "docs", "pods.md")).read()
+    blocks = re.findall(r"```\n\$ python -m launch (.*?)\n(.*?)```", text, re.S)
+    assert len(blocks) >= 5
+    (tmp_path / "llama2").mkdir()
+    made = Slice(name="llama2", zone="us-east5-a", type="v5p-128", queued=True, provisioning="spot")
+    (tmp_path / "llama2" / "slice.json").write_text(json.dumps(dataclasses.asdict(made)))
+    for command, shown in blocks:
+        args = shlex.split(command)
+        dirty = ["--allow-dirty"] if args[0] in ("setup", "run", "watch", "xpk") else []
+        r = _launch(args[0], "--launch-dir", str(tmp_path), *dirty, *args[1:])
+        assert r.returncode == 0, (command, r.stderr)
+        out = _normalised(r.stdout, tmp_path).splitlines()
+        lines = shown.rstrip("\n").splitlines()
+        if lines[-1] == "...":
+            assert out[:len(lines) - 1] == lines[:-1] and len(out) >= len(lines), command
+        else:
+            assert out == lines, command
 
 
 # --------------------------------------------------------------------------------------------

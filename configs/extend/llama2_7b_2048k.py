@@ -4,7 +4,7 @@
 fine-tuning, and the short factors readjusted at 4k (the original window) and 8k. PG19 documents
 (TFDS) as the paper used; ring attention on a v5p-128 slice.
 
-    longrope-jax extend --config llama2_7b_2048k --out gs://BUCKET/llama2-2048k
+    longrope-jax extend --config llama2_7b_2048k --out /mnt/runs/llama2-2048k  (on a pod: docs/pods.md)
 
 The paper's budgets (search: population 64, 40 generations, 5 windows; halved from 512k, 10
 generations at 2048k). Every length and budget is a ``shared`` value, so a test runs this pipeline's

@@ -8,7 +8,7 @@ optimizer settings are the LLaMA-2 recipe's (lr 2e-5, linear decay). PG19 docume
 LongRoPE2 used its own mix. Ring attention on a v5p-128.
 
     longrope-jax plan --config llama3_8b_128k
-    longrope-jax extend --config llama3_8b_128k --out gs://BUCKET/llama3-128k
+    longrope-jax extend --config llama3_8b_128k --out /mnt/runs/llama3-128k  (on a pod: docs/pods.md)
 
 Every length and budget is a ``shared`` value (a test runs the structure on a tiny LLaMA).
 """

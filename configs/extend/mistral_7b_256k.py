@@ -3,7 +3,7 @@ fine-tuning at 128k (YaRN's recipe for Mistral: constant lr 1e-6, 64 rows a step
 256k factors searched on that model on top of its factors and fine-tuned from its weights, the
 short factors readjusted at the 8k window. PG19 documents (TFDS); ring attention on a v5p-128.
 
-    longrope-jax extend --config mistral_7b_256k --out gs://BUCKET/mistral-256k
+    longrope-jax extend --config mistral_7b_256k --out /mnt/runs/mistral-256k  (on a pod: docs/pods.md)
 
 Every length and budget is a ``shared`` value (a test runs the structure on a tiny Mistral).
 """

@@ -7,7 +7,7 @@ window is switched off (the 128k model's window, 262144, covers every length). P
 (TFDS); ring attention on a v5p-128.
 
     longrope-jax plan --config phi3_mini_128k
-    longrope-jax extend --config phi3_mini_128k --out gs://BUCKET/phi3-mini-128k
+    longrope-jax extend --config phi3_mini_128k --out /mnt/runs/phi3-mini-128k  (on a pod: docs/pods.md)
 
 Every length and budget is a ``shared`` value (a test runs the structure on a tiny Phi-3).
 """
