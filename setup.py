@@ -38,6 +38,9 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources"],
         "test": [
             "pytest",
+            # tests/test_notebook.py builds the package offline with this environment's setuptools
+            # (bdist_wheel built in from 70.1)
+            "setuptools>=70.1",
             # compiles TPU programs on CPU-only machines (tests/test_parallel.py); pinned with jax
             # in constraints.txt
             "libtpu",

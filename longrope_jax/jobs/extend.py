@@ -142,9 +142,14 @@ class Pipeline:
             os.makedirs(self.run_dir, exist_ok=True)
             atomic.write_json(os.path.join(self.run_dir, MANIFEST), self.manifest)
 
-    def run(self) -> dict:
-        """Runs (or skips) every stage in order; returns ``{stage: outputs}``."""
+    def run(self, until: str | None = None) -> dict:
+        """Runs (or skips) every stage in order, or those up to ``until`` (a notebook goes stage by
+        stage: each call skips what is done); returns ``{stage: outputs}`` of the stages reached."""
         from longrope_jax.loading import model_from
+
+        names = [st.name for st in self.stages]
+        if until is not None and until not in names:
+            raise ConfigError(f"until {until}: not a stage (stages: {', '.join(names)})")
 
         models: dict[str, LoadedModel | None] = {}
         outputs: dict[str, dict] = {}
@@ -163,6 +168,8 @@ class Pipeline:
             if done is not None:
                 outputs[st.name] = done["outputs"]
                 self.log(f"stage {st.directory} ({st.kind}): done, skipped")
+                if st.name == until:
+                    break
                 continue
             t = time.time()
             self.log(f"stage {st.directory} ({st.kind}) ...")
@@ -174,6 +181,8 @@ class Pipeline:
                                                 "seconds": round(time.time() - t, 1)}
             self._save()
             self.log(f"stage {st.directory} ({st.kind}): done in {time.time() - t:.1f}s")
+            if st.name == until:
+                break
         return outputs
 
 
@@ -272,9 +281,10 @@ def _export(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedMode
 RUNNERS = {"train": _train, "search": _search, "readjust": _search, "evaluate": _evaluate, "export": _export}
 
 
-def run(s, *, mesh=None, log=print) -> dict:
-    """Runs the pipeline ``s`` (:func:`resolve`) in ``s.out``; returns each stage's outputs."""
-    return Pipeline(s, s["out"], redo=s["redo"], mesh=mesh, log=log).run()
+def run(s, *, mesh=None, log=print, until: str | None = None) -> dict:
+    """Runs the pipeline ``s`` (:func:`resolve`) in ``s.out`` (up to stage ``until``); returns
+    each stage's outputs."""
+    return Pipeline(s, s["out"], redo=s["redo"], mesh=mesh, log=log).run(until)
 
 
 def main(s, log) -> int:
