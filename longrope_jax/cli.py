@@ -53,7 +53,7 @@ def _job(args, extra) -> int:
     and the flags, then its ``main``."""
     import importlib
 
-    job = importlib.import_module(f"longrope_jax.jobs.{args.command}")
+    job = importlib.import_module(f"longrope_jax.jobs.{args.command.replace('-', '_')}")
     return job.main(job.resolve(args.config, extra, vars(args)), _log)
 
 
@@ -184,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=["dense", "blockwise", "ring", "ring_splash"])
     _add_mesh_flags(p)
     p.set_defaults(func=_job)
+    p = sub.add_parser("prepare-data", help="a training stage's rows (a train config's) tokenised once into "
+                                            "ArrayRecord shards, which train (--config.prepared=DIR) reads on every "
+                                            "process")
+    _add_model_flags(p)
+    p.add_argument("--data", action="append", help=f"{DATA_HELP}; ArrayRecord files too (repeatable)")
+    p.add_argument("--out", help="the prepared directory (must not exist unless --overwrite)")
+    p.add_argument("--rows-per-shard", type=int, help="rows in each ArrayRecord shard (default 4096)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    p.set_defaults(func=_job)
+
     p = sub.add_parser("extend", help="the progressive extension: search, fine-tune, search again, readjust, export, "
                                       "as one resumable pipeline (configs/extend/)")
     _add_config_flag(p)

@@ -92,6 +92,7 @@ def load_model(
     tokenizer: str | None = None,
     sliding_window: bool = True,
     to_device: bool = True,
+    weights: bool = True,
 ) -> LoadedModel:
     """Loads a model for longrope-jax.
 
@@ -101,6 +102,8 @@ def load_model(
       param_dtype / dtype: parameter and compute dtypes (``float32``, ``bfloat16``).
       tokenizer: a ``tokenizer.json`` overriding the model's own.
       sliding_window: False switches Mistral's sliding window off (as LongRoPE did).
+      weights: False reads an HF model's (or a GGUF file's) config and tokenizer alone (params
+        None), for what needs no weights (``prepare-data``).
     """
     import ml_dtypes  # noqa: F401
 
@@ -126,10 +129,10 @@ def load_model(
     cfg = hf.read_config(path, **overrides)
     if not sliding_window:
         cfg = cfg.replace(sliding_window=None)
-    params = hf.params_from_tensors(
+    params = None if not weights else hf.params_from_tensors(
         hf.iter_safetensors(hf.safetensors_files(path)), cfg, np.dtype(param_dtype), source=path
     )
-    if to_device:
+    if to_device and params is not None:
         import jax
 
         params = jax.tree.map(jax.numpy.asarray, params)

@@ -21,6 +21,7 @@ def get_config():
     c.rope = "model"  # fixed for the stage: a --rope value or a factors file
     c.data = ["stdlib:"]  # text file, .jsonl, directory, ArrayRecord, stdlib:, pydoc:, tfds:NAME
     c.field = "text"
+    c.prepared = placeholder(str)  # a prepare-data directory of this stage's rows: read instead (data is not)
     c.seq_len = placeholder(int)  # tokens per row: the stage's length; required
     c.min_document_tokens = 0  # shorter documents are left out (long stages want long documents)
     c.packing = False  # rows hold whole documents (segment ids, positions from 0) instead of a cut stream

@@ -78,8 +78,7 @@ def initial_model(s: dict, run: str, log, model: LoadedModel | None = None):
     import jax
 
     from longrope_jax.loading import model_from
-    from longrope_jax.model import ModelConfig, init_params
-    from longrope_jax.tokenizer import Tokenizer
+    from longrope_jax.model import init_params
 
     tok_path = os.path.join(run, "tokenizer.json")
     if model is not None or s["model"]:
@@ -88,14 +87,7 @@ def initial_model(s: dict, run: str, log, model: LoadedModel | None = None):
         tok = m.need_tokenizer()
         cfg, params, factors, source = m.cfg, m.params, m.factors, {"path": m.source, "sha256": m.sha256}
     else:
-        try:
-            cfg = ModelConfig(**{**s["model_config"].to_dict(), "param_dtype": s["param_dtype"]})
-        except TypeError as e:
-            raise TrainError(f"model_config: {e}") from None
-        tok = Tokenizer.from_file(s["tokenizer"]) if s["tokenizer"] else Tokenizer.byte_level()
-        if tok.backend.get_vocab_size() > cfg.vocab_size:
-            raise TrainError(f"model_config.vocab_size: expected at least the tokenizer's "
-                             f"{tok.backend.get_vocab_size()}, got {cfg.vocab_size}")
+        cfg, tok = scratch(s)
         params, factors, source = init_params(cfg, s["init_seed"]), None, {"init_seed": s["init_seed"]}
         log(f"a model from scratch: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.2f}M params")
     if not os.path.exists(tok_path) and parallel.is_main():
@@ -103,6 +95,23 @@ def initial_model(s: dict, run: str, log, model: LoadedModel | None = None):
         tok.save(tmp)
         os.replace(tmp, tok_path)
     return cfg, params, tok, tok_path, factors, source
+
+
+def scratch(s):
+    """The config and tokenizer of a model trained from scratch (``model_config``; the byte-level
+    tokenizer unless ``tokenizer`` names one)."""
+    from longrope_jax.model import ModelConfig
+    from longrope_jax.tokenizer import Tokenizer
+
+    try:
+        cfg = ModelConfig(**{**s["model_config"].to_dict(), "param_dtype": s["param_dtype"]})
+    except TypeError as e:
+        raise TrainError(f"model_config: {e}") from None
+    tok = Tokenizer.from_file(s["tokenizer"]) if s["tokenizer"] else Tokenizer.byte_level()
+    if tok.backend.get_vocab_size() > cfg.vocab_size:
+        raise TrainError(f"model_config.vocab_size: expected at least the tokenizer's "
+                         f"{tok.backend.get_vocab_size()}, got {cfg.vocab_size}")
+    return cfg, tok
 
 
 def _special_ids(tok, cfg):
@@ -115,18 +124,82 @@ def _special_ids(tok, cfg):
 INDEX_FILES = {"tokens": "chunks.npy", "segment_ids": "segment_ids.npy", "positions": "positions.npy"}
 
 
-def _rows(s, run: str, tok, cfg, window: int, log):
-    """The stage's rows, built once under ``RUN/data`` and memory-mapped: the chunk index
-    ``int32[N, seq_len]`` (``chunks.npy``), or with ``packing`` its tokens, segment ids and
-    positions; with ``short_microbatches`` also the short rows (documents within the original
-    ``window``, packed into rows of it: ``short_*.npy``), the long rows then holding only the
-    longer documents. Every process builds them alike when the files are not there; process 0
-    writes them (the tokens last: their file marks the index as complete)."""
-    import numpy as np
-
+def build_rows(s, tok, cfg, window: int, log) -> dict:
+    """The stage's rows from its data sources, by kind: ``{"long": {"tokens": int32[N, seq_len],
+    ...}}`` (with ``packing`` also segment ids and positions) and, with ``short_microbatches``,
+    ``"short"`` (documents within the original ``window``, packed into rows of it; the long rows
+    then hold only the longer documents); each kind checked to fill one step."""
     from longrope_jax.data import read_sources
     from longrope_jax.train.data import chunk_index, pack_index
 
+    t = time.time()
+    mixed = bool(s["short_microbatches"])
+    docs = [d for _, ds in read_sources(s["data"], s["field"], log=log) for d in ds]
+    bos, eos = _special_ids(tok, cfg)
+    ids = [tok.encode_plain(d.text) for d in docs]
+    specials = (bos is not None) + (eos is not None)
+    short_docs = [x for x in ids if mixed and len(x) + specials <= window]
+    long_docs = [x for x in ids if not (mixed and len(x) + specials <= window)]
+    kw = dict(bos=bos, eos=eos, min_document_tokens=s["min_document_tokens"])
+    built = {"long": (pack_index(long_docs, s["seq_len"], **kw) if s["packing"]
+                      else {"tokens": chunk_index(long_docs, s["seq_len"], **kw)})}
+    if mixed:
+        built["short"] = pack_index(short_docs, window, **kw)
+    for k, rows in built.items():
+        _check_rows(s, k, rows["tokens"].shape, f"from {len(docs)} documents", window if mixed else None)
+        log(f"data: {len(docs)} documents -> {rows['tokens'].shape[0]} {k + ' ' if mixed else ''}rows of "
+            f"{rows['tokens'].shape[1]} tokens" + (" (packed)" if "segment_ids" in rows else "")
+            + f" ({time.time() - t:.1f}s)")
+    return built
+
+
+def _check_rows(s, kind: str, shape, source: str, window: int | None) -> None:
+    """A kind's rows against one step's need (a one-line error naming the data)."""
+    micro = s["batch"] // s["accum"]
+    need = {"long": (s["accum"] - s["short_microbatches"]) * micro, "short": s["short_microbatches"] * micro}[kind]
+    if shape[0] < need:
+        which = "" if window is None else \
+            f" ({kind} documents: {'at most' if kind == 'short' else 'over'} {window} tokens)"
+        raise TrainError(f"data: {shape[0]} rows of {shape[1]} tokens {source}{which}, fewer than one step's {need}; "
+                         "give more data or a shorter seq_len")
+
+
+def check_prepared(s, tok_path: str | None = None):
+    """The rows of ``s["prepared"]`` (``longrope-jax prepare-data``) after checking that they are
+    this stage's: the same row length, packing and document filter (and, given the run's
+    ``tokenizer.json``, the same tokenizer); checked before any work."""
+    from longrope_jax.data import rows as rows_lib
+
+    d = s["prepared"]
+    r = rows_lib.Rows(d)
+    m = r.manifest
+    where = os.path.join(d, rows_lib.MANIFEST)
+    for key in ("seq_len", "packing", "min_document_tokens"):
+        if m[key] != s[key]:
+            raise TrainError(f"{where}: {key}: the rows were prepared with {json.dumps(m[key])}, the stage has "
+                             f"{json.dumps(s[key])}; prepare them again or use the same setting")
+    if s["short_microbatches"]:
+        raise TrainError("prepared: short_microbatches needs the short rows, which prepare-data does not write; "
+                         "use data for a mixed stage")
+    if tok_path is not None and m["tokenizer_sha256"] != rows_lib.sha256(tok_path):
+        raise TrainError(f"{where}: tokenizer_sha256: the rows were tokenised with another tokenizer than the "
+                         f"model's ({tok_path}); prepare them with this model")
+    _check_rows(s, "long", r.shape, f"in {d}", None)
+    return r.fields
+
+
+def _rows(s, run: str, tok, cfg, window: int, log):
+    """The stage's rows: a prepared directory's (``prepared``), or built once under ``RUN/data``
+    and memory-mapped: the chunk index ``int32[N, seq_len]`` (``chunks.npy``), or with
+    ``packing`` its tokens, segment ids and positions; with ``short_microbatches`` also the short
+    rows (``short_*.npy``). Every process builds them alike when the files are not there; process 0
+    writes them (the tokens last: their file marks the index as complete)."""
+    import numpy as np
+
+    if s["prepared"]:
+        fields = check_prepared(s, os.path.join(run, "tokenizer.json"))
+        log(f"data: {len(fields['tokens'])} rows of {s['seq_len']} tokens prepared in {s['prepared']}")
+        return fields
     mixed = bool(s["short_microbatches"])
     kinds = {"long": ""} | ({"short": "short_"} if mixed else {})
     packed = {"long": s["packing"], "short": True}  # short rows are always packed
@@ -134,28 +207,7 @@ def _rows(s, run: str, tok, cfg, window: int, log):
                  for n in (["segment_ids", "positions", "tokens"] if packed[k] else ["tokens"])}
              for k, prefix in kinds.items()}
     if not all(os.path.exists(p["tokens"]) for p in paths.values()):
-        t = time.time()
-        docs = [d for _, ds in read_sources(s["data"], s["field"], log=log) for d in ds]
-        bos, eos = _special_ids(tok, cfg)
-        ids = [tok.encode_plain(d.text) for d in docs]
-        specials = (bos is not None) + (eos is not None)
-        short_docs = [x for x in ids if mixed and len(x) + specials <= window]
-        long_docs = [x for x in ids if not (mixed and len(x) + specials <= window)]
-        kw = dict(bos=bos, eos=eos, min_document_tokens=s["min_document_tokens"])
-        built = {"long": (pack_index(long_docs, s["seq_len"], **kw) if s["packing"]
-                          else {"tokens": chunk_index(long_docs, s["seq_len"], **kw)})}
-        if mixed:
-            built["short"] = pack_index(short_docs, window, **kw)
-        micro = s["batch"] // s["accum"]
-        need = {"long": (s["accum"] - s["short_microbatches"]) * micro, "short": s["short_microbatches"] * micro}
-        for k, rows in built.items():
-            n, length = rows["tokens"].shape[0], rows["tokens"].shape[1]
-            if n < need[k]:
-                which = "" if not mixed else f" ({k} documents: {'at most' if k == 'short' else 'over'} {window} tokens)"
-                raise TrainError(f"data: {n} rows of {length} tokens from {len(docs)} documents{which}, fewer than one "
-                                 f"step's {need[k]}; give more data or a shorter seq_len")
-            log(f"data: {len(docs)} documents -> {n} {k + ' ' if mixed else ''}rows of {length} tokens"
-                + (" (packed)" if "segment_ids" in rows else "") + f" ({time.time() - t:.1f}s)")
+        built = build_rows(s, tok, cfg, window, log)
         if not parallel.is_main():
             return _by_kind(built)
         os.makedirs(os.path.join(run, "data"), exist_ok=True)
@@ -264,6 +316,8 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     run_dir = os.path.abspath(s["out"])
     os.makedirs(run_dir, exist_ok=True)
     mesh = parallel.mesh_for(s) if mesh is None else mesh
+    if s["prepared"]:
+        check_prepared(s)  # before the run directory is written to
     _check_settings(os.path.join(run_dir, "settings.json"), s)
     if mesh is not None:
         parallel.check(mesh, length=s["seq_len"], batch=s["batch"] // s["accum"])

@@ -12,7 +12,8 @@ from longrope_jax.train.trainer import TrainError
 # What each setting of ``longrope-jax train`` must hold (its defaults: ``configs/train/default.py``).
 KINDS = dict(
     **parallel.SETTINGS_KINDS, **dict(MODEL_KINDS, model="str?"), model_config="dict", init_seed="int0", rope="str",
-    data="strs", field="str", seq_len="int", min_document_tokens="int0", packing="bool", short_microbatches="int0",
+    data="strs", prepared="str?", field="str", seq_len="int", min_document_tokens="int0", packing="bool",
+    short_microbatches="int0",
     skip_to="int?", skip_chunks="int", batch="int", accum="int", steps="int",
     lr="number", warmup_steps="int0", schedule="linear|cosine|constant", end_lr_ratio="number0", b1="number0",
     b2="number0", eps="number", weight_decay="number0", clip_norm="number0", seed="int0", dtype="float32|bfloat16",
