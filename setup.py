@@ -31,6 +31,8 @@ setup(
     ],
     extras_require={
         "tpu": ["jax[tpu]"],
+        # gs:// run directories (train --out gs://...): paths through etils.epath, which uses gcsfs
+        "gcs": ["gcsfs"],
         "gpu": ["jax[cuda12]"],
         # tfds.data_source / tfds.testing.mock_data work without TensorFlow (>=4.9.4 for as_data_source_fn);
         # download_and_prepare imports importlib_resources, which tensorflow-datasets does not declare on
@@ -41,6 +43,9 @@ setup(
             # tests/test_notebook.py builds the package offline with this environment's setuptools
             # (bdist_wheel built in from 70.1)
             "setuptools>=70.1",
+            # tests/test_storage.py: a Cloud Storage emulator that gcsfs and tensorstore both reach
+            "gcsfs",
+            "gcp-storage-emulator",
             # compiles TPU programs on CPU-only machines (tests/test_parallel.py); pinned with jax
             # in constraints.txt
             "libtpu",

@@ -26,11 +26,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
 
-from longrope_jax import atomic, config_files, parallel
+from longrope_jax import atomic, config_files, parallel, storage
 from longrope_jax import factors as factors_lib
 from longrope_jax.loading import LoadedModel
 from longrope_jax.train import trainer as trainer_lib
@@ -122,6 +123,8 @@ def _special_ids(tok, cfg):
 
 
 INDEX_FILES = {"tokens": "chunks.npy", "segment_ids": "segment_ids.npy", "positions": "positions.npy"}
+# What a run on an object store keeps in its local mirror (the rest are Orbax's checkpoints).
+MIRRORED = ["settings.json", "tokenizer.json", "metrics.jsonl", "tb", "data"]
 
 
 def build_rows(s, tok, cfg, window: int, log) -> dict:
@@ -273,6 +276,11 @@ class _Metrics:
                 if k != "step":
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
 
+    def flush(self) -> None:
+        if self.on and not self.file.closed:
+            self.file.flush()
+            self.tb.flush()
+
     def close(self) -> None:
         if self.on:
             self.file.close()
@@ -313,7 +321,18 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     from longrope_jax import __version__, checkpoint
     from longrope_jax.model import rope_spec
 
-    run_dir = os.path.abspath(s["out"])
+    out = s["out"]
+    remote = storage.is_remote(out)
+    # A run directory on an object store: Orbax's checkpoints there, the other files in a local
+    # mirror (this process's), pulled now and pushed whole at each checkpoint and at the end.
+    run_dir = f"{storage.mirror(out)}-p{jax.process_index()}" if remote else os.path.abspath(out)
+    where = out if remote else run_dir  # what messages name
+    if remote:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.makedirs(run_dir)
+        pulled = storage.pull(out, run_dir, MIRRORED)
+        if pulled:
+            log(f"{out}: pulled {', '.join(pulled)} into {run_dir}")
     os.makedirs(run_dir, exist_ok=True)
     mesh = parallel.mesh_for(s) if mesh is None else mesh
     if s["prepared"]:
@@ -336,18 +355,33 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     del params
     options = ocp.CheckpointManagerOptions(max_to_keep=s["keep"], save_interval_steps=s["checkpoint_every"],
                                            enable_async_checkpointing=True, create=True)
-    mngr = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"), options=options)
+    ckpt_dir = storage.join(out, "checkpoints") if remote else os.path.join(run_dir, "checkpoints")
+    if remote and parallel.is_main():
+        dropped = storage.drop_uncommitted(ckpt_dir)
+        if dropped:
+            log(f"{ckpt_dir}: removed step(s) {', '.join(dropped)}, left uncommitted by a killed save")
+    mngr = ocp.CheckpointManager(ckpt_dir, options=options)
     start = mngr.latest_step() or 0
     if start:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        log(f"resumed from {run_dir}/checkpoints step {start}")
+        log(f"resumed from {ckpt_dir} step {start}")
     meta = {"format": FORMAT, "settings": s.to_dict(), "model_config": cfg.to_dict(), "factors": stage_factors,
             "rope": s["rope"], "source": source, "version": __version__}
+    pushed = set()
+
+    def push(names=MIRRORED):
+        """The mirror's files to the store (process 0; the row index once)."""
+        if remote and parallel.is_main():
+            metrics.flush()
+            storage.push(run_dir, out, [n for n in names if n not in pushed])
+            pushed.add("data")
 
     def save(done, state, rec, last):
-        mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                  force=last)
+        saved = mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=last)
+        if saved:
+            push()
 
     evaluate_fn = None
     if s["eval_every"]:
@@ -362,7 +396,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         # "\n" first: the progress bar's line may be half written (it ends in "\r", not "\n").
         if name == "SIGINT" and stop["signal"] is not None:
             log(f"\nSIGINT again: stopped at once; the same command resumes from the last checkpoint in "
-                f"{run_dir}/checkpoints")
+                f"{ckpt_dir}")
             os._exit(130)  # not an exception: it could land inside a checkpoint's asynchronous save
         stop["signal"] = name
         if name == "SIGINT":
@@ -375,28 +409,30 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
                              should_stop=lambda: stop["signal"], evaluate_fn=evaluate_fn,
                              eval_every=s["eval_every"])
     except trainer_lib.NonFiniteLoss as e:
-        raise TrainError(f"{e} (the last checkpoint, step {mngr.latest_step() or 0} in {run_dir}/checkpoints, "
+        raise TrainError(f"{e} (the last checkpoint, step {mngr.latest_step() or 0} in {ckpt_dir}, "
                          "is intact)") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        metrics.close()
         mngr.wait_until_finished()
+        push()
+        metrics.close()
     if result.stopped:
-        log(f"{result.stopped}: saved step {result.step} in {run_dir}/checkpoints; the same command resumes")
+        log(f"{result.stopped}: saved step {result.step} in {ckpt_dir}; the same command resumes")
         mngr.close()
         return Trained({"stopped": result.stopped, "step": result.step})
     final = os.path.join(run_dir, "final")
     summary = {"steps": s["steps"], "final_loss": result.record["loss"] if result.record else None,
-               "final": final, "checkpoints": mngr.all_steps()}
+               "final": storage.join(out, "final") if remote else final, "checkpoints": mngr.all_steps()}
     host = jax.tree.map(parallel.fetch, result.params)
     # final/'s own RoPE is the stage's: a built-in method in its config, factors attached.
     final_cfg = dataclasses.replace(cfg, remat="none", **factors_lib.as_config(rope, base))
     if parallel.is_main():  # process 0 writes final/ and summary.json
         checkpoint.save(final, final_cfg, host, tokenizer_file=tok_path,
-                        factors=stage_factors, source={"trained_by": "longrope-jax train", "run": run_dir, **source},
+                        factors=stage_factors, source={"trained_by": "longrope-jax train", "run": where, **source},
                         overwrite=True)
         atomic.write_json(os.path.join(run_dir, "summary.json"), summary)
+        push(["final", "summary.json"])  # the summary last: the run is complete when the store has it
     mngr.close()
     return Trained(summary, result.params, final_cfg, stage_factors)
 
