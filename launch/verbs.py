@@ -54,11 +54,20 @@ class Job:
         return remote.start(self.rev, list(self.argv), remote.processes(addresses, worker, self.port), self.env)
 
 
+def _read_json(d: str, name: str) -> dict | None:
+    """The launcher's file ``name`` in ``d`` (None: not written yet)."""
+    path = os.path.join(d, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def load_slice(d: str, name: str, given: dict) -> Slice:
     """The slice ``name``: as ``create`` recorded it in ``d/slice.json``, with the options given
     now (those not None) over it."""
     path = os.path.join(d, "slice.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved = _read_json(d, "slice.json") or {}
     fields = {**saved, **{k: v for k, v in given.items() if v is not None}, "name": name}
     if "zone" not in fields or "type" not in fields:
         raise LaunchError(f"{name}: no slice of that name was created from here ({path}); give --zone and --type")
@@ -80,8 +89,7 @@ def save_slice(c: Context) -> None:
 
 def setup_options(c: Context, mesh: str | None, extras: str | None) -> dict:
     """``setup``'s mesh and extras: those given, else those the last setup here used."""
-    path = os.path.join(c.dir, "setup.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved = _read_json(c.dir, "setup.json") or {}
     return {"mesh": mesh or saved.get("mesh"), "extras": extras or saved.get("extras") or "tpu"}
 
 
@@ -198,10 +206,9 @@ def mesh_devices(mesh: str, acc: Accelerator) -> None:
 
 def last_job(c: Context) -> Job:
     """The command that last ran here, as it ran."""
-    path = os.path.join(c.dir, "command.json")
-    if not os.path.exists(path):
-        raise LaunchError(f"{c.slice.name}: no command has run here ({path}); give one after --")
-    saved = json.load(open(path))
+    saved = _read_json(c.dir, "command.json")
+    if saved is None:
+        raise LaunchError(f"{c.slice.name}: no command has run here ({c.dir}/command.json); give one after --")
     return Job(**{**saved, "argv": tuple(saved["argv"]), "env": tuple(saved["env"])})
 
 
@@ -291,9 +298,9 @@ def status(c: Context) -> dict:
     st = query(c)
     out = {"name": c.slice.name, "type": c.slice.type, "zone": c.slice.zone, "queued": c.slice.queued,
            "state": st.state, "kind": st.kind, "addresses": list(st.addresses)}
-    path = os.path.join(c.dir, "command.json")
-    if os.path.exists(path):
-        out["command"] = json.load(open(path))
+    command = _read_json(c.dir, "command.json")
+    if command is not None:
+        out["command"] = command
     return out
 
 
