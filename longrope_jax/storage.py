@@ -97,21 +97,18 @@ def push(local: str, url: str, names: list[str]) -> None:
             _put(src, join(url, name))
 
 
-COMMITTED = "commit_success.txt"  # what Orbax writes last into a step on an object store (no rename there)
-
-
-def drop_uncommitted(url: str) -> list[str]:
-    """Removes the step folders under the checkpoint folder ``url`` that a killed save left
-    without Orbax's commit mark (they would be written again over stale objects); returns them."""
+def drop_uncommitted(url: str, committed) -> list[str]:
+    """Removes the step folders under the checkpoint folder ``url`` that are not among Orbax's
+    ``committed`` steps (a killed save's partial step, which a new save would otherwise write
+    over stale objects); returns them."""
     root = _epath(url)
     if not root.exists():
         return []
-    dropped = []
-    for step in root.iterdir():
-        if step.name.isdigit() and step.is_dir() and not (step / COMMITTED).exists():
-            step.rmtree()
-            dropped.append(step.name)
-    return sorted(dropped, key=int)
+    keep = {int(x) for x in committed}
+    dropped = [p for p in root.iterdir() if p.name.isdigit() and int(p.name) not in keep]
+    for p in dropped:
+        p.rmtree()
+    return sorted((p.name for p in dropped), key=int)
 
 
 def _put(src: str, dst: str) -> None:

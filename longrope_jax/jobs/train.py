@@ -357,7 +357,8 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
                                            enable_async_checkpointing=True, create=True)
     ckpt_dir = storage.join(out, "checkpoints") if remote else os.path.join(run_dir, "checkpoints")
     if remote and parallel.is_main():
-        dropped = storage.drop_uncommitted(ckpt_dir)
+        reader = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+        dropped = storage.drop_uncommitted(ckpt_dir, reader.all_steps())
         if dropped:
             log(f"{ckpt_dir}: removed step(s) {', '.join(dropped)}, left uncommitted by a killed save")
     mngr = ocp.CheckpointManager(ckpt_dir, options=options)
