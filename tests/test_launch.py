@@ -235,14 +235,9 @@ def _verbs(calls):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import numpy as np
+    from tiny import word_corpus
 
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
-    for i in range(6):
-        (d / f"doc{i}.py").write_text(" ".join(rng.choice(words, 600)))
-    return str(d)
+    return word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 TRAIN = ["--config", "tiny", "--config.seq_len=64", "--config.batch=8", "--config.model_config.hidden_size=64",

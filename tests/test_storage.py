@@ -65,12 +65,9 @@ def gcs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
-    for i in range(6):
-        (d / f"doc{i}.py").write_text(" ".join(rng.choice(words, 600)))
-    return str(d)
+    from tiny import word_corpus
+
+    return word_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _train(out, corpus, env, wait=True):

@@ -70,3 +70,15 @@ def largest_residual(fn, capsys, *args) -> int:
     shapes = re.findall(r"^\w+\[([\d,]*)\]", capsys.readouterr().out, flags=re.M)
     assert shapes
     return max(int(np.prod([int(x) for x in s.split(",") if x] or [1])) for s in shapes)
+
+
+def word_corpus(d, sizes=(600,) * 6) -> str:
+    """Six (by default) Python-like documents of random keywords in folder ``d``, seeded: the
+    training corpus of the subprocess tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
+    for i, n in enumerate(sizes):
+        (d / f"doc{i}.py").write_text(" ".join(rng.choice(words, n)))
+    return str(d)
