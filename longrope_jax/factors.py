@@ -13,6 +13,7 @@ import os
 from typing import Any, Mapping
 
 from longrope_jax import rope as rope_lib
+from longrope_jax import storage
 
 FORMAT = "longrope-factors/1"
 
@@ -75,12 +76,17 @@ def validate(d: Mapping[str, Any], path: str = "factors.json") -> dict:
 
 
 def load(path: str) -> dict:
-    """Reads and validates a factors file."""
-    if not os.path.exists(path):
-        raise FactorsError(f"{path}: not found (expected a {FORMAT} factors file)")
+    """Reads and validates a factors file (a local path or a ``gs://`` URL)."""
     try:
-        with open(path) as fh:
-            d = json.load(fh)
+        if storage.is_remote(path):
+            text = storage.read_text(path)
+        else:
+            with open(path) as fh:
+                text = fh.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise FactorsError(f"{path}: not found (expected a {FORMAT} factors file)") from None
+    try:
+        d = json.loads(text)
     except json.JSONDecodeError as e:
         raise FactorsError(f"{path}: not valid JSON ({e})") from None
     return validate(d, path)
@@ -157,7 +163,7 @@ def parse_rope(value: str) -> Rope:
         if not (math.isfinite(s) and s > 0):
             raise FactorsError(f"--rope {value}: expected a positive scale, got {arg!r}")
         return Rope(value, kind, s)
-    if os.path.exists(value):
+    if os.path.exists(value) or storage.is_remote(value):
         return Rope(value, "file", factors=load(value))
     raise FactorsError(
         f"--rope {value}: expected model, none, pi:S, ntk:S, dynamic:S, yarn:S, llama3:S or an existing "

@@ -16,9 +16,10 @@ tests use is reached with ``STORAGE_EMULATOR_HOST`` (gcsfs) and ``TENSORSTORE_GC
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import shutil
+import time
 
 SCHEMES = ("gs://",)
 
@@ -33,12 +34,83 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts]) if is_remote(base) else os.path.join(base, *parts)
 
 
-def mirror(url: str) -> str:
-    """The local mirror of the remote run directory ``url`` (``$LONGROPE_JAX_CACHE/runs/...``,
-    default ``~/.cache/longrope-jax``): one per URL and machine."""
+def mirror(url: str, process: int = 0) -> str:
+    """The local mirror of ``url`` for this machine and process: ``$LONGROPE_JAX_CACHE/p<process>/``
+    followed by the URL's bucket and path (default cache ``~/.cache/longrope-jax``). The layout follows
+    the URL's, so the mirror of ``url/child`` is ``mirror(url)/child``: a pipeline's stage directory
+    is where that stage's own job mirrors it."""
     root = os.environ.get("LONGROPE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "longrope-jax")
-    name = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return os.path.join(root, "runs", f"{url.rstrip('/').rsplit('/', 1)[-1]}-{name}")
+    scheme, rest = str(url).split("://", 1)
+    return os.path.join(root, f"p{process}", scheme, *[p for p in rest.split("/") if p])
+
+
+def local(path: str, process: int = 0, log=None) -> str:
+    """A local path to read ``path`` (a file or a folder) from: itself when it is local; for a URL,
+    its mirror, copied down when absent or when the store's listing (names, sizes, times) differs
+    from the one copied (an input rewritten on the store is fetched again). The copy lands whole:
+    written beside the mirror, then renamed."""
+    if not is_remote(path):
+        return path
+    dst = mirror(path, process)
+    src = _epath(path)
+    if not src.exists():
+        raise FileNotFoundError(f"{path}: no such object or folder")
+    listing = _listing(src)
+    stamp = dst.rstrip("/") + ".listing.json"
+    try:
+        with open(stamp) as fh:
+            if json.load(fh) == listing and os.path.exists(dst):
+                return dst
+    except (OSError, ValueError):
+        pass
+    tmp = f"{dst}.part{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t = time.time()
+    _copy_down(src, tmp)
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    with open(stamp + ".tmp", "w") as fh:
+        json.dump(listing, fh)
+    os.replace(stamp + ".tmp", stamp)
+    if log is not None:
+        log(f"{path}: copied to {dst} ({sum(n for _, n, _ in listing) / 2**20:.1f} MiB, {time.time() - t:.1f}s)")
+    return dst
+
+
+def _listing(src, prefix: str = "") -> list:
+    """``[[relative name, size, mtime]]`` of a file or a folder's files, sorted (by ``iterdir``:
+    epath's ``walk`` drops the scheme of gs:// paths)."""
+    if not src.is_dir():
+        st = src.stat()
+        return [[prefix, st.length, st.mtime]]
+    return sorted(x for child in src.iterdir() for x in _listing(child, f"{prefix}{child.name}/"
+                                                                 if child.is_dir() else prefix + child.name))
+
+
+class RunDir:
+    """A job's output directory, local or on an object store. ``local`` is where the job writes
+    (the directory itself, created by the job, or its mirror); ``show(name)`` is how results name a file (the URL on a
+    store); ``push(names)`` copies files of the mirror to the store (nothing when local). On a
+    store the mirror is emptied and ``names`` pulled into it when the run starts, so a run resumed
+    on a fresh machine starts from what the store holds."""
+
+    def __init__(self, out: str, names=(), process: int = 0, log=None):
+        self.url, self.remote = str(out), is_remote(out)
+        self.local = mirror(out, process) if self.remote else os.path.abspath(out)
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+            os.makedirs(self.local)
+            got = pull(out, self.local, list(names))
+            if got and log is not None:
+                log(f"{out}: pulled {', '.join(got)} into {self.local}")
+
+    def show(self, *parts: str) -> str:
+        return join(self.url if self.remote else self.local, *parts)
+
+    def push(self, names) -> None:
+        if self.remote:
+            push(self.local, self.url, list(names))
 
 
 def _epath(url: str):
@@ -95,6 +167,46 @@ def push(local: str, url: str, names: list[str]) -> None:
                     _put(os.path.join(root, f), join(url, *rel.split(os.sep)))
         elif os.path.isfile(src):
             _put(src, join(url, name))
+
+
+def publish(local: str, url: str, *, last: str, overwrite: bool = False, what: str = "output") -> None:
+    """A finished local directory to the new folder ``url``, ``last`` (its manifest) written after
+    every other file: a reader that finds ``last`` finds the whole. An existing folder is refused
+    unless ``overwrite``, which removes it first."""
+    dst = _epath(url)
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"{url}: exists (expected a new {what} directory); pass --overwrite "
+                                  "(overwrite=True) to replace it")
+        dst.rmtree()
+    names = sorted(n for n in os.listdir(local) if n != last)
+    push(local, url, names + [last])
+
+
+def where(path: str) -> str:
+    """How results name a path: a URL as given, a local path made absolute."""
+    return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def remove(url: str) -> None:
+    """Removes a folder or object on the store, if there."""
+    p = _epath(url)
+    if p.is_dir():
+        p.rmtree()
+    elif p.exists():
+        p.unlink()
+
+
+def exists(url: str) -> bool:
+    return _epath(url).exists()
+
+
+def read_text(url: str) -> str:
+    """A small object's text (a factors file, a manifest); FileNotFoundError when absent."""
+    p = _epath(url)
+    if not p.exists():
+        raise FileNotFoundError(f"{url}: not found")
+    return p.read_text()
 
 
 def drop_uncommitted(url: str, committed) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import jax
@@ -17,55 +16,12 @@ import pytest
 
 from longrope_jax import config_files
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The demo's pipeline at a 64-token window: every stage kind, a few seconds each. One CPU device, so
-# a search scores (and logs) one candidate per call; checkpoints every step, so a kill lands between.
-SHRINK = ["--config.shared.window=64", "--config.shared.ft_steps=3", "--config.shared.pretrain_steps=6",
-          "--config.shared.population=4", "--config.shared.iterations=1", "--config.shared.lengths=[64,512,1024]",
-          "--config.stages.pretrain.batch=4", *[f"--config.stages.{s}.checkpoint_every=1"
-                                                for s in ("ft_longrope", "ft_pi", "ft_yarn")]]
-
-
-def _extend_argv(out, *extra, config="tiny", shrink=SHRINK):
-    from processes import command_argv
-
-    return command_argv("extend", "--config", config, "--out", str(out), *shrink, *extra)
-
-
-def _extend(out, *extra, wait=True, devices=1, **kw):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    argv = _extend_argv(out, *extra, **kw)
-    if not wait:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+from pipelines import ROOT, SHRINK, extend as _extend, extend_argv as _extend_argv, results as _results
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """The uninterrupted pipeline: the reference of the resumed ones."""
-    out = tmp_path_factory.mktemp("extend") / "whole"
-    r = _extend(out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out, json.loads(r.stdout.splitlines()[-1])
-
-
-def _results(out):
-    """What a pipeline's stages leave: losses, factors, perplexities, the exported weights."""
-    got = {}
-    for d in sorted(os.listdir(out)):
-        path = os.path.join(out, d)
-        if os.path.exists(os.path.join(path, "metrics.jsonl")):
-            with open(os.path.join(path, "metrics.jsonl")) as fh:
-                got[d] = [r["loss"] for r in map(json.loads, fh)]
-        if os.path.exists(os.path.join(path, "factors.json")):
-            with open(os.path.join(path, "factors.json")) as fh:
-                f = json.load(fh)
-            got[d] = (f["long_factor"], f["short_factor"], f.get("per_length"))
-        if os.path.exists(os.path.join(path, "ppl.jsonl")):
-            with open(os.path.join(path, "ppl.jsonl")) as fh:
-                got[d] = [(r["rope"].replace(str(out), ""), r["length"], r["ppl"]) for r in map(json.loads, fh)]
-    return got
+def whole(extend_whole):
+    return extend_whole
 
 
 def test_every_stage_kind_runs_and_the_export_loads_in_transformers(whole):

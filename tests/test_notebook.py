@@ -16,6 +16,7 @@ from longrope_jax import factors, hf
 from longrope_jax.model import init_params
 
 from processes import command_argv
+from pipelines import SHRINK
 from tiny import byte_tokenizer_file, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,12 +121,7 @@ def test_evaluate_notebook_scores_plots_and_retrieves(tmp_path, tiny):
     assert sorted((t["length"], t["index"]) for t in trials) == [(256, 0), (256, 1), (320, 0), (320, 1)]
 
 
-SHRINK = ["--config.shared.window=64", "--config.shared.ft_steps=3", "--config.shared.pretrain_steps=6",
-          "--config.shared.population=4", "--config.shared.iterations=1", "--config.shared.lengths=[64,512,1024]",
-          "--config.stages.pretrain.batch=4"]
-
-
-def test_extend_notebook_goes_stage_by_stage_to_the_commands_results(tmp_path):
+def test_extend_notebook_goes_stage_by_stage_to_the_commands_results(tmp_path, extend_whole):
     """The demo's pipeline (shrunk) one stage a cell, each stage's outputs and plots shown, then the
     report: every perplexity it evaluates equals one ``longrope-jax extend`` run's."""
     out = tmp_path / "nb"
@@ -135,10 +131,7 @@ def test_extend_notebook_goes_stage_by_stage_to_the_commands_results(tmp_path):
     assert text.count("done, skipped") >= 11  # each cell skipped what earlier cells ran
     manifest = json.load(open(out / "pipeline.json"))
 
-    cli = tmp_path / "cli"
-    r = subprocess.run(command_argv("extend", "--config", "tiny", "--out", str(cli), *SHRINK), capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    cli = extend_whole[0]
     one_go = json.load(open(cli / "pipeline.json"))
     assert list(manifest["stages"]) == list(one_go["stages"])
     for name, rec in one_go["stages"].items():

@@ -107,7 +107,7 @@ def test_a_killed_run_on_cloud_storage_resumes_on_a_fresh_machine_to_the_local_l
     assert r.returncode == 0, r.stderr[-2000:]
 
     url = "gs://bkt/run"
-    mirror = storage.mirror(url) + "-p0"
+    mirror = storage.mirror(url, 0)
     p = _train(url, corpus, gcs, wait=False)
     deadline = time.time() + 300
     committed = epath.Path(url) / "checkpoints" / "3" / "commit_success.txt"  # Orbax's mark on object stores
@@ -149,3 +149,102 @@ def test_a_killed_run_on_cloud_storage_resumes_on_a_fresh_machine_to_the_local_l
 
     for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _pull_all(url, dst):
+    """Everything under ``url`` into ``dst`` (what a reader of the store sees)."""
+    from etils import epath
+
+    from longrope_jax import storage
+
+    _fresh()
+    os.makedirs(dst, exist_ok=True)
+    storage.pull(url, str(dst), [p.name for p in epath.Path(url).iterdir()])
+    return dst
+
+
+def test_a_pipeline_on_cloud_storage_killed_resumes_on_a_fresh_machine_to_the_local_results(
+        tmp_path, gcs, extend_whole):
+    """``extend --out gs://...``, SIGKILLed inside its secondary search (after the three fine-tuning
+    stages), its local mirror then deleted: the same command ends with every loss, factor and
+    perplexity of the uninterrupted local pipeline, the store holding every stage's files."""
+    from pipelines import extend, results
+
+    from longrope_jax import storage
+
+    url = "gs://bkt/pipe"
+    p = extend(url, wait=False, env=gcs)
+    log = os.path.join(storage.mirror(url, 0), "06-search16x", "log.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.exists(log) and len(open(log).read().splitlines()) >= 3):
+        assert time.time() < deadline and p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=120)
+    stored = json.loads(_read(f"{url}/pipeline.json"))["stages"]
+    assert "ft_yarn" in stored and "search16x" not in stored
+    import shutil
+
+    shutil.rmtree(os.environ["LONGROPE_JAX_CACHE"])  # a fresh machine: only the store is left
+    r = extend(url, env=gcs)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done, skipped") == 5
+    printed = json.loads(r.stdout.splitlines()[-1])
+    assert printed["out"] == url and printed["stages"]["export"]["hf"] == f"{url}/12-export/hf"
+    got = _pull_all(url, tmp_path / "pulled")
+    want, _ = extend_whole
+    assert results(got, url) == results(want)  # losses, factors and perplexities, every float
+    stages = sorted(n for n in os.listdir(want) if n[:2].isdigit())  # (the demo test adds its report to want)
+    assert sorted(os.listdir(got)) == sorted(["pipeline.json", *stages])
+    for stage in ("07-readjust", "12-export/hf", "11-eval_yarn"):
+        assert sorted(os.listdir(got / stage)) == sorted(os.listdir(want / stage)), stage
+
+
+def test_prepared_rows_and_documents_on_cloud_storage_train_as_local_ones(tmp_path, gcs, corpus, capsys):
+    """A corpus on the store, prepared into the store (``prepare-data --out gs://``), trains to
+    every loss of the same stage tokenising the local corpus; an existing prepared folder is
+    refused in one line."""
+    from longrope_jax import cli, storage
+
+    storage.push(os.path.dirname(corpus), "gs://bkt/corpus", [os.path.basename(corpus)])
+    remote = f"gs://bkt/corpus/{os.path.basename(corpus)}"
+    short = [*TRAIN[:-2], "--config.steps=4"]
+    assert cli.main(["prepare-data", *short, "--data", remote, "--out", "gs://bkt/prepared"]) == 0
+    _fresh()
+    assert storage.exists("gs://bkt/prepared/prepared.json")
+    capsys.readouterr()
+    assert cli.main(["prepare-data", *short, "--data", remote, "--out", "gs://bkt/prepared"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "longrope-jax prepare-data: error: gs://bkt/prepared: exists (expected a new prepared data directory); "
+        "pass --overwrite (overwrite=True) to replace it")
+    assert cli.main(["train", *short, "--config.prepared=gs://bkt/prepared", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(["train", *short, "--data", corpus, "--out", str(tmp_path / "b")]) == 0
+    a, b = (_losses(open(tmp_path / x / "metrics.jsonl").read().splitlines()) for x in "ab")
+    assert len(a) == 4 and a == b
+
+
+def test_passkey_trials_on_cloud_storage_resume_on_a_fresh_machine(tmp_path, gcs, capsys):
+    """``passkey --out gs://...``: the trial log is rewritten whole on the store after each trial; a
+    run whose store holds two of four trials (and an empty cache) decodes the other two and ends
+    with the uninterrupted local run's trials and log."""
+    import shutil
+
+    from tiny import make_hf_dir
+
+    from longrope_jax import cli, storage
+
+    d = make_hf_dir(str(tmp_path), max_position_embeddings=512)
+    args = ["passkey", "--model", d, "--lengths", "300", "--trials", "4", "--seed", "3"]
+    assert cli.main(args + ["--out", str(tmp_path / "full")]) == 0
+    full = json.loads(capsys.readouterr()[0].splitlines()[-1])
+    log = (tmp_path / "full" / "trials.jsonl").read_text().splitlines()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "trials.jsonl").write_text("\n".join(log[:3]) + "\n")
+    storage.push(str(tmp_path / "cut"), "gs://bkt/pk", ["trials.jsonl"])
+    shutil.rmtree(os.environ["LONGROPE_JAX_CACHE"], ignore_errors=True)
+    assert cli.main(args + ["--out", "gs://bkt/pk"]) == 0
+    out, err = capsys.readouterr()
+    resumed = json.loads(out.splitlines()[-1])
+    assert "2 trial(s) done, resumed" in err and resumed["trials"] == full["trials"]
+    assert resumed["log"] == "gs://bkt/pk/trials.jsonl" and resumed["heatmap"] == "gs://bkt/pk/passkey.png"
+    assert _read("gs://bkt/pk/trials.jsonl").splitlines() == log

@@ -3,7 +3,8 @@
 A text file is one document, a JSONL line is one document (field ``text``), an ArrayRecord file
 (``*.array_record``, or TFDS-style shards ``*.array_record-00000-of-00004``) holds one document per
 record (UTF-8 text, or a JSON object with field ``text``), a directory holds the documents of its
-files, ``pydoc:`` is a long English text every Python installation has (the
+files (any of these may be a ``gs://`` URL: copied to the machine once, see ``storage.local``),
+``pydoc:`` is a long English text every Python installation has (the
 standard library's pydoc topics, joined in sorted order), ``stdlib:`` a fixed list of the
 standard library's modules (the built-in training corpus), and ``tfds:NAME[:SPLIT]`` reads a
 TensorFlow Datasets split (optional extra ``tfds``; e.g. ``tfds:pg19:validation``). Each document
@@ -20,6 +21,8 @@ import re
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+from longrope_jax import storage
 
 BUILTIN_PYDOC = "pydoc:"
 BUILTIN_STDLIB = "stdlib:"
@@ -299,6 +302,12 @@ def read_documents(source: str, field: str = "text", *, max_documents: int | Non
         raise DataError(f"max_documents: expected at least 1, got {max_documents}")
     if source.startswith(TFDS_PREFIX):
         return _tfds(source, field, max_documents, log or logger.info, log or logger.warning)
+    if storage.is_remote(source):  # copied once per machine (again when the store's copy changes)
+        import jax
+
+        local = storage.local(source, jax.process_index(), log=log or logger.info)
+        docs = [Document(source + d.name[len(local):], d.text) for d in _read(local, field, max_documents)]
+        return docs if max_documents is None else docs[:max_documents]
     docs = _read(source, field, max_documents)
     return docs if max_documents is None else docs[:max_documents]
 

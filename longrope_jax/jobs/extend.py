@@ -25,7 +25,7 @@ from typing import Mapping
 
 import jax
 
-from longrope_jax import atomic, config_files, parallel
+from longrope_jax import atomic, config_files, parallel, storage
 from longrope_jax.config_files import ConfigError
 from longrope_jax.loading import LoadedModel
 from longrope_jax.pipeline import stages as stages_lib
@@ -101,7 +101,12 @@ class Pipeline:
     """One run of a pipeline config in ``run_dir``: its stages checked, its manifest read."""
 
     def __init__(self, s, run_dir: str, *, redo: str | None = None, mesh=None, log=print):
-        self.s, self.run_dir, self.mesh, self.log = s, os.path.abspath(run_dir), mesh, log
+        self.s, self.mesh, self.log = s, mesh, log
+        # On an object store: the manifest and the stages' small files in a local mirror, pushed
+        # as each is written; train and search stages mirror their own directories (the same
+        # places: a child URL's mirror is the child of the parent's), Orbax checkpoints on the store.
+        self.rd = storage.RunDir(run_dir, [MANIFEST], jax.process_index())
+        self.run_dir = self.rd.local
         self.stages = stages_lib.read(s, None if mesh is None else _mesh_check(mesh))
         names = [st.name for st in self.stages]
         if redo is not None and redo not in names:
@@ -135,12 +140,24 @@ class Pipeline:
                 d = os.path.join(self.run_dir, st.directory)
                 if parallel.is_main() and os.path.exists(d):
                     shutil.rmtree(d)
+                if parallel.is_main() and self.rd.remote:
+                    storage.remove(self.rd.show(st.directory))
         self._save()
 
     def _save(self) -> None:
         if parallel.is_main():
             os.makedirs(self.run_dir, exist_ok=True)
             atomic.write_json(os.path.join(self.run_dir, MANIFEST), self.manifest)
+            self.rd.push([MANIFEST])
+
+    def local(self, path: str | None) -> str | None:
+        """A stage's output to read here (on a store: its copy on this machine)."""
+        return path if path is None else storage.local(path, jax.process_index(), log=self.log)
+
+    def publish(self, directory: str, names) -> None:
+        """Files a stage wrote in its local ``directory`` to the store (process 0)."""
+        if parallel.is_main() and self.rd.remote:
+            storage.push(directory, self.rd.show(os.path.relpath(directory, self.run_dir)), list(names))
 
     def run(self, until: str | None = None) -> dict:
         """Runs (or skips) every stage in order, or those up to ``until`` (a notebook goes stage by
@@ -158,8 +175,9 @@ class Pipeline:
             if name not in models:
                 if name == "base":
                     models[name] = model_from(self.s["model"]) if self.s["model"] else None
-                else:  # a finished train stage, read back from its final/
-                    models[name] = model_from(outputs[name]["final"])
+                else:  # a finished train stage, read back from its final/ (named as when it was trained)
+                    final = outputs[name]["final"]
+                    models[name] = dataclasses.replace(model_from(self.local(final)), source=final)
             return models[name]
 
         for st in self.stages:
@@ -193,7 +211,7 @@ def _train(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedModel
     from longrope_jax.tokenizer import Tokenizer
 
     s = ml_collections.ConfigDict(st.settings.to_dict())
-    s.out = directory
+    s.out = p.rd.show(st.directory)  # train mirrors a directory on a store into ``directory`` itself
     factors = stages_lib.factors_path(st, outputs)
     if st.factors_from is not None:
         if factors is None:
@@ -206,14 +224,16 @@ def _train(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedModel
     final = trained.summary["final"]
     tok = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     loaded = LoadedModel(trained.cfg, trained.params, tok, final, None, trained.factors)
-    return {"final": final, "factors": factors if factors and os.path.isfile(factors) else None}, loaded
+    kept = factors and (storage.is_remote(factors) or os.path.isfile(factors))
+    return {"final": final, "factors": factors if kept else None}, loaded
 
 
 def _search(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedModel | None, outputs):
     from longrope_jax.jobs import search as search_job
 
     job = {k: v for k, v in st.settings.items() if k not in parallel.SETTINGS}
-    job.update(model=model if model is not None else job["model"], out=directory, mesh=p.mesh, log=p.log)
+    job.update(model=model if model is not None else job["model"], out=p.rd.show(st.directory), mesh=p.mesh,
+               log=p.log)
     factors = stages_lib.factors_path(st, outputs)
     if st.kind == "readjust":
         job["readjust"] = factors
@@ -222,7 +242,7 @@ def _search(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedMode
             raise ConfigError(f"stages.{st.name}.factors: no factors file to search on top of (progressive)")
         job["base_factors"] = factors
     line = search_job.run(**job)
-    return {"factors": os.path.join(directory, search_job.FACTORS_FILE), "ppl": line and line.get("ppl")}, None
+    return {"factors": p.rd.show(st.directory, search_job.FACTORS_FILE), "ppl": line and line.get("ppl")}, None
 
 
 def _evaluate(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedModel | None, outputs):
@@ -244,7 +264,9 @@ def _evaluate(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedMo
 
         ppl_vs_length(rows, os.path.join(directory, "ppl_vs_length.png"))
         p.log(ppl_job.table(rows))
-    out = {"ppl": path, "results": {f"{r['rope']}@{r['length']}": r["ppl"] for r in rows}}
+    p.publish(directory, ["ppl.jsonl", "ppl_vs_length.png"])
+    out = {"ppl": p.rd.show(st.directory, "ppl.jsonl"),
+           "results": {f"{r['rope']}@{r['length']}": r["ppl"] for r in rows}}
     if s["passkey_lengths"]:
         out["passkey"] = _passkey(p, s, directory, model, ropes)
     return out, None
@@ -263,6 +285,7 @@ def _passkey(p: Pipeline, s, directory: str, model: LoadedModel | None, ropes: l
                               s["passkey_trials"], rope, seed=s["seed"], log=p.log,
                               out_dir=os.path.join(directory, "passkey", f"{i:02d}") if parallel.is_main() else None)
         accuracy.update({f"{rope}@{n}": acc for n, acc in res["accuracy"].items()})
+        p.publish(directory, ["passkey"])  # each rope's trials whole, once it is done
     return accuracy
 
 
@@ -271,11 +294,12 @@ def _export(p: Pipeline, st: stages_lib.Stage, directory: str, model: LoadedMode
 
     if st.weights == "base":
         raise ConfigError(f"stages.{st.name}.weights: an export ships a fine-tuned model (an earlier train stage)")
-    out = os.path.join(directory, "hf")
     if parallel.is_main():
-        convert.run(outputs[st.weights]["final"], out, factors=stages_lib.factors_path(st, outputs), to="hf",
-                    overwrite=True, allow_drop_start_tokens=st.settings["allow_drop_start_tokens"], log=p.log)
-    return {"hf": out}, None
+        convert.run(p.local(outputs[st.weights]["final"]), os.path.join(directory, "hf"),
+                    factors=p.local(stages_lib.factors_path(st, outputs)), to="hf", overwrite=True,
+                    allow_drop_start_tokens=st.settings["allow_drop_start_tokens"], log=p.log)
+    p.publish(directory, ["hf"])
+    return {"hf": p.rd.show(st.directory, "hf")}, None
 
 
 RUNNERS = {"train": _train, "search": _search, "readjust": _search, "evaluate": _evaluate, "export": _export}
@@ -292,5 +316,5 @@ def main(s, log) -> int:
     mesh = parallel.from_settings(s)
     outputs = run(s, mesh=mesh, log=log if parallel.is_main() else (lambda msg: None))
     if parallel.is_main():
-        print(json.dumps({"out": os.path.abspath(s["out"]), "stages": outputs}, default=str))
+        print(json.dumps({"out": storage.where(s["out"]), "stages": outputs}, default=str))
     return 0

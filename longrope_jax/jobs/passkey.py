@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 
-from longrope_jax import config_files, passkey, runlog
+from longrope_jax import config_files, storage, passkey, runlog
 from longrope_jax.factors import parse_rope, resolve_rope
 from longrope_jax.loading import LoadedModel, model_from
 
@@ -38,8 +38,12 @@ def run(model: str | LoadedModel, lengths: list[int], trials: int, rope: str = "
         raise ValueError(f"--trials: expected at least 1, got {trials}")
     parsed = parse_rope(rope)
     name = model.source if isinstance(model, LoadedModel) else model
-    journal = None
+    journal = rd = None
     if out_dir:
+        # On an object store: the log in a local mirror (pulled now), rewritten whole on the store
+        # after each trial (an object cannot be appended to).
+        rd = storage.RunDir(out_dir, [LOG_FILE], log=log)
+        out_dir = rd.local
         os.makedirs(out_dir, exist_ok=True)
         header = {"format": LOG_FORMAT, "model": name, "rope": rope, "seed": seed, "lengths": list(lengths),
                   "trials": trials, "param_dtype": param_dtype, "tokenizer": tokenizer,
@@ -60,10 +64,14 @@ def run(model: str | LoadedModel, lengths: list[int], trials: int, rope: str = "
             if done:
                 log(f"{journal.path}: {len(done)} trial(s) done, resumed")
         m = model_from(model, param_dtype=param_dtype, tokenizer=tokenizer, sliding_window=sliding_window)
-        on_trial = (lambda t, trial: journal.append(dict(dataclasses.asdict(trial), index=t))) if journal else None
+
+        def on_trial(t, trial):
+            journal.append(dict(dataclasses.asdict(trial), index=t))
+            rd.push([LOG_FILE])
+
         ts = passkey.run_trials(m.params, m.cfg, m.need_tokenizer(),
                                 lambda n: resolve_rope(parsed, m.cfg, n, m.factors), lengths, trials, seed, log,
-                                done=done, on_trial=on_trial)
+                                done=done, on_trial=on_trial if journal else None)
     finally:
         if journal is not None:
             journal.close()
@@ -77,8 +85,9 @@ def run(model: str | LoadedModel, lengths: list[int], trials: int, rope: str = "
     if out_dir:
         from longrope_jax.plots import passkey_heatmap
 
-        result["heatmap"] = passkey_heatmap(rows, os.path.join(out_dir, HEATMAP_PNG), f"passkey: {name}, rope {rope}")
-        result["log"] = journal.path
+        passkey_heatmap(rows, os.path.join(out_dir, HEATMAP_PNG), f"passkey: {name}, rope {rope}")
+        rd.push([HEATMAP_PNG])
+        result["heatmap"], result["log"] = rd.show(HEATMAP_PNG), rd.show(LOG_FILE)
     return result
 
 

@@ -10,7 +10,9 @@ Its settings are a training stage's (``configs/train/``: the model or ``model_co
 tokenizer and special tokens, ``data``, ``field``, ``seq_len``, ``packing``,
 ``min_document_tokens``; the others are not used), so the rows are prepared from the same config
 the stage runs with. Written into a temporary directory beside ``--out`` and renamed when complete; an interrupted run
-leaves nothing and starts again.
+leaves nothing and starts again. ``--out gs://...`` writes the directory in a local mirror, then copies
+it to the store with ``prepared.json`` last (a reader that finds it finds every shard); ``train``
+copies a prepared directory on a store to each machine once (``storage.local``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 import time
 
-from longrope_jax import atomic
+from longrope_jax import atomic, storage
 from longrope_jax.data import rows as rows_lib
 
 ROWS_PER_SHARD = 4096
@@ -42,6 +44,14 @@ def run(s, rows_per_shard: int = ROWS_PER_SHARD, overwrite: bool = False, log=pr
     from longrope_jax.jobs import train
 
     t = time.time()
+    out = s["out"]
+    remote = storage.is_remote(out)
+    if remote:  # written whole in the local mirror, then to the store with prepared.json last
+        if not overwrite and storage.exists(out):
+            raise atomic.OutputError(f"{out}: exists (expected a new prepared data directory); pass --overwrite "
+                                     "(overwrite=True) to replace it")
+    else:
+        atomic.check_dir(out, overwrite, "prepared data")  # before any work
     if s["model"]:
         from longrope_jax.loading import load_model
 
@@ -53,7 +63,8 @@ def run(s, rows_per_shard: int = ROWS_PER_SHARD, overwrite: bool = False, log=pr
     one_row = {**s.to_dict(), "short_microbatches": 0, "batch": 1, "accum": 1}  # at least a row
     built = train.build_rows(one_row, tok, cfg, cfg.max_position_embeddings, log)["long"]
     bos, eos = train._special_ids(tok, cfg)
-    with atomic.directory(s["out"], overwrite=overwrite, what="prepared data") as tmp:
+    with atomic.directory(storage.mirror(out) if remote else out, overwrite=overwrite or remote,
+                          what="prepared data") as tmp:
         tok.save(os.path.join(tmp, rows_lib.TOKENIZER))
         shards = rows_lib.write(tmp, built, rows_per_shard)
         manifest = {"format": rows_lib.FORMAT, "seq_len": s["seq_len"], "packing": s["packing"],
@@ -63,6 +74,8 @@ def run(s, rows_per_shard: int = ROWS_PER_SHARD, overwrite: bool = False, log=pr
                     "tokenizer_sha256": rows_lib.sha256(os.path.join(tmp, rows_lib.TOKENIZER)),
                     "data": list(s["data"]), "field": s["field"], "model": s["model"], "shards": shards}
         atomic.write_json(os.path.join(tmp, rows_lib.MANIFEST), manifest)
+    if remote:
+        storage.publish(storage.mirror(out), out, last=rows_lib.MANIFEST, overwrite=overwrite, what="prepared data")
     log(f"prepared {manifest['rows']} rows of {s['seq_len']} tokens in {len(shards)} shard(s) in {s['out']} "
         f"({time.time() - t:.1f}s)")
     return manifest
@@ -71,5 +84,5 @@ def run(s, rows_per_shard: int = ROWS_PER_SHARD, overwrite: bool = False, log=pr
 def main(r, log) -> int:
     s = r["stage"]
     manifest = run(s, r["rows_per_shard"], r["overwrite"], log)
-    print(json.dumps({"out": os.path.abspath(s["out"]), **{k: manifest[k] for k in ("rows", "tokens", "shards")}}))
+    print(json.dumps({"out": storage.where(s["out"]), **{k: manifest[k] for k in ("rows", "tokens", "shards")}}))
     return 0

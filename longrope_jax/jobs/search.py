@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from longrope_jax import atomic, config_files
+from longrope_jax import atomic, config_files, storage
 from longrope_jax import factors as factors_lib
 from longrope_jax import parallel
 from longrope_jax.loading import LoadedModel, model_from
@@ -95,7 +95,7 @@ def check_args(target_length, samples, seed, max_evals, time_budget, settings, o
         settings = SearchSettings()
     elif isinstance(settings, Mapping):
         settings = SearchSettings.from_mapping(settings)
-    out_abs = os.path.abspath(out)
+    out_abs = storage.where(str(out))
     if os.path.exists(out_abs) and not os.path.isdir(out_abs):
         raise SearchError(f"--out {out_abs}: exists and is not a directory")
     return {"target_length": _check_positive_int("target-length", target_length),
@@ -120,9 +120,9 @@ def load_setup(cfg, settings: SearchSettings, target_length: int, *, original_wi
     setup = setup_lib.setup_search(cfg, settings, target_length, original_window=original_window, base_factors=base,
                                    readjust=re, names={"readjust": readjust}, seed_factors=seeds, log=log)
     if isinstance(base_factors, str):
-        setup["base_factors_file"] = base_factors if base_factors == "model" else os.path.abspath(base_factors)
+        setup["base_factors_file"] = base_factors if base_factors == "model" else storage.where(base_factors)
     if readjust is not None:
-        setup["readjust"] = os.path.abspath(readjust)
+        setup["readjust"] = storage.where(readjust)
     return setup
 
 
@@ -327,9 +327,15 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
                      "base_factors": base_factors if isinstance(base_factors, str) else None, "readjust": readjust}
             command = canonical_command(m.source, data, target_length, out_arg, settings=settings, samples=samples,
                                         seed=seed, extra=extra)
-        os.makedirs(out, exist_ok=True)
-        paths = {k: os.path.join(out, f) for k, f in (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE),
-                                                      ("log", LOG_FILE), ("baselines_file", BASELINES_FILE))}
+        # On an object store the files are written in a local mirror (pulled now) and pushed whole
+        # after each baseline and generation (an object cannot be appended to: log.jsonl is
+        # rewritten whole; evaluations after the last push are redone on resume).
+        rd = storage.RunDir(out, [LOG_FILE, SUMMARY_FILE, BASELINES_FILE, FACTORS_FILE], log=log)
+        files = (("factors", FACTORS_FILE), ("summary", SUMMARY_FILE), ("log", LOG_FILE),
+                 ("baselines_file", BASELINES_FILE))
+        os.makedirs(rd.local, exist_ok=True)
+        paths = {k: os.path.join(rd.local, f) for k, f in files}
+        shown = {k: rd.show(f) for k, f in files}  # what results name
         # A log of another search is refused now, before any scoring.
         evolve_lib.check_log(paths["log"], evolve_lib.make_header(space, settings, seed, setup["seeds"], context))
 
@@ -350,12 +356,13 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
             scored[name] = rec
             atomic.write_json(paths["baselines_file"],
                               {"context": context, "baselines_detail": {n: scored[n] for n in names if n in scored}})
+            rd.push([BASELINES_FILE])
             if fit.batch_size == 1:
                 log(f"baseline {name}: ppl {rec['ppl']:.4f} ({len(scored)}/{len(names)}, {seconds:.0f}s)")
 
         def write(baselines, res: evolve_lib.EvolveResult) -> dict:
             line, summary = summarise(res, fit, setup, settings, baselines, m=m, data=data, w=w, context=context,
-                                      paths=paths, command=command, target_length=target_length, seed=seed,
+                                      paths=shown, command=command, target_length=target_length, seed=seed,
                                       samples=samples, param_dtype=param_dtype, out=out, t_start=t_start)
             if res.best is not None:
                 info = search_info(res, setup, settings, baselines, target_length=target_length, samples=samples)
@@ -363,6 +370,7 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
                     fit, res.best, model=m.source, model_sha256=m.sha256, seed=seed, documents=w.documents,
                     command=command, search=info, parent=setup["parent"]))
             atomic.write_json(paths["summary"], summary)
+            rd.push([LOG_FILE, FACTORS_FILE, SUMMARY_FILE])  # the summary last
             if on_generation is not None:
                 on_generation(summary)
             return line
@@ -382,8 +390,9 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
             write(baselines, res)
             raise SearchError(f"no candidate was evaluated ({res.stopped}): raise --max-evals / --time-budget")
         line = write(baselines, res)
-        line["plots"] = draw(res, fit, setup, m.cfg, baselines, model_name=m.source, out=out,
-                             target_length=target_length)
+        plots = draw(res, fit, setup, m.cfg, baselines, model_name=m.source, out=rd.local, target_length=target_length)
+        rd.push([os.path.basename(p) for p in plots])
+        line["plots"] = [rd.show(os.path.basename(p)) for p in plots]
         base_ppl = {k: v["ppl"] for k, v in baselines.items()}
         best = res.best.candidate
         crit = "" if best.critical_dim is None else f", critical dim {best.critical_dim}"
@@ -395,7 +404,7 @@ def run(model: str | LoadedModel, data: str | list[str], target_length: int, out
         if warning:
             line["warning"] = warning
             log(f"WARNING: {warning}")
-        log(f"wrote {paths['factors']}, {paths['summary']}, {paths['log']}, {line['plots'][0]}, {line['plots'][1]}")
+        log(f"wrote {shown['factors']}, {shown['summary']}, {shown['log']}, {line['plots'][0]}, {line['plots'][1]}")
         return line
 
 

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from typing import Any
@@ -173,8 +172,10 @@ def check_prepared(s, tok_path: str | None = None):
     ``tokenizer.json``, the same tokenizer); checked before any work."""
     from longrope_jax.data import rows as rows_lib
 
+    import jax
+
     d = s["prepared"]
-    r = rows_lib.Rows(d)
+    r = rows_lib.Rows(storage.local(d, jax.process_index()))  # on a store: copied once per machine
     m = r.manifest
     where = os.path.join(d, rows_lib.MANIFEST)
     for key in ("seq_len", "packing", "min_document_tokens"):
@@ -322,17 +323,11 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     from longrope_jax.model import rope_spec
 
     out = s["out"]
-    remote = storage.is_remote(out)
     # A run directory on an object store: Orbax's checkpoints there, the other files in a local
     # mirror (this process's), pulled now and pushed whole at each checkpoint and at the end.
-    run_dir = f"{storage.mirror(out)}-p{jax.process_index()}" if remote else os.path.abspath(out)
-    where = out if remote else run_dir  # what messages name
-    if remote:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        os.makedirs(run_dir)
-        pulled = storage.pull(out, run_dir, MIRRORED)
-        if pulled:
-            log(f"{out}: pulled {', '.join(pulled)} into {run_dir}")
+    rd = storage.RunDir(out, MIRRORED, jax.process_index(), log)
+    remote, run_dir = rd.remote, rd.local
+    where = rd.show()  # what messages name
     os.makedirs(run_dir, exist_ok=True)
     mesh = parallel.mesh_for(s) if mesh is None else mesh
     if s["prepared"]:
@@ -355,7 +350,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     del params
     options = ocp.CheckpointManagerOptions(max_to_keep=s["keep"], save_interval_steps=s["checkpoint_every"],
                                            enable_async_checkpointing=True, create=True)
-    ckpt_dir = storage.join(out, "checkpoints") if remote else os.path.join(run_dir, "checkpoints")
+    ckpt_dir = rd.show("checkpoints")
     if remote and parallel.is_main():
         reader = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
         dropped = storage.drop_uncommitted(ckpt_dir, reader.all_steps())
@@ -375,7 +370,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         """The mirror's files to the store (process 0; the row index once)."""
         if remote and parallel.is_main():
             metrics.flush()
-            storage.push(run_dir, out, [n for n in names if n not in pushed])
+            rd.push([n for n in names if n not in pushed])
             pushed.add("data")
 
     def save(done, state, rec, last):
@@ -424,7 +419,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
         return Trained({"stopped": result.stopped, "step": result.step})
     final = os.path.join(run_dir, "final")
     summary = {"steps": s["steps"], "final_loss": result.record["loss"] if result.record else None,
-               "final": storage.join(out, "final") if remote else final, "checkpoints": mngr.all_steps()}
+               "final": rd.show("final"), "checkpoints": mngr.all_steps()}
     host = jax.tree.map(parallel.fetch, result.params)
     # final/'s own RoPE is the stage's: a built-in method in its config, factors attached.
     final_cfg = dataclasses.replace(cfg, remat="none", **factors_lib.as_config(rope, base))
