@@ -2,8 +2,8 @@
 """Model FLOPs utilisation of ``configs/train/tiny.py``: the ``train`` job's own steps against
 transformers + ``torch.optim.AdamW`` on the same model, weights, batches and schedule.
 
-Ours: ``jobs.train.run`` on the config (the library's ``train.trainer.Trainer`` with the job's
-hooks; eval off, one checkpoint at the end), step times from its ``metrics.jsonl``
+Ours: the ``longrope-jax train`` command on the config in a process of its own (eval off, one
+checkpoint at the end), step times from its ``metrics.jsonl``
 (``tokens_per_s``: the loop's wall time per step, data, checkpoint scheduling and metrics
 included). Peer: the job's initial params exported to HF (``convert``), loaded by
 transformers (``LlamaForCausalLM``), then the same updates: the job's batches (``chunks.npy``,
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -92,16 +93,20 @@ def main(argv=None) -> int:
     rate = flops.machine_rate(args.matmul_size, args.matmul_repeats)
     _bench.log(f"matmul {args.matmul_size}^3 fp32: peak {rate['peak'] / 1e9:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
-        run = os.path.join(tmp, "run")
-        s = train_job.resolve(args.config, [f"--config.steps={args.steps}", f"--config.checkpoint_every={args.steps}",
-                                            "--config.eval_every=0"], {"out": run})
-        os.makedirs(run)
-        cfg, params, _, tok_path, _, _ = train_job.initial_model(s, run, _bench.log)  # the job's initial params
+        run, first = os.path.join(tmp, "run"), os.path.join(tmp, "first")
+        overrides = [f"--config.steps={args.steps}", f"--config.checkpoint_every={args.steps}", "--config.eval_every=0"]
+        s = train_job.resolve(args.config, overrides, {"out": run})
+        os.makedirs(first)
+        cfg, params, _, tok_path, _, _ = train_job.initial_model(s, first, _bench.log)  # the job's initial params
         if not args.no_peer:
             checkpoint.save(os.path.join(tmp, "init"), dataclasses.replace(cfg, remat="none"), params,
                             tokenizer_file=tok_path)
             convert.run(os.path.join(tmp, "init"), os.path.join(tmp, "hf"))
-        train_job.run(s, log=_bench.log)
+        # The command in a process of its own: torch's threads (loaded here) never run beside XLA's.
+        r = subprocess.run([sys.executable, "-m", "longrope_jax", "train", "--config", args.config, *overrides,
+                            "--out", run], capture_output=True, text=True, cwd=_bench.REPO)
+        if r.returncode:
+            raise SystemExit(f"train failed: {r.stderr[-1500:]}")
         with open(os.path.join(run, "metrics.jsonl")) as fh:
             recs = [json.loads(line) for line in fh]
         chunks = np.load(os.path.join(run, "data", "chunks.npy"))

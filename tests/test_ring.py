@@ -240,8 +240,10 @@ def test_auto_picks_all_gather_then_ring_by_predicted_bytes_and_refuses_naming_b
                                          rf"device on this mesh: k/v all-gathered needs {gather / 2**30:.2f} GiB, the "
                                          rf"ring {ring / 2**30:.2f} GiB"):
         pick(ring - 1)
-    # Without a sequence axis nothing is gathered: the single-device rule.
+    # Without a sequence axis nothing is gathered: the single-device rule (a forward: dense up to
+    # 512 tokens; a train step: blockwise, the faster one measured there).
     assert select.pick("auto", length, cfg=cfg, mesh=parallel.build("data=8")) == "blockwise"
+    assert [select.pick("auto", 512, cfg=cfg, train=t) for t in (False, True)] == ["dense", "blockwise"]
 
 
 def test_bf16_error_is_no_worse_than_the_single_device_kernel():

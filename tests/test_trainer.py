@@ -58,13 +58,16 @@ def _dense_loss(params, tokens, spec, cfg):
 _dense_grad = jax.jit(jax.value_and_grad(_dense_loss), static_argnums=3)
 
 
-@pytest.mark.parametrize("mesh", [None, "data=2,sequence=4"])
-def test_train_from_params_in_memory_equals_the_reference_loop(setup, mesh):
+@pytest.mark.parametrize("mesh, attention", [(None, "blockwise"), ("data=2,sequence=4", "blockwise"),
+                                             (None, "auto"), ("data=2,sequence=4", "auto")])
+def test_train_from_params_in_memory_equals_the_reference_loop(setup, mesh, attention):
+    """``auto``: blockwise on one device, k/v all-gathered blockwise on the mesh (this memory)."""
     cfg, params, chunks = setup
     spec = rope_lib.pi(cfg.rope_theta, cfg.rotary_dim, 2.0)  # the stage's fixed RoPE, not the model's own
     before = jax.tree.map(np.array, params)
     records = []
-    result = trainer_lib.train(params, cfg, spec, SETTINGS, chunks, mesh=mesh and parallel.build(mesh),
+    result = trainer_lib.train(params, cfg, spec, dict(SETTINGS, attention=attention), chunks,
+                               mesh=mesh and parallel.build(mesh),
                                hooks=[lambda done, state, rec, last: records.append((done, rec["loss"], last))],
                                progress=False)
     ref, ref_losses = _reference(params, cfg, spec, chunks, SETTINGS)

@@ -48,9 +48,12 @@ def function(name: str, q_chunk: int | None, layout=None):
     return fn
 
 
-def pick(name: str, length: int, *, cfg=None, mesh=None, memory_budget: int | None = None, windows: int = 1) -> str:
-    """``name``, with ``auto`` resolved: the dense reference up to 512 tokens, blockwise beyond
-    (2.7x faster than dense at 2048 tokens on 2 CPU cores).
+def pick(name: str, length: int, *, cfg=None, mesh=None, memory_budget: int | None = None, windows: int = 1,
+         train: bool = False) -> str:
+    """``name``, with ``auto`` resolved: on one device the dense reference up to 512 tokens,
+    blockwise beyond (2.7x faster than dense at 2048 tokens on 2 CPU cores); for a train step
+    (``train``: forward and backward) blockwise at every length (SmolLM2 on 2 CPU cores, fp32:
+    dense took 1.14x blockwise's step at 512 tokens and 3.0x at 2048, benchmarks/RESULTS.md).
 
     On a mesh with a sequence axis, ``auto`` chooses the strategy by predicted per-device bytes
     (:func:`longrope_jax.memory.attention_bytes` of ``cfg``) against ``memory_budget`` (default
@@ -62,7 +65,7 @@ def pick(name: str, length: int, *, cfg=None, mesh=None, memory_budget: int | No
         return name
     n = 1 if mesh is None else int(mesh.shape["sequence"])
     if n == 1 or cfg is None:
-        return "dense" if length <= 512 else "blockwise"
+        return "dense" if length <= 512 and not train else "blockwise"
     budget = memory_budget or memory.default_budget()
     need = {s: memory.attention_bytes(cfg, length, mesh, s, windows=windows) for s in ("blockwise", "ring")}
     for strategy in ("blockwise", "ring"):

@@ -17,7 +17,7 @@ KINDS = dict(
     skip_to="int?", skip_chunks="int", batch="int", accum="int", steps="int",
     lr="number", warmup_steps="int0", schedule="linear|cosine|constant", end_lr_ratio="number0", b1="number0",
     b2="number0", eps="number", weight_decay="number0", clip_norm="number0", seed="int0", dtype="float32|bfloat16",
-    remat="none|full|dots|attention", attention="dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int",
+    remat="none|full|dots|attention", attention="auto|dense|blockwise|ring|ring_splash", q_chunk="int?", loss_chunk="int",
     checkpoint_every="int", keep="int", eval_every="int0", eval_data="strs?", eval_lengths="ints?", eval_samples="int",
     out="str")
 REQUIRED = ("out", "seq_len")

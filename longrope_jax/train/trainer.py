@@ -131,8 +131,11 @@ class Trainer:
         if mesh is not None:
             for kind in self.kinds.values():
                 parallel.check(mesh, cfg=cfg, length=kind.length, batch=micro)
-        self.layout = select.layout_for(mesh, s["attention"])
-        attention, loss_chunk = s["attention"], int(s["loss_chunk"])
+        # ``auto`` (select.pick for a train step: blockwise on one device, by memory on a sequence
+        # axis); resolved once here, the job logs it.
+        self.attention = attention = select.pick(s["attention"], self.seq_len, cfg=cfg, mesh=mesh, train=True)
+        self.layout = select.layout_for(mesh, attention)
+        loss_chunk = int(s["loss_chunk"])
         self.q_chunk = s.get("q_chunk") or min(512, self.seq_len)
         layout, q_chunk = self.layout, self.q_chunk
 
