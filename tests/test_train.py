@@ -270,6 +270,12 @@ def test_resume_on_another_device_count_sees_the_same_examples(tmp_path, corpus,
     np.testing.assert_allclose([l for _, l in got], [l for _, l in ref], rtol=1e-5)
 
 
+def test_attention_auto_is_logged_and_trains_with_the_kernel_it_names(tmp_path, corpus, constant8):
+    r = _train(tmp_path / "auto", corpus, "--config.steps=3", *CONSTANT, "--config.attention=auto")
+    assert r.returncode == 0 and "attention auto: blockwise at 64 tokens" in r.stderr, r.stderr[-2000:]
+    assert _losses(tmp_path / "auto") == _losses(constant8)[:3]
+
+
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory, corpus):
     """The reference: 4 steps of one process on one device, on the corpus's text files."""

@@ -49,7 +49,7 @@ def get_config():
     c.seed = 0  # the data order: step t's batch depends only on (seed, t)
     c.dtype = "float32"  # compute dtype
     c.remat = "none"  # none | full | dots | attention
-    c.attention = "blockwise"  # dense | blockwise | ring | ring_splash
+    c.attention = "blockwise"  # auto | dense | blockwise | ring | ring_splash (auto: select.pick, logged)
     c.q_chunk = placeholder(int)  # attention block; unset: min(512, seq_len)
     c.loss_chunk = 1024
     c.checkpoint_every = 50

@@ -346,6 +346,8 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
 
     short = (rope_spec(base), window)
     trainer = trainer_lib.Trainer(cfg, spec, s, mesh=mesh, short=short if s["short_microbatches"] else None)
+    if s["attention"] == "auto":
+        log(f"attention auto: {trainer.attention} at {s['seq_len']} tokens")
     state = trainer.init_state(params)
     del params
     options = ocp.CheckpointManagerOptions(max_to_keep=s["keep"], save_interval_steps=s["checkpoint_every"],
