@@ -157,9 +157,12 @@ class _Side:
         os.kill(self.p.pid, signal.SIGCONT)
 
     def ask(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        line = self.p.stdout.readline()
+        try:
+            self.p.stdin.write(cmd + "\n")
+            self.p.stdin.flush()
+            line = self.p.stdout.readline()
+        except BrokenPipeError:
+            line = ""
         if not line:
             raise SystemExit(f"the {self.side} process exited (rc {self.p.wait()}); its stderr is above")
         return json.loads(line)

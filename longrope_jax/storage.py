@@ -1,13 +1,16 @@
-"""Run directories on an object store (``gs://BUCKET/run``): what a job writes there and how.
+"""Run directories and inputs on an object store (``gs://BUCKET/...``): what a job writes there
+and how it reads from there.
 
 Orbax writes checkpoints to ``gs://`` itself (tensorstore's GCS driver), committing each whole.
-Every other file of a run (settings, tokenizer, metrics, TensorBoard events, the row index,
-``final/``, the summary) is written in a local mirror of the run directory, where the atomic-write
-guarantees hold (write, then rename), and copied to the store as whole objects (an object is
-replaced whole or not at all; it cannot be appended to, and a rename is a copy): ``push`` at each
-checkpoint and at the end, ``pull`` when a run starts, so a run resumed on a fresh machine starts
-from what the store holds. ``metrics.jsonl`` is thus rewritten whole at each checkpoint; its lines
-after the last checkpoint are redone on resume, as the steps are.
+Every other file of a run is written in a local mirror (:class:`RunDir`; :func:`mirror` lays it out
+like the URL, so a pipeline stage's directory is where that stage's job mirrors it), where the
+atomic-write guarantees hold (write, then rename), and copied to the store as whole objects (an
+object is replaced whole or not at all; it cannot be appended to, and a rename is a copy): logs
+and metrics are thus rewritten whole at each push, and what was done after the last push is
+redone on resume. A run starting empties its mirror and pulls its files back, so a run resumed
+on a fresh machine starts from what the store holds. A finished directory goes up with its
+manifest last (:func:`publish`). Inputs on the store (data sources, prepared rows, a finished
+stage's weights) are read from a local copy made once per machine (:func:`local`).
 
 Paths go through ``etils.epath`` (gcsfs behind ``gs://``; the ``gcs`` extra). The emulator the
 tests use is reached with ``STORAGE_EMULATOR_HOST`` (gcsfs) and ``TENSORSTORE_GCS_HTTP_URL``
@@ -39,9 +42,10 @@ def mirror(url: str, process: int = 0) -> str:
     followed by the URL's bucket and path (default cache ``~/.cache/longrope-jax``). The layout follows
     the URL's, so the mirror of ``url/child`` is ``mirror(url)/child``: a pipeline's stage directory
     is where that stage's own job mirrors it."""
-    root = os.environ.get("LONGROPE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "longrope-jax")
+    from longrope_jax.cache import cache_dir
+
     scheme, rest = str(url).split("://", 1)
-    return os.path.join(root, f"p{process}", scheme, *[p for p in rest.split("/") if p])
+    return os.path.join(cache_dir(f"p{process}"), scheme, *[p for p in rest.split("/") if p])
 
 
 def local(path: str, process: int = 0, log=None) -> str:

@@ -145,13 +145,16 @@ def block_bwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, delta, d_out, *, slidi
     # per q block, passes 1 and scales the summed dq once.
     qs = q * jnp.asarray(scale, q.dtype) if scale != 1.0 else q
 
+    def rows(x):  # [B, KV, G, bq, *] -> [B, KV, G bq, *]: dk and dv contract one axis, not two
+        return x.reshape(*x.shape[:2], -1, x.shape[-1])
+
     def grads(sc):
         p = jnp.exp(sc - lse[..., None])  # masked scores are -inf: p = 0
-        dv = jnp.einsum("bkgqs,bkgqd->bksd", p, d_out, preferred_element_type=jnp.float32)
+        dv = jnp.einsum("bkms,bkmd->bksd", rows(p), rows(d_out), preferred_element_type=jnp.float32)
         dp = jnp.einsum("bkgqd,bksd->bkgqs", d_out, v.astype(jnp.float32), preferred_element_type=jnp.float32)
         ds = p * (dp - delta[..., None])
         dq = jnp.einsum("bkgqs,bksd->bkgqd", ds, k.astype(jnp.float32), preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bkgqs,bkgqd->bksd", ds, qs.astype(jnp.float32), preferred_element_type=jnp.float32)
+        dk = jnp.einsum("bkms,bkmd->bksd", rows(ds), rows(qs.astype(jnp.float32)), preferred_element_type=jnp.float32)
         return (dq * jnp.float32(scale) if scale != 1.0 else dq), dk, dv
 
     def masked(_):
