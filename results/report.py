@@ -175,7 +175,7 @@ def main(argv=None) -> int:
         if ref is not None and len(docs) == 1:
             margin_plot(named, ref, os.path.join(d, "heldout_ppl.png"), ref_label=ref,
                         title=f"SmolLM2-135M at {rows[0]['length']} tokens, held-out documents (mean perplexity in brackets)")
-        print(f"\n![held-out perplexity](heldout_ppl.png)")
+        print("\n![held-out perplexity](heldout_ppl.png)")
     else:
         print("missing: no heldout_ppl*.jsonl yet")
     if os.path.isdir(os.path.join(d, "heldout_domains")):
