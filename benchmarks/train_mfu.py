@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a train setting for both sides (--config.KEY=VALUE), e.g. attention=dense")
     return p.parse_args(argv)
 
 
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     _bench.log(f"matmul {args.matmul_size}^3 fp32: peak {rate['peak'] / 1e9:.1f} GFLOP/s")
     with tempfile.TemporaryDirectory() as tmp:
         run, first = os.path.join(tmp, "run"), os.path.join(tmp, "first")
-        overrides = [f"--config.steps={args.steps}", f"--config.checkpoint_every={args.steps}", "--config.eval_every=0"]
+        overrides = [f"--config.steps={args.steps}", f"--config.checkpoint_every={args.steps}", "--config.eval_every=0",
+                     *[f"--config.{x}" for x in args.set]]
         s = train_job.resolve(args.config, overrides, {"out": run})
         os.makedirs(first)
         cfg, params, _, tok_path, _, _ = train_job.initial_model(s, first, _bench.log)  # the job's initial params
