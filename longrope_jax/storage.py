@@ -177,14 +177,20 @@ def publish(local: str, url: str, *, last: str, overwrite: bool = False, what: s
     """A finished local directory to the new folder ``url``, ``last`` (its manifest) written after
     every other file: a reader that finds ``last`` finds the whole. An existing folder is refused
     unless ``overwrite``, which removes it first."""
-    dst = _epath(url)
-    if dst.exists():
-        if not overwrite:
-            raise FileExistsError(f"{url}: exists (expected a new {what} directory); pass --overwrite "
-                                  "(overwrite=True) to replace it")
-        dst.rmtree()
+    if check_new(url, overwrite, what):
+        _epath(url).rmtree()
     names = sorted(n for n in os.listdir(local) if n != last)
     push(local, url, names + [last])
+
+
+def check_new(url: str, overwrite: bool = False, what: str = "output") -> bool:
+    """Refuses an existing folder ``url`` unless ``overwrite`` (one line naming it); returns
+    whether it exists."""
+    there = _epath(url).exists()
+    if there and not overwrite:
+        raise FileExistsError(f"{url}: exists (expected a new {what} directory); pass --overwrite "
+                              "(overwrite=True) to replace it")
+    return there
 
 
 def where(path: str) -> str:
@@ -199,10 +205,6 @@ def remove(url: str) -> None:
         p.rmtree()
     elif p.exists():
         p.unlink()
-
-
-def exists(url: str) -> bool:
-    return _epath(url).exists()
 
 
 def read_text(url: str) -> str:

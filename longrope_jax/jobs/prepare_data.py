@@ -46,12 +46,9 @@ def run(s, rows_per_shard: int = ROWS_PER_SHARD, overwrite: bool = False, log=pr
     t = time.time()
     out = s["out"]
     remote = storage.is_remote(out)
-    if remote:  # written whole in the local mirror, then to the store with prepared.json last
-        if not overwrite and storage.exists(out):
-            raise atomic.OutputError(f"{out}: exists (expected a new prepared data directory); pass --overwrite "
-                                     "(overwrite=True) to replace it")
-    else:
-        atomic.check_dir(out, overwrite, "prepared data")  # before any work
+    # Refused before any work. On a store: written whole in the local mirror, then copied up with
+    # prepared.json last.
+    (storage.check_new if remote else atomic.check_dir)(out, overwrite, "prepared data")
     if s["model"]:
         from longrope_jax.loading import load_model
 
