@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 SCHEMES = ("gs://",)
@@ -37,7 +38,16 @@ def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts]) if is_remote(base) else os.path.join(base, *parts)
 
 
-def mirror(url: str, process: int = 0) -> str:
+def _process(process: int | None) -> int:
+    """``process``, or this JAX process's index (0 before JAX is imported): processes on one
+    machine keep mirrors of their own, so one emptying its mirror never removes another's files."""
+    if process is not None:
+        return process
+    jax = sys.modules.get("jax")
+    return jax.process_index() if jax is not None else 0
+
+
+def mirror(url: str, process: int | None = None) -> str:
     """The local mirror of ``url`` for this machine and process: ``$LONGROPE_JAX_CACHE/p<process>/``
     followed by the URL's bucket and path (default cache ``~/.cache/longrope-jax``). The layout follows
     the URL's, so the mirror of ``url/child`` is ``mirror(url)/child``: a pipeline's stage directory
@@ -45,10 +55,10 @@ def mirror(url: str, process: int = 0) -> str:
     from longrope_jax.cache import cache_dir
 
     scheme, rest = str(url).split("://", 1)
-    return os.path.join(cache_dir(f"p{process}"), scheme, *[p for p in rest.split("/") if p])
+    return os.path.join(cache_dir(f"p{_process(process)}"), scheme, *[p for p in rest.split("/") if p])
 
 
-def local(path: str, process: int = 0, log=None) -> str:
+def local(path: str, process: int | None = None, log=None) -> str:
     """A local path to read ``path`` (a file or a folder) from: itself when it is local; for a URL,
     its mirror, copied down when absent or when the store's listing (names, sizes, times) differs
     from the one copied (an input rewritten on the store is fetched again). The copy lands whole:
@@ -99,7 +109,7 @@ class RunDir:
     store the mirror is emptied and ``names`` pulled into it when the run starts, so a run resumed
     on a fresh machine starts from what the store holds."""
 
-    def __init__(self, out: str, names=(), process: int = 0, log=None):
+    def __init__(self, out: str, names=(), process: int | None = None, log=None):
         self.url, self.remote = str(out), is_remote(out)
         self.local = mirror(out, process) if self.remote else os.path.abspath(out)
         if self.remote:

@@ -248,3 +248,19 @@ def test_passkey_trials_on_cloud_storage_resume_on_a_fresh_machine(tmp_path, gcs
     assert "2 trial(s) done, resumed" in err and resumed["trials"] == full["trials"]
     assert resumed["log"] == "gs://bkt/pk/trials.jsonl" and resumed["heatmap"] == "gs://bkt/pk/passkey.png"
     assert _read("gs://bkt/pk/trials.jsonl").splitlines() == log
+
+
+def test_processes_on_one_machine_get_mirrors_of_their_own_without_naming_them(monkeypatch, tmp_path):
+    """Jobs leave the process to ``storage``: two JAX processes on one machine (the 2-process
+    search or training) must not share a mirror, since a run starting empties its own."""
+    import types
+
+    from longrope_jax import storage
+
+    monkeypatch.setenv("LONGROPE_JAX_CACHE", str(tmp_path))
+    mirrors = []
+    for index in (0, 1):
+        monkeypatch.setitem(__import__("sys").modules, "jax", types.SimpleNamespace(process_index=lambda i=index: i))
+        mirrors.append(storage.mirror("gs://bkt/run/03-search"))
+    assert mirrors == [str(tmp_path / p / "gs" / "bkt" / "run" / "03-search") for p in ("p0", "p1")]
+    assert storage.mirror("gs://bkt/run", process=5) == str(tmp_path / "p5" / "gs" / "bkt" / "run")

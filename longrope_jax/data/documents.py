@@ -303,9 +303,7 @@ def read_documents(source: str, field: str = "text", *, max_documents: int | Non
     if source.startswith(TFDS_PREFIX):
         return _tfds(source, field, max_documents, log or logger.info, log or logger.warning)
     if storage.is_remote(source):  # copied once per machine (again when the store's copy changes)
-        import jax
-
-        local = storage.local(source, jax.process_index(), log=log or logger.info)
+        local = storage.local(source, log=log or logger.info)
         docs = [Document(source + d.name[len(local):], d.text) for d in _read(local, field, max_documents)]
         return docs if max_documents is None else docs[:max_documents]
     docs = _read(source, field, max_documents)

@@ -105,7 +105,7 @@ class Pipeline:
         # On an object store: the manifest and the stages' small files in a local mirror, pushed
         # as each is written; train and search stages mirror their own directories (the same
         # places: a child URL's mirror is the child of the parent's), Orbax checkpoints on the store.
-        self.rd = storage.RunDir(run_dir, [MANIFEST], jax.process_index())
+        self.rd = storage.RunDir(run_dir, [MANIFEST])
         self.run_dir = self.rd.local
         self.stages = stages_lib.read(s, None if mesh is None else _mesh_check(mesh))
         names = [st.name for st in self.stages]
@@ -152,7 +152,7 @@ class Pipeline:
 
     def local(self, path: str | None) -> str | None:
         """A stage's output to read here (on a store: its copy on this machine)."""
-        return path if path is None else storage.local(path, jax.process_index(), log=self.log)
+        return path if path is None else storage.local(path, log=self.log)
 
     def publish(self, directory: str, names) -> None:
         """Files a stage wrote in its local ``directory`` to the store (process 0)."""

@@ -172,10 +172,8 @@ def check_prepared(s, tok_path: str | None = None):
     ``tokenizer.json``, the same tokenizer); checked before any work."""
     from longrope_jax.data import rows as rows_lib
 
-    import jax
-
     d = s["prepared"]
-    r = rows_lib.Rows(storage.local(d, jax.process_index()))  # on a store: copied once per machine
+    r = rows_lib.Rows(storage.local(d))  # on a store: copied once per machine
     m = r.manifest
     where = os.path.join(d, rows_lib.MANIFEST)
     for key in ("seq_len", "packing", "min_document_tokens"):
@@ -325,7 +323,7 @@ def run(s: dict, *, mesh=None, model: LoadedModel | None = None, log=print) -> T
     out = s["out"]
     # A run directory on an object store: Orbax's checkpoints there, the other files in a local
     # mirror (this process's), pulled now and pushed whole at each checkpoint and at the end.
-    rd = storage.RunDir(out, MIRRORED, jax.process_index(), log)
+    rd = storage.RunDir(out, MIRRORED, log=log)
     remote, run_dir = rd.remote, rd.local
     where = rd.show()  # what messages name
     os.makedirs(run_dir, exist_ok=True)
