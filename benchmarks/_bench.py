@@ -44,6 +44,10 @@ def setup_threads(n: int | None) -> int:
     for mod in ("jax", "torch"):
         if mod in sys.modules:
             raise RuntimeError(f"setup_threads must run before {mod} is imported")
+    # Both sides with glibc's malloc as a longrope-jax command runs (the script restarts itself once).
+    from longrope_jax import platforms
+
+    platforms.restart_with_malloc_tunables()
     avail = sorted(os.sched_getaffinity(0))
     if n is None or n >= len(avail):
         n = len(avail)
@@ -85,7 +89,8 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores_visible": os.cpu_count(), "threads": _THREADS,
-            "load_average_at_start": LOAD_AT_START, "python": platform.python_version()}
+            "load_average_at_start": LOAD_AT_START, "python": platform.python_version(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for mod in ("numpy", "jax", "jaxlib", "torch", "transformers"):
         m = sys.modules.get(mod)
         if m is not None:
@@ -140,7 +145,7 @@ def report(title: str, tables: list[str], notes: list[str]) -> None:
         print(t + "\n")
     for n in notes:
         print(f"- {n}")
-    print(f"\nCommand: `{command_line()}`")
+    print(f"\nCommand: `{command_line()}`; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES') or '(unset)'}.")
     fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     print(f"\nLoad average (1/5/15 min) at start: {fmt(LOAD_AT_START)}, at end: {fmt(os.getloadavg())}.")
     if LOAD_AT_START[0] >= 0.5:

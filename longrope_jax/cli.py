@@ -211,8 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
     from longrope_jax import platforms
+
+    if argv is None:  # the process's own command (not a call from Python): glibc's malloc set for XLA's CPU
+        platforms.restart_with_malloc_tunables()
+    args, extra = build_parser().parse_known_args(argv)
     from longrope_jax.cache import enable_compilation_cache
 
     platforms.configure()
