@@ -49,4 +49,31 @@ step $R/before/passkey_longrope.jsonl longrope-jax passkey --model smollm2 --rop
   --out $R/before/passkey_longrope
 step $R/before/passkey_yarn4.jsonl longrope-jax passkey --model smollm2 --rope yarn:4 "${PK[@]}" \
   --out $R/before/passkey_yarn4
+
+# 4. The short-context readjust on the LongRoPE arm (the optional part): held-out
+#    perplexity at 2k, 4k and 8k of the base model, of both fine-tuned arms as they are (the
+#    LongRoPE arm's short factors are 1.0 within the 8k window; YaRN scales at every length), and
+#    of the LongRoPE arm with its short factors readjusted by a search at 8192 tokens on the pydoc
+#    search document (never held out). Goal: within 2% of the base model.
+RJ=$R/readjust
+SHORT=(--data $DATA --length 2048 --length 4096 --length 8192 --samples 4 --seed 0)
+step $RJ/base.jsonl longrope-jax ppl --model smollm2 "${SHORT[@]}"
+step $RJ/longrope_ft.jsonl longrope-jax ppl --model "$RUNS/longrope/final" "${SHORT[@]}"
+step $RJ/yarn4_ft.jsonl longrope-jax ppl --model "$RUNS/yarn4/final" "${SHORT[@]}"
+step $RJ/search.jsonl longrope-jax search --model "$RUNS/longrope/final" --readjust $F32 --target-length 8192 \
+  --data results/data/search_16k.jsonl --samples 1 --seed 0 --out $RJ/search \
+  --config.population=6 --config.iterations=2 --config.mutations=3 --config.crossovers=2 --config.parents=4
+step $RJ/longrope_ft_readjusted.jsonl longrope-jax ppl --model "$RUNS/longrope/final" --rope $RJ/search/factors.json \
+  "${SHORT[@]}"
+
+# 5. Passkey at the target length, 32k (5 trials; at 16k every arm retrieved every key).
+PK32=(--lengths 32768 --trials 5 --seed 0)
+step $R/after/passkey32k_longrope.jsonl longrope-jax passkey --model "$RUNS/longrope/final" "${PK32[@]}" \
+  --out $R/after/passkey32k_longrope
+step $R/after/passkey32k_yarn4.jsonl longrope-jax passkey --model "$RUNS/yarn4/final" "${PK32[@]}" \
+  --out $R/after/passkey32k_yarn4
+step $R/before/passkey32k_longrope.jsonl longrope-jax passkey --model smollm2 --rope $F32 "${PK32[@]}" \
+  --out $R/before/passkey32k_longrope
+step $R/before/passkey32k_yarn4.jsonl longrope-jax passkey --model smollm2 --rope yarn:4 "${PK32[@]}" \
+  --out $R/before/passkey32k_yarn4
 echo "== $(date -u +%FT%TZ) all done"
