@@ -20,6 +20,7 @@ ran them (XLA may run two thunks at once), so they may exceed the wall time.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -41,15 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, both sides")
     p.add_argument("--steps", type=int, default=5, help="steps profiled, after one warm-up step")
     p.add_argument("--top", type=int, default=15, help="slowest ops listed per side")
-    p.add_argument("--side", choices=["ours", "torch"], help=argparse_suppress())
-    p.add_argument("--work", help=argparse_suppress())
+    p.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +79,8 @@ def hlo_index(text: str) -> dict:
         flops = 0
         if op == "dot":
             lhs = re.match(r"%([\w.-]+)", rest)
-            contracted = [int(x) for x in re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1).split(",") if x]
+            dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+            contracted = [int(x) for x in dims.split(",") if x]
             ldims = _dims(shapes.get(lhs.group(1), "")) if lhs else []
             k = 1
             for c in contracted:
@@ -156,7 +152,8 @@ def _exclusive(events) -> dict:
     """``{name: [exclusive ns, count]}`` of one thread's events (nested events subtracted)."""
     out = collections.defaultdict(lambda: [0, 0])
     evs = sorted(((e.start_ns, e.duration_ns, e.name) for e in events), key=lambda x: (x[0], -x[1]))
-    stack = []  # [end, name, child time]
+    stack = []  # [end, name, child time, duration]
+
     def close(until):
         while stack and stack[-1][0] <= until:
             end, name, child, dur = stack.pop()
@@ -314,8 +311,11 @@ def main(argv=None) -> int:
             with open(os.path.join(work, f"{side}.json")) as fh:
                 got[side] = json.load(fh)
     o, t = _summary(got["ours"]), _summary(got["torch"])
-    kinds = sorted(set(o["by_kind"]) | set(t["by_kind"]), key=lambda k: -(o["by_kind"].get(k, 0) + t["by_kind"].get(k, 0)))
-    fmt = lambda x: f"{x:.1f}"  # noqa: E731
+    kinds = sorted(set(o["by_kind"]) | set(t["by_kind"]),
+                   key=lambda k: -(o["by_kind"].get(k, 0) + t["by_kind"].get(k, 0)))
+
+    def fmt(x):
+        return f"{x:.1f}"
     summary = _bench.md_table(
         ["", "ours (XLA CPU)", "transformers + torch", "ratio (torch / ours)"],
         [["step wall (ms)", fmt(o["wall_ms"]), fmt(t["wall_ms"]), f"{t['wall_ms'] / o['wall_ms']:.2f}x"],
@@ -326,8 +326,8 @@ def main(argv=None) -> int:
          *[[f"{k} (ms)", fmt(o["by_kind"].get(k, 0)), fmt(t["by_kind"].get(k, 0)), ""] for k in kinds]])
     parts = collections.defaultdict(lambda: collections.defaultdict(float))
     for op in got["ours"]["ops"]:
-        parts[op["part"]][("bwd " if op["backward"] else "fwd ") + ("matmul" if op["kind"] == "matmul" else "other")] += \
-            op["ms"]
+        column = ("bwd " if op["backward"] else "fwd ") + ("matmul" if op["kind"] == "matmul" else "other")
+        parts[op["part"]][column] += op["ms"]
     cols = ["fwd matmul", "fwd other", "bwd matmul", "bwd other"]
     part_rows = sorted(([p, *[fmt(v[c]) for c in cols], fmt(sum(v.values()))] for p, v in parts.items()),
                        key=lambda r: -float(r[-1]))
