@@ -75,17 +75,56 @@ def ppl_section(length: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def passkey_section() -> str:
-    lines = ["## Passkey retrieval at 16384 tokens (5 trials)\n", "| arm | stage | accuracy |", "|---|---|---|"]
+READJUST = {"base": "base model (8k window, no scaling)",
+            "longrope_ft": "LongRoPE arm after 300 steps, short factors 1.0",
+            "longrope_ft_readjusted": "LongRoPE arm after 300 steps, short factors readjusted at 8k",
+            "yarn4_ft": "YaRN arm after 300 steps (YaRN s=4 at every length)"}
+
+
+def readjust_section() -> str:
+    """Within the original window: each fine-tuned variant against the base model (the goal of the
+    short-context readjust: within 2% of it), per length."""
+    d = os.path.join(HERE, "readjust")
+    lines = {k: {r["length"]: r for r in map(json.loads, open(os.path.join(d, f"{k}.jsonl")))}
+             for k in READJUST if os.path.exists(os.path.join(d, f"{k}.jsonl"))}
+    out = ["## Within the original window: the short-context readjust\n"]
+    if "base" not in lines:
+        return out[0] + "\nNot scored yet.\n"
+    for length in sorted(lines["base"]):
+        rows = {k: v[length] for k, v in lines.items() if length in v}
+        out.append(f"### {length} tokens\n")
+        out.append(margin_table(rows, "base", READJUST.get, _domain, ref_name="the base model"))
+        png = os.path.join(d, f"ppl_{length}.png")
+        margin_plot({READJUST[k]: v for k, v in rows.items()}, READJUST["base"], png,
+                    title=f"SmolLM2-135M at {length} tokens: held-out documents (mean perplexity in brackets)",
+                    ref_label="the base model")
+        out.append(f"\n![perplexity relative to the base model](readjust/{os.path.basename(png)})\n")
+    missing = [READJUST[k] for k in READJUST if k not in lines]
+    if missing:
+        out.append(f"Not scored yet: {', '.join(missing)}.\n")
+    return "\n".join(out)
+
+
+def passkey_section(prefix: str, length: int) -> str:
+    """Accuracy of each arm before and after, with each trial's depth and whether it was retrieved."""
+    lines = [f"## Passkey retrieval at {length} tokens (5 trials)\n",
+             "| arm | stage | accuracy | trials (depth: retrieved) |", "|---|---|---|---|"]
     for stage in STAGES:
         for arm in ARMS:
-            path = os.path.join(HERE, stage, f"passkey_{arm}.jsonl")
-            acc = "not run yet"
+            path = os.path.join(HERE, stage, f"{prefix}_{arm}.jsonl")
+            trials = os.path.join(HERE, stage, f"{prefix}_{arm}", "trials.jsonl")
+            acc, detail = "not run yet", ""
             if os.path.exists(path):
                 with open(path) as fh:
                     last = json.loads(fh.read().splitlines()[-1])
-                acc = ", ".join(f"{n}: {100 * v:.0f}%" for n, v in last["accuracy"].items())
-            lines.append(f"| {ARMS[arm]} | {STAGES[stage]} | {acc} |")
+                acc = ", ".join(f"{100 * v:.0f}%" for v in last["accuracy"].values())
+            if os.path.exists(trials):
+                with open(trials) as fh:
+                    done = [json.loads(x) for x in fh.read().splitlines()[1:]]
+                detail = ", ".join(f"{t['depth']:.2f}: {'yes' if t['correct'] else 'no'}" for t in done)
+                if not os.path.exists(path):
+                    acc = f"running ({len(done)} of 5)"
+            lines.append(f"| {ARMS[arm]} | {STAGES[stage]} | {acc} | {detail} |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +132,8 @@ def main() -> int:
     os.chdir(ROOT)
     text = "\n".join([f"# Fine-tuning from the searched factors against YaRN ({STEPS} steps): tables\n",
                       "Written by `python results/smollm2_32k_ft/report.py` from `before/` and `after/`.\n",
-                      ppl_section(32768), ppl_section(16384), passkey_section()])
+                      ppl_section(32768), ppl_section(16384), passkey_section("passkey", 16384),
+                      passkey_section("passkey32k", 32768), readjust_section()])
     tmp = os.path.join(HERE, "report.md.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
