@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 
@@ -125,6 +126,17 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_side(script: str, side: str, argv: list[str]) -> dict:
+    """One side of a comparison in a process of its own (neither runtime's threads beside the
+    other's): ``script --side SIDE ARGV...``, which prints its result as JSON on its last stdout
+    line."""
+    r = subprocess.run([sys.executable, os.path.abspath(script), "--side", side, *argv], capture_output=True,
+                       text=True)
+    if r.returncode:
+        raise SystemExit(f"{side}: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 def finish(name: str, args, title: str, tables: list[str], notes: list[str],

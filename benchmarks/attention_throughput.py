@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,13 +88,9 @@ def main(argv=None) -> int:
     for n in args.lengths:
         got = {}
         for side in ("torch", "ours"):  # each in a process of its own: neither runtime's threads beside the other's
-            argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--lengths", str(n), "--repeats",
-                    str(args.repeats), "--blocks", *map(str, args.blocks), "--threads", str(threads)]
-            argv += ["--bwd-block", str(args.bwd_block)] if args.bwd_block else []
-            r = subprocess.run(argv, capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"{side} at {n}: {r.stderr[-1500:]}")
-            got[side] = json.loads(r.stdout.splitlines()[-1])
+            argv = ["--lengths", str(n), "--repeats", str(args.repeats), "--blocks", *map(str, args.blocks),
+                    "--threads", str(threads)] + (["--bwd-block", str(args.bwd_block)] if args.bwd_block else [])
+            got[side] = _bench.run_side(__file__, side, argv)
         pf, pg = got["torch"]["fwd"], got["torch"]["fwd_bwd"]
         for blk, o in got["ours"].items():
             of, og = o["fwd"], o["fwd_bwd"]

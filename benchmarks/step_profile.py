@@ -25,7 +25,6 @@ import collections
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
@@ -293,23 +292,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     threads = _bench.setup_threads(args.threads)
     if args.side:
-        fn = ours if args.side == "ours" else torch_side
-        res = fn(args, args.work)
-        with open(os.path.join(args.work, f"{args.side}.json"), "w") as fh:
-            json.dump(res, fh)
+        print(json.dumps((ours if args.side == "ours" else torch_side)(args, args.work)))
         return 0
     got = {}
     with tempfile.TemporaryDirectory() as work:
         for side in ("ours", "torch"):  # ours first: it writes the rows both sides train on
-            argv = [sys.executable, os.path.abspath(__file__), "--side", side, "--work", work, "--threads",
-                    str(threads), "--config", args.config, "--steps", str(args.steps),
-                    *[f"--set={x}" for x in args.set], *(["--model", args.model] if args.model else [])]
             _bench.log(f"profiling {side} ({args.steps} steps)")
-            r = subprocess.run(argv, capture_output=True, text=True)
-            if r.returncode:
-                raise SystemExit(f"{side}: {r.stderr[-2000:]}")
-            with open(os.path.join(work, f"{side}.json")) as fh:
-                got[side] = json.load(fh)
+            got[side] = _bench.run_side(__file__, side, [
+                "--work", work, "--threads", str(threads), "--config", args.config, "--steps", str(args.steps),
+                *[f"--set={x}" for x in args.set], *(["--model", args.model] if args.model else [])])
     o, t = _summary(got["ours"]), _summary(got["torch"])
     kinds = sorted(set(o["by_kind"]) | set(t["by_kind"]),
                    key=lambda k: -(o["by_kind"].get(k, 0) + t["by_kind"].get(k, 0)))
