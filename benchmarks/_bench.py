@@ -39,16 +39,18 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup_threads(n: int | None) -> int:
-    """Same thread count for XLA and torch. Call before importing jax or torch."""
+def setup_threads(n: int | None, train: bool = False) -> int:
+    """Same thread count for XLA and torch. Call before importing jax or torch. ``train``: the
+    script measures training, so it restarts itself once with the glibc malloc settings the
+    training commands start with (``longrope_jax.platforms``); both sides run under them."""
     global _THREADS
     for mod in ("jax", "torch"):
         if mod in sys.modules:
             raise RuntimeError(f"setup_threads must run before {mod} is imported")
-    # Both sides with glibc's malloc as a longrope-jax command runs (the script restarts itself once).
-    from longrope_jax import platforms
+    if train:
+        from longrope_jax import platforms
 
-    platforms.restart_with_malloc_tunables()
+        platforms.restart_with_malloc_tunables()
     avail = sorted(os.sched_getaffinity(0))
     if n is None or n >= len(avail):
         n = len(avail)

@@ -290,7 +290,7 @@ def _summary(side: dict) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = _bench.setup_threads(args.threads)
+    threads = _bench.setup_threads(args.threads, train=True)
     if args.side:
         print(json.dumps((ours if args.side == "ours" else torch_side)(args, args.work)))
         return 0

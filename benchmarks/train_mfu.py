@@ -80,7 +80,7 @@ def _peer_steps(hf_dir, chunks, s, steps):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = _bench.setup_threads(args.threads)
+    threads = _bench.setup_threads(args.threads, train=True)
     _bench.torch_threads()
     import dataclasses
 

@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    threads = _bench.setup_threads(args.threads)
+    threads = _bench.setup_threads(args.threads, train=True)
     import time
 
     import jax

@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     args = parse_args(argv)
-    threads = _bench.setup_threads(args.threads)
+    threads = _bench.setup_threads(args.threads, train=True)
     if args.child:
         return _child(args)
     from longrope_jax.loading import load_model

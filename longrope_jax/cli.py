@@ -210,12 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run one compiled step over and over: on the CPU they restart with glibc's malloc
+# set so that XLA's per-call temporaries keep their pages (``platforms.MALLOC_TUNABLES``).
+TRAINING = ("train", "extend", "demo")
+
+
 def main(argv=None) -> int:
     from longrope_jax import platforms
 
-    if argv is None:  # the process's own command (not a call from Python): glibc's malloc set for XLA's CPU
-        platforms.restart_with_malloc_tunables()
     args, extra = build_parser().parse_known_args(argv)
+    if argv is None and args.command in TRAINING:  # the process's own command, not a call from Python
+        platforms.restart_with_malloc_tunables()
     from longrope_jax.cache import enable_compilation_cache
 
     platforms.configure()

@@ -13,9 +13,12 @@ pytestmark = pytest.mark.skipif(not (os.confstr("CS_GNU_LIBC_VERSION") or "").st
                                 or platforms.has_tpu_chip() or platforms.has_gpu(),
                                 reason="glibc on a machine whose programs run on the CPU")
 
-# What a command started from a shell runs: main() without arguments, here on --version.
+# What a command started from a shell runs: main() without arguments. The commands stop at once
+# (a config that does not exist: exit 2, one line), after the restart where there is one.
 COMMAND = ("import os, sys; print('start', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); "
-           "sys.argv = ['longrope-jax', '--version']; from longrope_jax.cli import main; main()")
+           "sys.argv = ['longrope-jax', '{}', '--config', 'no-such-config']; from longrope_jax.cli import main; "
+           "sys.exit(main())")
+
 
 # A freed 256 MiB block allocated again and written, as XLA's temporaries are on every call
 # (``malloc``, as XLA's CPU client allocates them; numpy's arrays would ask for huge pages): the
@@ -26,30 +29,34 @@ REUSE = ("import ctypes, resource; libc = ctypes.CDLL(None); libc.malloc.restype
          "ctypes.memset(p, 1, n); print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)")
 
 
-def _run(code, **env):
+def _run(code, rc=0, **env):
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LONGROPE_JAX_MALLOC")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**base, "JAX_PLATFORMS": "cpu", **env})
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == rc, r.stderr[-2000:]
     return r.stdout.splitlines()
 
 
-def test_a_command_restarts_once_in_the_same_process_with_the_malloc_tunables():
-    first, second, version = _run(COMMAND)
-    assert first.split()[2] == "None"
-    assert second.split()[:2] == first.split()[:2]  # the same PID: exec, not a child
-    assert second.split()[2] == platforms.MALLOC_TUNABLES
-    assert version.startswith("longrope-jax ")
+def _starts(command, **env):
+    """The ``start PID GLIBC_TUNABLES`` lines the command printed: two when it restarted."""
+    return [line.split()[1:] for line in _run(COMMAND.format(command), rc=2, **env)]
 
 
-def test_tunables_given_or_opted_out_leave_the_process_as_started():
+def test_a_training_command_restarts_once_in_the_same_process_with_the_malloc_tunables():
+    for command in ("train", "extend"):
+        (pid, before), (same_pid, after) = _starts(command)
+        assert before == "None" and same_pid == pid  # exec, not a child
+        assert after == platforms.MALLOC_TUNABLES
+
+
+def test_other_commands_and_tunables_given_or_opted_out_leave_the_process_as_started():
+    assert len(_starts("ppl")) == 1 and len(_starts("search")) == 1  # no gain, more memory (platforms)
     mine = "glibc.malloc.arena_max=2"
-    assert _run(COMMAND, GLIBC_TUNABLES=mine)[0].split()[2] == mine
-    added = _run(COMMAND, GLIBC_TUNABLES="glibc.rtld.nns=4")[1].split()[2]
-    assert added == f"glibc.rtld.nns=4:{platforms.MALLOC_TUNABLES}"
-    out = _run(COMMAND, LONGROPE_JAX_MALLOC="system")
-    assert len(out) == 2 and out[0].split()[2] == "None"
-    assert len(_run(COMMAND, JAX_PLATFORMS="tpu")) == 2
+    assert [x[1] for x in _starts("train", GLIBC_TUNABLES=mine)] == [mine]
+    assert [x[1] for x in _starts("train", GLIBC_TUNABLES="glibc.rtld.nns=4")] == \
+        ["glibc.rtld.nns=4", f"glibc.rtld.nns=4:{platforms.MALLOC_TUNABLES}"]  # others kept, malloc's added
+    assert [x[1] for x in _starts("train", LONGROPE_JAX_MALLOC="system")] == ["None"]
+    assert [x[1] for x in _starts("train", JAX_PLATFORMS="tpu")] == ["None"]
 
 
 def test_with_the_tunables_a_freed_block_is_reused_without_faulting_its_pages_again():
