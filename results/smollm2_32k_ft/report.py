@@ -78,6 +78,7 @@ def ppl_section(length: int) -> str:
 READJUST = {"base": "base model (8k window, no scaling)",
             "longrope_ft": "LongRoPE arm after 300 steps, short factors 1.0",
             "longrope_ft_readjusted": "LongRoPE arm after 300 steps, short factors readjusted at 8k",
+            "longrope_ft_none": "LongRoPE arm after 300 steps, no scaling (no attention factor)",
             "yarn4_ft": "YaRN arm after 300 steps (YaRN s=4 at every length)"}
 
 

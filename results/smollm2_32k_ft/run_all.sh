@@ -65,6 +65,9 @@ step $RJ/search.jsonl longrope-jax search --model "$RUNS/longrope/final" --readj
   --config.population=6 --config.iterations=2 --config.mutations=3 --config.crossovers=2 --config.parents=4
 step $RJ/longrope_ft_readjusted.jsonl longrope-jax ppl --model "$RUNS/longrope/final" --rope $RJ/search/factors.json \
   "${SHORT[@]}"
+# ... and with no scaling at all: the factors file's attention factor (sqrt(1 + ln 4 / ln 8192)) applies at
+# every length, as in HF's longrope, and short factors cannot undo it.
+step $RJ/longrope_ft_none.jsonl longrope-jax ppl --model "$RUNS/longrope/final" --rope none "${SHORT[@]}"
 
 # 5. Passkey at the target length, 32k (5 trials; at 16k every arm retrieved every key).
 PK32=(--lengths 32768 --trials 5 --seed 0)
