@@ -107,7 +107,10 @@ def hlo_index(text: str) -> dict:
 
 
 def part_of(op_name: str) -> str:
-    """Which part of the step an op's ``op_name`` (JAX's name stack) belongs to."""
+    """Which part of the step an op's ``op_name`` (JAX's name stack) belongs to; ops XLA made without
+    one (some dots and fusions of the attention loop, for instance) are counted apart."""
+    if not op_name:
+        return "(no op_name: made by XLA)"
     if "self_attn/while" in op_name:
         return "attention core"
     for key, part in (("self_attn", "attention projections + RoPE"), ("mlp", "MLP"), ("layernorm", "norms"),
