@@ -130,6 +130,29 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def torch_adamw(model, s):
+    """The peer's update: ``torch.optim.AdamW`` with the settings' ``lr``, ``b1``, ``b2``, ``eps`` and
+    ``weight_decay``, the loss on ``labels=ids``, ``clip_grad_norm_`` at ``clip_norm``. Returns
+    ``step(ids, lr=None) -> loss`` (``lr``: this step's rate, else the settings')."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(s["b1"], s["b2"]), eps=s["eps"],
+                            weight_decay=s["weight_decay"])
+
+    def step(ids, lr=None) -> float:
+        if lr is not None:
+            for g in opt.param_groups:
+                g["lr"] = float(lr)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
 def run_side(script: str, side: str, argv: list[str]) -> dict:
     """One side of a comparison in a process of its own (neither runtime's threads beside the
     other's): ``script --side SIDE ARGV...``, which prints its result as JSON on its last stdout

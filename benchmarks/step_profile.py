@@ -241,20 +241,11 @@ def torch_side(args, work: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), torch_dtype=torch.float32,
                                                               attn_implementation="sdpa")
     model.train(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(s["b1"], s["b2"]), eps=s["eps"],
-                            weight_decay=s["weight_decay"])
     batch = torch.from_numpy(np.load(os.path.join(work, "rows.npy"))[:s["batch"]].astype(np.int64))
-    lr = step_lib.schedule(s)
+    lr, update = step_lib.schedule(s), _bench.torch_adamw(model, s)
 
     def step(t):
-        for g in opt.param_groups:
-            g["lr"] = float(lr(t))
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return update(batch, lr(t))
 
     step(0)
     with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:

@@ -58,23 +58,15 @@ def _peer_steps(hf_dir, chunks, s, steps):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
     model.train(False)  # no dropout in either
-    opt = torch.optim.AdamW(model.parameters(), lr=s["lr"], betas=(s["b1"], s["b2"]), eps=s["eps"],
-                            weight_decay=s["weight_decay"])
-    lr = step_lib.schedule(s)
+    lr, update = step_lib.schedule(s), _bench.torch_adamw(model, s)
     ids = data_lib.order(len(chunks), s["seed"])
     out = []
     for t in range(steps):
         batch = torch.from_numpy(np.asarray(chunks[data_lib.step_rows(len(chunks), s["seed"], t, s["batch"], ids=ids)],
                                             np.int64))
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = float(lr(t))
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s["clip_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        out.append((time.perf_counter() - t0, float(loss.detach())))
+        loss = update(batch, lr(t))
+        out.append((time.perf_counter() - t0, loss))
     return out
 
 

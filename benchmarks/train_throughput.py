@@ -88,17 +88,10 @@ def _peer(remat="none"):
     if remat == "full":  # HF checkpoints layers only in training mode; SmolLM2's dropout is 0 there
         peer.gradient_checkpointing_enable()
         peer.train(True)
-    opt = torch.optim.AdamW(peer.parameters(), lr=ADAMW["lr"], betas=(ADAMW["b1"], ADAMW["b2"]), eps=ADAMW["eps"],
-                            weight_decay=ADAMW["weight_decay"])
+    update = _bench.torch_adamw(peer, ADAMW)
 
     def step(tokens):
-        ids = torch.from_numpy(np.asarray(tokens, np.int64))
-        loss = peer(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(peer.parameters(), ADAMW["clip_norm"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return update(torch.from_numpy(np.asarray(tokens, np.int64)))
 
     return step
 
